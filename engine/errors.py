@@ -1,0 +1,19 @@
+"""User-facing error types. ``str(error)`` is always one line naming the file and the fix."""
+
+from __future__ import annotations
+
+
+class HistoclusterError(Exception):
+    """Base of every error a command reports as a one-line message instead of a traceback."""
+
+
+class SlideError(HistoclusterError):
+    """A file that cannot be read as a slide: unreadable, truncated, or not an image at all."""
+
+
+class MissingMppError(SlideError):
+    """A slide without resolution metadata; the message says how to supply the microns per pixel."""
+
+
+class CheckpointError(HistoclusterError):
+    """A checkpoint that cannot be loaded as an encoder (bad file, keys that do not fit, untrusted pickle)."""

@@ -1,0 +1,394 @@
+"""Whole-slide images behind one small API: ``open_slide(path, mpp=None) -> Slide``.
+
+Every format OpenSlide reads (.svs, .ndpi, .mrxs, pyramidal .tiff, ...) opens as an
+``OpenSlideSlide``; plain images (PNG, JPEG, non-pyramidal TIFF) open as an ``ArraySlide``
+that behaves the same. Coordinates are named by frame: ``l0_xy`` is in level-0 pixels,
+``size`` is in pixels of the level read.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from engine.errors import MissingMppError, SlideError
+
+Image.MAX_IMAGE_PIXELS = None  # slides are big on purpose
+
+MppLike = float | tuple[float, float] | None
+
+_MPP_FIX = (
+    "pass mpp= to open_slide() or --slide-mpp VALUE (or a CSV of slide,mpp) on the command line"
+)
+
+
+def slide_id(path: str | Path) -> str:
+    """A stable, filesystem- and zarr-safe identifier of a slide: its file stem, sanitised."""
+    stem = Path(path).name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    else:
+        stem = Path(path).stem
+    return re.sub(r"[^A-Za-z0-9._-]", "_", stem) or "slide"
+
+
+def composite_on_white(rgba: np.ndarray) -> np.ndarray:
+    """(H, W, 4) uint8 RGBA -> (H, W, 3) uint8 RGB with transparent pixels on white."""
+    rgb = rgba[..., :3]
+    alpha = rgba[..., 3:4]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha.astype(np.uint16)
+    out = (rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
+    return out.astype(np.uint8)
+
+
+def _as_mpp_pair(mpp: MppLike, path: Path) -> tuple[float, float] | None:
+    if mpp is None:
+        return None
+    pair = (float(mpp), float(mpp)) if np.isscalar(mpp) else tuple(float(v) for v in mpp)  # type: ignore[arg-type]
+    if len(pair) != 2 or not all(math.isfinite(v) and v > 0 for v in pair):
+        raise SlideError(
+            f"{path}: invalid mpp {mpp!r} — give a positive number of micrometres per pixel"
+        )
+    return pair  # type: ignore[return-value]
+
+
+class Slide(ABC):
+    """A multi-resolution RGB image with physical pixel size. Use as a context manager."""
+
+    path: Path
+    mpp: tuple[float, float]
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """Level-0 (width, height) in pixels."""
+        return self.level_dimensions[0]
+
+    def level_mpp(self, level: int) -> tuple[float, float]:
+        """(x, y) micrometres per pixel of ``level``."""
+        ds = self.level_downsamples[level]
+        return self.mpp[0] * ds, self.mpp[1] * ds
+
+    @abstractmethod
+    def read_region(self, l0_xy: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """Read ``size`` = (w, h) pixels of ``level`` whose top-left is ``l0_xy`` in level-0 pixels.
+
+        Returns (h, w, 3) uint8 RGB; pixels outside the slide or transparent come out white.
+        """
+
+    @abstractmethod
+    def thumbnail(self, max_px: int) -> np.ndarray:
+        """(h, w, 3) uint8 RGB of the whole slide, longest side at most ``max_px``."""
+
+    @property
+    def associated_images(self) -> dict[str, np.ndarray]:
+        """Label, macro, thumbnail... as (h, w, 3) uint8 RGB arrays (empty for plain images)."""
+        return {}
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the file handle."""
+
+    def best_level_for_mpp(self, target_mpp: float) -> int:
+        """The coarsest level whose resolution is at or finer than ``target_mpp`` (level 0 if none)."""
+        best = 0
+        for level in range(self.level_count):
+            if max(self.level_mpp(level)) <= target_mpp * 1.001:
+                best = level
+        return best
+
+    def read_size_at_mpp(self, level: int, target_mpp: float, tile_px: int) -> tuple[int, int]:
+        """(w, h) pixels to read at ``level`` to cover ``tile_px`` pixels at ``target_mpp``."""
+        mx, my = self.level_mpp(level)
+        return max(1, round(tile_px * target_mpp / mx)), max(1, round(tile_px * target_mpp / my))
+
+    def read_tile_at_mpp(
+        self, l0_xy: tuple[int, int], target_mpp: float, tile_px: int
+    ) -> np.ndarray:
+        """A (tile_px, tile_px, 3) uint8 tile of ``tile_px * target_mpp`` micrometres a side.
+
+        Reads the best level at or finer than the target and resizes (antialiased) to ``tile_px``.
+        """
+        level = self.best_level_for_mpp(target_mpp)
+        size = self.read_size_at_mpp(level, target_mpp, tile_px)
+        region = self.read_region(l0_xy, level, size)
+        if size == (tile_px, tile_px):
+            return region
+        return np.asarray(
+            Image.fromarray(region).resize((tile_px, tile_px), Image.Resampling.BILINEAR)
+        )
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({str(self.path)!r}, levels={self.level_count}, "
+            f"dimensions={self.dimensions}, mpp=({self.mpp[0]:.4g}, {self.mpp[1]:.4g}))"
+        )
+
+
+class OpenSlideSlide(Slide):
+    """A slide read through OpenSlide; picklable (re-opens the file in the receiving process)."""
+
+    def __init__(self, path: str | Path, mpp: MppLike = None) -> None:
+        import openslide
+
+        self.path = Path(path)
+        self._mpp_arg = mpp
+        _check_tiff_complete(self.path)
+        try:
+            self._osr = openslide.OpenSlide(str(self.path))
+        except (openslide.OpenSlideError, OSError) as e:
+            raise SlideError(
+                f"{self.path}: cannot be read as a slide ({_one_line(e)}) — check the file is complete and in a format OpenSlide reads"
+            ) from e
+        self.level_dimensions = tuple(tuple(int(v) for v in d) for d in self._osr.level_dimensions)  # type: ignore[misc]
+        self.level_downsamples = tuple(float(d) for d in self._osr.level_downsamples)
+        given = _as_mpp_pair(mpp, self.path)
+        self.mpp = given if given is not None else self._metadata_mpp()
+        self.vendor = self._osr.properties.get(openslide.PROPERTY_NAME_VENDOR, "unknown")
+
+    def _metadata_mpp(self) -> tuple[float, float]:
+        import openslide
+
+        props = self._osr.properties
+        try:
+            mx = float(props[openslide.PROPERTY_NAME_MPP_X])
+            my = float(props[openslide.PROPERTY_NAME_MPP_Y])
+        except (KeyError, ValueError):
+            mx = my = float("nan")
+        if not (math.isfinite(mx) and mx > 0 and math.isfinite(my) and my > 0):
+            tiff_mpp = _tiff_resolution_mpp(self.path)
+            if tiff_mpp is None:
+                raise MissingMppError(
+                    f"{self.path}: no resolution (microns per pixel) in the metadata — {_MPP_FIX}"
+                )
+            mx, my = tiff_mpp
+        return mx, my
+
+    @property
+    def properties(self) -> dict[str, str]:
+        return dict(self._osr.properties)
+
+    def read_region(self, l0_xy: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        import openslide
+
+        try:
+            rgba = np.asarray(
+                self._osr.read_region(
+                    (int(l0_xy[0]), int(l0_xy[1])), int(level), (int(size[0]), int(size[1]))
+                )
+            )
+        except openslide.OpenSlideError as e:
+            raise SlideError(
+                f"{self.path}: failed to read a region at level {level} ({_one_line(e)}) — the file may be truncated or corrupt; re-copy it"
+            ) from e
+        return composite_on_white(rgba)
+
+    def thumbnail(self, max_px: int) -> np.ndarray:
+        w, h = self.dimensions
+        scale = max(w, h) / max_px
+        level = self._osr.get_best_level_for_downsample(max(scale, 1.0))
+        lw, lh = self.level_dimensions[level]
+        region = self.read_region((0, 0), level, (lw, lh))
+        if max(lw, lh) <= max_px:
+            return region
+        s = max_px / max(lw, lh)
+        size = (max(1, round(lw * s)), max(1, round(lh * s)))
+        return np.asarray(Image.fromarray(region).resize(size, Image.Resampling.BILINEAR))
+
+    @property
+    def associated_images(self) -> dict[str, np.ndarray]:
+        return {
+            name: composite_on_white(np.asarray(img.convert("RGBA")))
+            for name, img in self._osr.associated_images.items()
+        }
+
+    def close(self) -> None:
+        self._osr.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "mpp": self.mpp}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"], state["mpp"])  # type: ignore[misc]
+
+
+class ArraySlide(Slide):
+    """A single-level slide over an in-memory (H, W, 3|4) uint8 array, e.g. a PNG or JPEG."""
+
+    def __init__(self, array: np.ndarray, mpp: MppLike, path: str | Path = "<array>") -> None:
+        self.path = Path(path)
+        pair = _as_mpp_pair(mpp, self.path)
+        if pair is None:
+            raise MissingMppError(
+                f"{self.path}: no resolution (microns per pixel) in the metadata — {_MPP_FIX}"
+            )
+        if array.ndim == 2:
+            array = np.repeat(array[..., None], 3, axis=2)
+        if array.ndim != 3 or array.shape[2] not in (3, 4):
+            raise SlideError(
+                f"{self.path}: expected an RGB or RGBA image, got shape {array.shape} — convert it to RGB"
+            )
+        self._rgb = (
+            composite_on_white(array)
+            if array.shape[2] == 4
+            else np.ascontiguousarray(array[..., :3])
+        )
+        if self._rgb.dtype != np.uint8:
+            raise SlideError(
+                f"{self.path}: expected 8-bit pixels, got {self._rgb.dtype} — convert it to 8-bit RGB"
+            )
+        self.mpp = pair
+        h, w = self._rgb.shape[:2]
+        self.level_dimensions = ((w, h),)
+        self.level_downsamples = (1.0,)
+
+    def read_region(self, l0_xy: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        if level != 0:
+            raise ValueError(f"{self.path}: has one level, asked for level {level}")
+        x, y = int(l0_xy[0]), int(l0_xy[1])
+        w, h = int(size[0]), int(size[1])
+        out = np.full((h, w, 3), 255, dtype=np.uint8)
+        H, W = self._rgb.shape[:2]
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)
+        if x1 > x0 and y1 > y0:
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = self._rgb[y0:y1, x0:x1]
+        return out
+
+    def thumbnail(self, max_px: int) -> np.ndarray:
+        img = Image.fromarray(self._rgb)
+        img.thumbnail((max_px, max_px), Image.Resampling.BILINEAR)
+        return np.asarray(img)
+
+
+def open_slide(path: str | Path, mpp: MppLike = None) -> Slide:
+    """Open any slide OpenSlide reads, or a plain image, as a ``Slide``.
+
+    ``mpp`` (micrometres per level-0 pixel, one value or (x, y)) overrides the file's metadata;
+    without it a file lacking resolution metadata raises ``MissingMppError``. A file that is
+    missing, truncated or not an image raises ``SlideError`` naming it.
+    """
+    import openslide
+
+    path = Path(path)
+    if not path.exists():
+        raise SlideError(f"{path}: no such file — check the path")
+    if path.is_dir() and path.suffix.lower() != ".mrxs":
+        raise SlideError(f"{path}: is a directory, not a slide — give the slide file itself")
+    try:
+        fmt = openslide.OpenSlide.detect_format(str(path))
+    except (openslide.OpenSlideError, OSError):
+        fmt = None
+    if fmt is not None:
+        return OpenSlideSlide(path, mpp)
+    return _open_plain_image(path, mpp)
+
+
+def _open_plain_image(path: Path, mpp: MppLike) -> ArraySlide:
+    try:
+        with Image.open(path) as img:
+            img.load()
+            file_mpp = _pil_mpp(img)
+            array = np.asarray(
+                img.convert("RGBA") if img.mode in ("RGBA", "LA", "P", "PA") else img.convert("RGB")
+            )
+    except Exception as e:  # PIL raises many types for bad files
+        raise SlideError(
+            f"{path}: not a readable slide or image ({_one_line(e)}) — check the file is complete and is a whole-slide image, PNG, JPEG or TIFF"
+        ) from e
+    if mpp is None and file_mpp is None:
+        raise MissingMppError(
+            f"{path}: no resolution (microns per pixel) in the metadata — {_MPP_FIX}"
+        )
+    return ArraySlide(array, mpp if mpp is not None else file_mpp, path)
+
+
+def _pil_mpp(img: Image.Image) -> tuple[float, float] | None:
+    """Microns per pixel from a plain image's metadata, when it is plausibly a microscope's."""
+    if img.format == "TIFF":
+        tags = getattr(img, "tag_v2", {})
+        xres, yres, unit = tags.get(282), tags.get(283), tags.get(296, 2)
+        if xres and yres and unit in (2, 3):
+            per_um = 25400.0 if unit == 2 else 10000.0
+            mx, my = per_um / float(xres), per_um / float(yres)
+            return (mx, my) if max(mx, my) < 50 else None
+    dpi = img.info.get("dpi")
+    if dpi and all(float(d) > 0 for d in dpi):
+        mx, my = 25400.0 / float(dpi[0]), 25400.0 / float(dpi[1])
+        return (mx, my) if max(mx, my) < 50 else None  # 72 dpi is a screen, not a microscope
+    return None
+
+
+def _tiff_resolution_mpp(path: Path) -> tuple[float, float] | None:
+    """Microns per pixel from TIFF resolution tags (cm or inch), for pyramidal TIFFs OpenSlide reads as generic."""
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            tags = page.tags
+            xr, yr, unit = (
+                tags.get("XResolution"),
+                tags.get("YResolution"),
+                tags.get("ResolutionUnit"),
+            )
+            if xr is None or yr is None or unit is None:
+                return None
+            per_um = {2: 25400.0, 3: 10000.0}.get(int(unit.value))
+            if per_um is None:
+                return None
+            xv = xr.value[0] / xr.value[1]
+            yv = yr.value[0] / yr.value[1]
+            if xv <= 0 or yv <= 0:
+                return None
+            mx, my = per_um / xv, per_um / yv
+            return (mx, my) if max(mx, my) < 50 else None
+    except Exception:
+        return None
+
+
+def _check_tiff_complete(path: Path) -> None:
+    """Refuse TIFF-based slides whose tiles point past the end of the file (truncated copies)."""
+    if path.suffix.lower() not in (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".svslide"):
+        return
+    import tifffile
+
+    size = path.stat().st_size
+    try:
+        with tifffile.TiffFile(path) as tif:
+            end = 0
+            for page in tif.pages:
+                offsets, counts = page.dataoffsets, page.databytecounts
+                if offsets:
+                    end = max(end, max(o + c for o, c in zip(offsets, counts, strict=False)))
+    except Exception as e:
+        raise SlideError(
+            f"{path}: the TIFF structure cannot be read ({_one_line(e)}) — the file is truncated or corrupt; re-copy it"
+        ) from e
+    if end > size:
+        raise SlideError(
+            f"{path}: truncated ({size} bytes, image data runs to {end}) — re-copy or re-download the file"
+        )
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__

@@ -1,0 +1,1 @@
+"""napari plugin of histocluster: a thin GUI over the ``engine`` package."""
