@@ -1,0 +1,671 @@
+"""FeatureStore: the zarr v3 store of tile features, its only reader and writer.
+
+Layout (``shared/design/ARCHITECTURE.md``)::
+
+    features.zarr/
+      attrs: format, format_version, encoder {arch, sha256, dim, input_px, mean, std, spec},
+             tiling {tile_px, stride_px, target_mpp, tissue_method, min_tissue}
+      slides/<slide_id>/
+        features  (rows, cols, dim) float16, chunks (32, 32, dim)
+        tissue    (rows, cols) float16, tissue fraction of each tile
+        done      (rows, cols) bool, chunks (32, 32): tiles already encoded (the resume point)
+        origins   (rows, cols, 2) int64: level-0 (l0_x, l0_y) of each tile's top-left corner
+        attrs:    source path, size, mtime, content fingerprint, mpp used, level, grid origin,
+                  tile/stride in level-0 px, rows, cols, level-0 dimensions, complete
+      clusters/<run>/
+        attrs: k, algorithm, seed, slides, fitted on how many tiles, created (+ anything given)
+        centroids  (k, dim) float32
+        slides/<slide_id>/labels  (rows, cols) int16, -1 outside tissue
+
+A tile is *selected* when its stored (float16) tissue fraction is at least the store's
+``min_tissue``; every reader and the extractor use that same rule. A tile's feature is valid
+only where ``done`` is true; ``done`` is always written after the features it vouches for, and
+zarr's local store replaces chunk files atomically, so a killed writer never leaves a done tile
+without its feature.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import zarr
+
+from engine.errors import HistoclusterError
+from engine.tiling import TileGrid
+
+__all__ = [
+    "CHUNK",
+    "FORMAT",
+    "FORMAT_VERSION",
+    "ClusterRun",
+    "FeatureStore",
+    "SlideFeatures",
+    "TileFeatures",
+    "file_fingerprint",
+]
+
+FORMAT = "histocluster-features"
+FORMAT_VERSION = 1
+CHUNK = 32  # tiles per chunk side of features and done
+_BIG_CHUNK = 256  # tiles per chunk side of arrays written once (tissue, origins, labels)
+_FINGERPRINT_BYTES = 1 << 20
+_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+_ENCODER_KEYS = ("arch", "dim", "input_px", "mean", "std")
+_TILING_KEYS = ("tile_px", "stride_px", "target_mpp", "tissue_method", "min_tissue")
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """``sha256:<hex>`` of a file's size, first MiB and last MiB: cheap identity of a big slide."""
+    path = Path(path)
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(_FINGERPRINT_BYTES))
+        if size > _FINGERPRINT_BYTES:
+            f.seek(max(_FINGERPRINT_BYTES, size - _FINGERPRINT_BYTES))
+            digest.update(f.read(_FINGERPRINT_BYTES))
+    return f"sha256-head-tail:{digest.hexdigest()}"
+
+
+def _check_name(kind: str, name: str) -> str:
+    if not _NAME.match(name):
+        raise ValueError(f"{kind} {name!r}: use only letters, digits, '.', '_' and '-'")
+    return name
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equality of JSON-like values, floats compared to 1e-9 relative."""
+    if isinstance(a, float | int) and isinstance(b, float | int) and not isinstance(a, bool):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def _encoder_identity(info: Mapping[str, Any]) -> dict[str, Any]:
+    """What makes two encoders give the same features: the weights (sha256) or, without a file, the spec."""
+    ident = {k: info.get(k) for k in _ENCODER_KEYS}
+    ident["weights"] = info.get("sha256") or info.get("spec")
+    return ident
+
+
+def _describe_encoder(info: Mapping[str, Any]) -> str:
+    sha = info.get("sha256")
+    return f"{info.get('spec')} ({info.get('arch')}, {info.get('dim')}-d{', sha256 ' + sha[:12] if sha else ''})"
+
+
+def _jsonable(value: Any) -> Any:
+    """Tuples -> lists, numpy scalars -> Python, Paths -> str, recursively."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+class TileFeatures(NamedTuple):
+    """Features of some tiles of one slide: ``rows``, ``cols`` (N,) int64, ``features`` (N, dim) float32."""
+
+    slide_id: str
+    rows: np.ndarray
+    cols: np.ndarray
+    features: np.ndarray
+
+
+class ClusterRun(NamedTuple):
+    """A stored clustering: ``attrs``, ``centroids`` (k, dim) float32, ``labels`` {slide_id: (rows, cols) int16}."""
+
+    attrs: dict[str, Any]
+    centroids: np.ndarray
+    labels: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Block:
+    """One chunk of a slide's tile grid: rows ``r0:r1``, cols ``c0:c1`` (at most CHUNK x CHUNK)."""
+
+    r0: int
+    r1: int
+    c0: int
+    c1: int
+
+    @property
+    def index(self) -> tuple[int, int]:
+        """(chunk row, chunk col)."""
+        return self.r0 // CHUNK, self.c0 // CHUNK
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.r1 - self.r0, self.c1 - self.c0
+
+
+class SlideFeatures:
+    """One slide's group in the store. Arrays are zarr arrays; index them to read numpy.
+
+    Attributes:
+        features: (rows, cols, dim) float16, chunks (32, 32, dim); valid where ``done``.
+        tissue: (rows, cols) float16 tissue fraction.
+        done: (rows, cols) bool, chunks (32, 32).
+        origins: (rows, cols, 2) int64 level-0 (l0_x, l0_y).
+    """
+
+    def __init__(self, group: zarr.Group, slide_id: str, min_tissue: float) -> None:
+        self.group = group
+        self.slide_id = slide_id
+        self.min_tissue = float(min_tissue)
+        self.features: zarr.Array = group["features"]  # type: ignore[assignment]
+        self.tissue: zarr.Array = group["tissue"]  # type: ignore[assignment]
+        self.done: zarr.Array = group["done"]  # type: ignore[assignment]
+        self.origins: zarr.Array = group["origins"]  # type: ignore[assignment]
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """The slide's provenance (see the module docstring)."""
+        return self.group.attrs.asdict()
+
+    @property
+    def source_path(self) -> Path:
+        """The slide file the features came from."""
+        return Path(self.attrs["source_path"])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, cols) of the tile grid."""
+        return int(self.features.shape[0]), int(self.features.shape[1])
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[2])
+
+    @cached_property
+    def selected(self) -> np.ndarray:
+        """(rows, cols) bool: tiles to encode, ``tissue >= min_tissue`` on the stored float16 tissue."""
+        return np.asarray(self.tissue[...]).astype(np.float32) >= self.min_tissue
+
+    def pending(self) -> np.ndarray:
+        """(rows, cols) bool: selected tiles not yet encoded."""
+        return self.selected & ~np.asarray(self.done[...])
+
+    def blocks(self) -> list[Block]:
+        """The chunks of the grid in row-major chunk order."""
+        rows, cols = self.shape
+        return [
+            Block(r0, min(r0 + CHUNK, rows), c0, min(c0 + CHUNK, cols))
+            for r0 in range(0, rows, CHUNK)
+            for c0 in range(0, cols, CHUNK)
+        ]
+
+    def block_at(self, chunk_row: int, chunk_col: int) -> Block:
+        rows, cols = self.shape
+        r0, c0 = chunk_row * CHUNK, chunk_col * CHUNK
+        return Block(r0, min(r0 + CHUNK, rows), c0, min(c0 + CHUNK, cols))
+
+    def read_block(self, block: Block) -> tuple[np.ndarray, np.ndarray]:
+        """(features (h, w, dim) float16, done (h, w) bool) of one chunk."""
+        sl = (slice(block.r0, block.r1), slice(block.c0, block.c1))
+        return np.asarray(self.features[sl]), np.asarray(self.done[sl])
+
+    def write_block(self, block: Block, features: np.ndarray, done: np.ndarray) -> None:
+        """Replace one whole chunk: ``features`` (h, w, dim) (cast to float16), then ``done`` (h, w) bool.
+
+        Writing a whole chunk never reads it back, and features land before the done flags.
+        """
+        h, w = block.shape
+        if features.shape != (h, w, self.dim) or done.shape != (h, w):
+            raise ValueError(
+                f"block {block} needs features {(h, w, self.dim)} and done {(h, w)}; "
+                f"got {features.shape} and {done.shape}"
+            )
+        sl = (slice(block.r0, block.r1), slice(block.c0, block.c1))
+        self.features[sl] = features.astype(np.float16, copy=False)
+        self.done[sl] = done.astype(bool, copy=False)
+
+    def write_tiles(self, rows: np.ndarray, cols: np.ndarray, features: np.ndarray) -> None:
+        """Store ``features`` (N, dim) of tiles ``rows``, ``cols`` (N,) and mark them done, chunk by chunk."""
+        rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+        features = np.asarray(features)
+        if features.shape != (len(rows), self.dim) or rows.shape != cols.shape:
+            raise ValueError(
+                f"need rows, cols (N,) and features (N, {self.dim}); "
+                f"got {rows.shape}, {cols.shape}, {features.shape}"
+            )
+        for block, idx in self._by_block(rows, cols):
+            feats, done = self.read_block(block)
+            feats = feats.copy()
+            done = done.copy()
+            feats[rows[idx] - block.r0, cols[idx] - block.c0] = features[idx]
+            done[rows[idx] - block.r0, cols[idx] - block.c0] = True
+            self.write_block(block, feats, done)
+
+    def read_tiles(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """(N, dim) float32 features of tiles ``rows``, ``cols`` (N,) (zeros where not done)."""
+        rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+        out = np.zeros((len(rows), self.dim), np.float32)
+        for block, idx in self._by_block(rows, cols):
+            feats, _ = self.read_block(block)
+            out[idx] = feats[rows[idx] - block.r0, cols[idx] - block.c0]
+        return out
+
+    def _by_block(self, rows: np.ndarray, cols: np.ndarray) -> Iterator[tuple[Block, np.ndarray]]:
+        """(chunk, indices into rows/cols of the tiles inside it) for every chunk the tiles touch."""
+        key = (rows // CHUNK) * (1 + (self.shape[1] - 1) // CHUNK) + cols // CHUNK
+        for k in np.unique(key):
+            idx = np.flatnonzero(key == k)
+            yield self.block_at(int(rows[idx[0]] // CHUNK), int(cols[idx[0]] // CHUNK)), idx
+
+    def __repr__(self) -> str:
+        return f"SlideFeatures({self.slide_id!r}, shape={self.shape}, dim={self.dim})"
+
+
+class FeatureStore:
+    """A ``features.zarr`` store. Make one with :meth:`create_or_open` (writers) or :meth:`open`."""
+
+    def __init__(self, root: zarr.Group, path: Path) -> None:
+        self.root = root
+        self.path = path
+        attrs = root.attrs.asdict()
+        if attrs.get("format") != FORMAT:
+            raise HistoclusterError(
+                f"{path}: not a histocluster feature store — give the features.zarr written by "
+                "python -m engine.extract"
+            )
+        if attrs.get("format_version") != FORMAT_VERSION:
+            raise HistoclusterError(
+                f"{path}: feature store format version {attrs.get('format_version')!r}, this "
+                f"histocluster reads version {FORMAT_VERSION} — re-extract with --overwrite"
+            )
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, path: str | Path, mode: Literal["r", "r+"] = "r") -> FeatureStore:
+        """Open an existing store read-only (``"r"``) or for writing (``"r+"``)."""
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            raise HistoclusterError(
+                f"{path}: no feature store there — run python -m engine.extract ... --out {path} first"
+            )
+        try:
+            root = zarr.open_group(store=str(path), mode=mode)
+        except Exception as e:  # zarr raises several types for bad metadata
+            raise HistoclusterError(
+                f"{path}: unreadable zarr store ({e}) — re-extract with --overwrite"
+            ) from e
+        return cls(root, path)
+
+    @classmethod
+    def create_or_open(
+        cls,
+        path: str | Path,
+        encoder: Mapping[str, Any],
+        tiling: Mapping[str, Any],
+        overwrite: bool = False,
+    ) -> FeatureStore:
+        """Open ``path`` for writing features of ``encoder`` with ``tiling``, creating it if absent.
+
+        Args:
+            encoder: ``Encoder.info()``: arch, dim, input_px, mean, std, spec, sha256.
+            tiling: ``TileGrid.describe()``: tile_px, stride_px, target_mpp, tissue_method, min_tissue.
+            overwrite: replace an existing store (only a histocluster feature store is ever deleted).
+        Raises:
+            HistoclusterError: the store exists with another encoder or tiling (and not ``overwrite``),
+                or ``path`` holds something that is not a feature store.
+        """
+        path = Path(path)
+        encoder = _jsonable(dict(encoder))
+        tiling = _jsonable({k: tiling[k] for k in _TILING_KEYS})
+        if path.exists() and not (path.is_dir() and not any(path.iterdir())):
+            if not _is_feature_store(path):
+                raise HistoclusterError(
+                    f"{path}: exists and is not a histocluster feature store (--overwrite only "
+                    "replaces feature stores) — choose another --out"
+                )
+            if not overwrite:
+                store = cls.open(path, mode="r+")
+                store._check_compatible(encoder, tiling)
+                return store
+            shutil.rmtree(path)
+        try:
+            root = zarr.create_group(
+                store=str(path),
+                attributes={
+                    "format": FORMAT,
+                    "format_version": FORMAT_VERSION,
+                    "encoder": encoder,
+                    "tiling": tiling,
+                    "created": _now(),
+                },
+            )
+            root.create_group("slides")
+            root.create_group("clusters")
+        except OSError as e:
+            raise HistoclusterError(
+                f"{path}: cannot create the feature store ({e}) — choose a writable --out"
+            ) from e
+        return cls(root, path)
+
+    def _check_compatible(self, encoder: Mapping[str, Any], tiling: Mapping[str, Any]) -> None:
+        stored_enc, stored_tiling = self.encoder, self.tiling
+        enc_a, enc_b = _encoder_identity(stored_enc), _encoder_identity(encoder)
+        if not all(_same(enc_a[k], enc_b[k]) for k in enc_a):
+            raise HistoclusterError(
+                f"{self.path}: holds features of encoder {_describe_encoder(stored_enc)}, this run uses "
+                f"{_describe_encoder(encoder)} — pass --overwrite to replace the store, or choose another --out"
+            )
+        diff = [k for k in _TILING_KEYS if not _same(stored_tiling.get(k), tiling.get(k))]
+        if diff:
+            was = ", ".join(f"{k}={stored_tiling.get(k)!r}" for k in diff)
+            now = ", ".join(f"{k}={tiling.get(k)!r}" for k in diff)
+            raise HistoclusterError(
+                f"{self.path}: was tiled with {was}, this run asks for {now} — pass --overwrite to "
+                "replace the store, or choose another --out"
+            )
+
+    # ------------------------------------------------------------------ store-level
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return self.root.attrs.asdict()
+
+    @property
+    def encoder(self) -> dict[str, Any]:
+        """arch, dim, input_px, mean, std, spec, sha256 of the encoder that made the features."""
+        return dict(self.attrs["encoder"])
+
+    @property
+    def tiling(self) -> dict[str, Any]:
+        """tile_px, stride_px, target_mpp, tissue_method, min_tissue."""
+        return dict(self.attrs["tiling"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.encoder["dim"])
+
+    def slide_ids(self) -> list[str]:
+        """Ids of the slides whose groups are complete, sorted."""
+        slides = self.root["slides"]
+        return sorted(
+            name
+            for name, group in slides.groups()
+            if group.attrs.get("complete") is True  # type: ignore[union-attr]
+        )
+
+    def __contains__(self, slide_id: object) -> bool:
+        return isinstance(slide_id, str) and slide_id in self.slide_ids()
+
+    def slide(self, slide_id: str) -> SlideFeatures:
+        """The features of one slide; ``HistoclusterError`` naming the known slides when absent."""
+        slides = self.root["slides"]
+        group = slides.get(slide_id) if _NAME.match(slide_id) else None  # type: ignore[union-attr]
+        if group is None or group.attrs.get("complete") is not True:
+            known = ", ".join(self.slide_ids()) or "none"
+            raise HistoclusterError(
+                f"{self.path}: no slide {slide_id!r} (slides: {known}) — extract it first"
+            )
+        return SlideFeatures(group, slide_id, self.tiling["min_tissue"])  # type: ignore[arg-type]
+
+    def add_slide(self, slide_id: str, grid: TileGrid) -> SlideFeatures:
+        """Create ``slides/<slide_id>`` for ``grid`` (tissue, origins, provenance), or reuse it.
+
+        An existing complete group made from the same file content and grid is reused (its done
+        tiles kept; the source path and mtime are updated if the file moved). One made from other
+        content or another grid raises ``HistoclusterError``. A group left incomplete by a killed
+        writer is rebuilt. The ``complete`` flag is written last.
+        """
+        _check_name("slide id", slide_id)
+        source = Path(grid.slide.path)
+        on_disk = source.is_file()  # an in-memory ArraySlide has no file
+        stat = source.stat() if on_disk else None
+        attrs = {
+            "source_path": str(source.resolve()) if on_disk else str(source),
+            "size": int(stat.st_size) if stat else None,
+            "mtime": float(stat.st_mtime) if stat else None,
+            "fingerprint": file_fingerprint(source) if on_disk else None,
+            "mpp": [float(v) for v in grid.slide.mpp],
+            "level": int(grid.level),
+            "level_read_size": [int(v) for v in grid.read_size],
+            "grid_origin_l0": [0, 0],
+            "tile_l0": [float(v) for v in grid.tile_l0_xy],
+            "stride_l0": [float(v) for v in grid.stride_l0_xy],
+            "rows": int(grid.rows),
+            "cols": int(grid.cols),
+            "dimensions": [int(v) for v in grid.slide.dimensions],
+        }
+        slides: zarr.Group = self.root["slides"]  # type: ignore[assignment]
+        existing = slides.get(slide_id)
+        if existing is not None:
+            old = existing.attrs.asdict()
+            if old.get("complete") is True:
+                keys = (
+                    "fingerprint",
+                    "mpp",
+                    "level",
+                    "tile_l0",
+                    "stride_l0",
+                    "rows",
+                    "cols",
+                    "dimensions",
+                )
+                diff = [k for k in keys if not _same(old.get(k), attrs[k])]
+                if diff:
+                    raise HistoclusterError(
+                        f"{source}: the store {self.path} holds slide {slide_id!r} from "
+                        f"{old.get('source_path')} with other {', '.join(diff)} — pass --overwrite, "
+                        "rename the slide, or choose another --out"
+                    )
+                if (
+                    old.get("source_path") != attrs["source_path"]
+                    or old.get("mtime") != attrs["mtime"]
+                ):
+                    existing.attrs.update(
+                        {"source_path": attrs["source_path"], "mtime": attrs["mtime"]}
+                    )
+                return self.slide(slide_id)
+            del slides[slide_id]
+        rows, cols, dim = grid.rows, grid.cols, self.dim
+        group = slides.create_group(slide_id)
+        group.create_array(
+            "features",
+            shape=(rows, cols, dim),
+            chunks=(CHUNK, CHUNK, dim),
+            dtype="float16",
+            fill_value=0.0,
+        )
+        group.create_array(
+            "done", shape=(rows, cols), chunks=(CHUNK, CHUNK), dtype="bool", fill_value=False
+        )
+        tissue = group.create_array(
+            "tissue",
+            shape=(rows, cols),
+            chunks=(_BIG_CHUNK, _BIG_CHUNK),
+            dtype="float16",
+            fill_value=0.0,
+        )
+        origins = group.create_array(
+            "origins",
+            shape=(rows, cols, 2),
+            chunks=(_BIG_CHUNK, _BIG_CHUNK, 2),
+            dtype="int64",
+            fill_value=0,
+        )
+        tissue[...] = grid.tissue.astype(np.float16)
+        origins[...] = grid.origins
+        group.attrs.update({**attrs, "complete": True})
+        return self.slide(slide_id)
+
+    def iter_tissue_features(
+        self, slide_ids: Sequence[str] | None = None, max_tiles: int = 16384
+    ) -> Iterator[TileFeatures]:
+        """Features of every selected, encoded tile, slide by slide, chunk by chunk.
+
+        Yields ``TileFeatures`` of at most ``max_tiles`` tiles each (and at least one chunk's worth
+        when a chunk holds more), so memory stays bounded whatever the store's size.
+        """
+        for sid in self.slide_ids() if slide_ids is None else slide_ids:
+            sf = self.slide(sid)
+            selected = sf.selected
+            parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+            count = 0
+            for block in sf.blocks():
+                sel = selected[block.r0 : block.r1, block.c0 : block.c1]
+                if not sel.any():
+                    continue
+                feats, done = sf.read_block(block)
+                r, c = np.nonzero(sel & done)
+                if len(r) == 0:
+                    continue
+                parts.append((r + block.r0, c + block.c0, feats[r, c].astype(np.float32)))
+                count += len(r)
+                if count >= max_tiles:
+                    yield _concat(sid, parts)
+                    parts, count = [], 0
+            if parts:
+                yield _concat(sid, parts)
+
+    def n_tissue_tiles(self, slide_ids: Sequence[str] | None = None) -> int:
+        """How many selected, encoded tiles the given slides (default all) hold."""
+        total = 0
+        for sid in self.slide_ids() if slide_ids is None else slide_ids:
+            sf = self.slide(sid)
+            total += int((sf.selected & np.asarray(sf.done[...])).sum())
+        return total
+
+    # ------------------------------------------------------------------ clusters
+
+    def write_cluster_run(
+        self,
+        run: str,
+        centroids: np.ndarray,
+        labels_by_slide: Mapping[str, np.ndarray],
+        attrs: Mapping[str, Any],
+        overwrite: bool = False,
+    ) -> None:
+        """Store a clustering under ``clusters/<run>``.
+
+        Args:
+            centroids: (k, dim) cluster centres (stored float32).
+            labels_by_slide: {slide_id: (rows, cols) labels, -1 outside tissue} (stored int16).
+            attrs: k, algorithm, seed, slides, n_fit_tiles, ... (JSON values); ``created`` is added.
+            overwrite: replace an existing run of that name (else ``HistoclusterError``).
+        """
+        _check_name("cluster run", run)
+        centroids = np.asarray(centroids, dtype=np.float32)
+        if centroids.ndim != 2 or centroids.shape[1] != self.dim:
+            raise ValueError(f"centroids must be (k, {self.dim}); got {centroids.shape}")
+        checked = {}
+        for sid, labels in labels_by_slide.items():
+            shape = self.slide(sid).shape
+            labels = np.asarray(labels)
+            if labels.shape != shape:
+                raise ValueError(f"labels of {sid!r} must be {shape}; got {labels.shape}")
+            if labels.size and (labels.min() < -1 or labels.max() >= len(centroids)):
+                raise ValueError(f"labels of {sid!r} must lie in [-1, {len(centroids) - 1}]")
+            checked[sid] = labels.astype(np.int16)
+        clusters: zarr.Group = self._clusters()
+        if run in clusters:
+            if not overwrite:
+                raise HistoclusterError(
+                    f"{self.path}: cluster run {run!r} exists — choose another run name or overwrite it"
+                )
+            del clusters[run]
+        group = clusters.create_group(run)
+        group.create_array("centroids", data=centroids, chunks=centroids.shape)
+        slides = group.create_group("slides")
+        for sid, labels in checked.items():
+            chunks = (min(_BIG_CHUNK, labels.shape[0]), min(_BIG_CHUNK, labels.shape[1]))
+            slides.create_group(sid).create_array(
+                "labels", data=labels, chunks=chunks, fill_value=-1
+            )
+        meta = {
+            "k": int(len(centroids)),
+            "slides": sorted(checked),
+            **_jsonable(dict(attrs)),
+            "created": _now(),
+            "complete": True,
+        }
+        group.attrs.update(meta)
+
+    def cluster_runs(self) -> list[str]:
+        """Names of the complete cluster runs, oldest first."""
+        runs = [
+            (g.attrs.get("created", ""), name)
+            for name, g in self._clusters().groups()
+            if g.attrs.get("complete") is True
+        ]
+        return [name for _, name in sorted(runs)]
+
+    def latest_cluster_run(self) -> str | None:
+        """The most recently written cluster run, or None."""
+        runs = self.cluster_runs()
+        return runs[-1] if runs else None
+
+    def read_cluster_run(self, run: str, slide_ids: Sequence[str] | None = None) -> ClusterRun:
+        """(attrs, centroids (k, dim) float32, {slide_id: labels (rows, cols) int16}) of a run."""
+        group = self._cluster_group(run)
+        slides: zarr.Group = group["slides"]  # type: ignore[assignment]
+        ids = sorted(slides.group_keys()) if slide_ids is None else list(slide_ids)
+        labels = {sid: self.read_cluster_labels(run, sid) for sid in ids}
+        return ClusterRun(group.attrs.asdict(), np.asarray(group["centroids"][...]), labels)
+
+    def read_cluster_labels(self, run: str, slide_id: str) -> np.ndarray:
+        """(rows, cols) int16 labels of one slide in a run, -1 outside tissue."""
+        slides: zarr.Group = self._cluster_group(run)["slides"]  # type: ignore[assignment]
+        if slide_id not in slides:
+            raise HistoclusterError(
+                f"{self.path}: cluster run {run!r} has no labels for slide {slide_id!r}"
+            )
+        return np.asarray(slides[slide_id]["labels"][...])  # type: ignore[index]
+
+    def _clusters(self) -> zarr.Group:
+        return self.root["clusters"]  # type: ignore[return-value]
+
+    def _cluster_group(self, run: str) -> zarr.Group:
+        clusters = self._clusters()
+        group = clusters.get(run) if _NAME.match(run) else None
+        if group is None or group.attrs.get("complete") is not True:
+            known = ", ".join(self.cluster_runs()) or "none"
+            raise HistoclusterError(
+                f"{self.path}: no cluster run {run!r} (runs: {known}) — run python -m engine.cluster first"
+            )
+        return group  # type: ignore[return-value]
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({str(self.path)!r}, encoder={self.encoder.get('spec')!r}, slides={len(self.slide_ids())})"
+
+
+def _is_feature_store(path: Path) -> bool:
+    """True when ``path`` is a zarr group whose attrs say histocluster feature store."""
+    if not (path / "zarr.json").is_file():
+        return False
+    try:
+        return zarr.open_group(store=str(path), mode="r").attrs.get("format") == FORMAT
+    except Exception:
+        return False
+
+
+def _concat(slide_id: str, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> TileFeatures:
+    rows, cols, feats = zip(*parts, strict=True)
+    return TileFeatures(
+        slide_id,
+        np.concatenate(rows).astype(np.int64),
+        np.concatenate(cols).astype(np.int64),
+        np.concatenate(feats, axis=0),
+    )
