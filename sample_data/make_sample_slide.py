@@ -448,7 +448,7 @@ def write_mask(png: Path, sidecar: Path, labels: np.ndarray, cfg: Config) -> Non
         "pixel_centre": "mask[i, j] is the label at level-0 (x, y) = (8*j + 3.5, 8*i + 3.5)",
         "labels": {str(k): v for k, v in LABELS.items()},
         "label_pixels": {str(k): int((labels == k).sum()) for k in LABELS},
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "config": {k: v for k, v in asdict(cfg).items() if k not in ("out_dir", "quiet")},
     }
     info = PngInfo()
     info.add_text("histocluster_labels", json.dumps(meta["labels"]))
