@@ -1,0 +1,195 @@
+"""Similar tiles: exact cosine top-k over every tissue tile of a feature store, chunk by chunk.
+
+``similar_tiles(store, vector, top)`` is the API (the napari widget's "find similar");
+``python -m engine.query features.zarr --slide ID --row R --col C --top 20`` the command.
+Memory holds one chunk of features and the current top-k, whatever the store's size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.errors import HistoclusterError
+from engine.kmeans import l2_normalize
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A tile and its cosine similarity to the query."""
+
+    slide_id: str
+    row: int
+    col: int
+    l0_x: int
+    l0_y: int
+    similarity: float
+
+
+def similar_tiles(
+    store: Any,
+    vector: np.ndarray,
+    top: int = 20,
+    slide_ids: Sequence[str] | None = None,
+    exclude: Sequence[tuple[str, int, int]] = (),
+) -> list[Hit]:
+    """The ``top`` tissue tiles most similar to ``vector`` by cosine similarity, most similar first.
+
+    Args:
+        store: an open ``FeatureStore``.
+        vector: (dim,) query feature (any scale; only its direction matters).
+        top: number of hits.
+        slide_ids: slides to search (default: all in the store).
+        exclude: (slide_id, row, col) tiles to leave out (e.g. the query tile itself).
+    Returns:
+        Up to ``top`` hits; ties keep store order (slide, then chunk, then row-major).
+    """
+    q = np.asarray(vector, dtype=np.float32).reshape(-1)
+    if q.shape[0] != store.dim:
+        raise HistoclusterError(
+            f"{store.path}: query vector has {q.shape[0]} values, the store's features {store.dim} — use a feature of this store's encoder"
+        )
+    if not np.isfinite(q).all() or not np.any(q):
+        raise HistoclusterError(
+            f"{store.path}: query vector is zero or not finite — give a real feature vector"
+        )
+    q = q / np.linalg.norm(q)
+    excluded = {(s, int(r), int(c)) for s, r, c in exclude}
+    best_sim = np.zeros(0, dtype=np.float32)
+    best_key = np.zeros((0, 4), dtype=np.int64)  # (order, slide index, row, col)
+    ids = list(slide_ids) if slide_ids is not None else store.slide_ids()
+    order = 0
+    for tf in store.iter_tissue_features(ids):
+        sims = l2_normalize(tf.features) @ q
+        si = ids.index(tf.slide_id)
+        keys = np.stack(
+            [order + np.arange(len(sims)), np.full(len(sims), si), tf.rows, tf.cols], axis=1
+        )
+        order += len(sims)
+        drop = np.zeros(len(sims), dtype=bool)
+        for s, r, c in excluded:
+            if s == tf.slide_id:
+                drop |= (tf.rows == r) & (tf.cols == c)
+        if drop.any():
+            sims, keys = sims[~drop], keys[~drop]
+        if len(sims) > top:
+            part = np.argpartition(-sims, top - 1)[:top]
+            sims, keys = sims[part], keys[part]
+        best_sim = np.concatenate([best_sim, sims])
+        best_key = np.concatenate([best_key, keys])
+        if len(best_sim) > top:
+            sel = np.lexsort((best_key[:, 0], -best_sim))[:top]
+            best_sim, best_key = best_sim[sel], best_key[sel]
+    sel = np.lexsort((best_key[:, 0], -best_sim))[:top]
+    hits = []
+    for s, (_, si, r, c) in zip(best_sim[sel], best_key[sel], strict=True):
+        sid = ids[int(si)]
+        x, y = (int(v) for v in store.slide(sid).origins[int(r), int(c)])
+        hits.append(Hit(sid, int(r), int(c), x, y, float(s)))
+    return hits
+
+
+def tile_vector(store: Any, slide_id: str, row: int, col: int) -> np.ndarray:
+    """(dim,) float32 feature of one encoded tissue tile; ``HistoclusterError`` otherwise."""
+    sf = store.slide(slide_id)
+    rows, cols = sf.shape
+    if not (0 <= row < rows and 0 <= col < cols):
+        raise HistoclusterError(
+            f"{store.path}: tile ({row}, {col}) is outside slide {slide_id!r} ({rows} rows x {cols} cols) — pick --row/--col inside the grid"
+        )
+    if not (sf.selected[row, col] and bool(sf.done[row, col])):
+        raise HistoclusterError(
+            f"{store.path}: tile ({row}, {col}) of slide {slide_id!r} is not an encoded tissue tile — pick a tile inside tissue"
+        )
+    return sf.read_tiles(np.array([row]), np.array([col]))[0]
+
+
+@dataclass
+class QueryConfig:
+    """``python -m engine.query`` arguments (see ``--help``)."""
+
+    store: Path
+    slide: str
+    row: int
+    col: int
+    top: int = 20
+    slides: list[str] = field(default_factory=list)
+    include_self: bool = False
+    out: Path | None = None
+    quiet: bool = False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m engine.query",
+        description="The tissue tiles most similar (cosine, exact) to one tile, across the slides of a feature store.",
+    )
+    p.add_argument("store", type=Path, help="the features.zarr written by python -m engine.extract")
+    p.add_argument("--slide", required=True, help="slide id of the query tile")
+    p.add_argument("--row", type=int, required=True, help="tile-grid row of the query tile")
+    p.add_argument("--col", type=int, required=True, help="tile-grid column of the query tile")
+    p.add_argument("--top", type=int, default=20, help="number of similar tiles (default: 20)")
+    p.add_argument(
+        "--slides",
+        nargs="+",
+        default=[],
+        metavar="ID",
+        help="search only these slides (default: all)",
+    )
+    p.add_argument(
+        "--include-self", action="store_true", help="keep the query tile itself among the hits"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="also write the configuration and hits as JSON to this file",
+    )
+    p.add_argument("--quiet", action="store_true", help="print nothing (use with --out)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; prints a table of hits (tab-separated); 1 with ``error: ...`` on bad input."""
+    from engine.store import FeatureStore
+
+    cfg = QueryConfig(**vars(build_parser().parse_args(argv)))
+    try:
+        if cfg.top < 1:
+            raise HistoclusterError(f"{cfg.store}: --top must be at least 1 — pass --top 20")
+        store = FeatureStore.open(cfg.store)
+        vec = tile_vector(store, cfg.slide, cfg.row, cfg.col)
+        exclude = [] if cfg.include_self else [(cfg.slide, cfg.row, cfg.col)]
+        hits = similar_tiles(store, vec, cfg.top, cfg.slides or None, exclude)
+        if cfg.out is not None:
+            record = {
+                **asdict(cfg),
+                "store": str(Path(cfg.store).resolve()),
+                "out": str(cfg.out),
+                "hits": [asdict(h) for h in hits],
+            }
+            try:
+                cfg.out.write_text(json.dumps(record, indent=2) + "\n")
+            except OSError as e:
+                raise HistoclusterError(
+                    f"{cfg.out}: cannot write ({e.strerror or e}) — choose a writable --out"
+                ) from e
+    except HistoclusterError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if not cfg.quiet:
+        print("rank\tslide_id\trow\tcol\tl0_x\tl0_y\tsimilarity")
+        for i, h in enumerate(hits, 1):
+            print(f"{i}\t{h.slide_id}\t{h.row}\t{h.col}\t{h.l0_x}\t{h.l0_y}\t{h.similarity:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
