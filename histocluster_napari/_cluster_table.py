@@ -1,0 +1,164 @@
+"""The cluster table of the HistoCluster widget: colour, class name, count, share, exemplars, select."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from qtpy.QtCore import Qt, Signal
+from qtpy.QtGui import QColor, QImage, QPixmap
+from qtpy.QtWidgets import QAbstractItemView, QHeaderView, QLabel, QTableWidget, QTableWidgetItem
+
+THUMB_PX = 48
+"""Side of an exemplar thumbnail in the table, in screen pixels."""
+
+COL_SELECT, COL_COLOUR, COL_NAME, COL_COUNT, COL_SHARE, COL_EXEMPLARS = range(6)
+HEADERS = ("", "colour", "class name", "tiles", "share", "exemplars (nearest the centre)")
+
+
+def exemplar_strip(thumbs: Sequence[np.ndarray], px: int = THUMB_PX, gap: int = 2) -> np.ndarray:
+    """Thumbnails (h, w, 3) uint8 resized to ``px`` and laid side by side: (px, n*px+gaps, 3) uint8."""
+    from PIL import Image
+
+    n = max(1, len(thumbs))
+    strip = np.full((px, n * px + (n - 1) * gap, 3), 255, np.uint8)
+    for i, t in enumerate(thumbs):
+        img = Image.fromarray(np.ascontiguousarray(t[..., :3])).resize(
+            (px, px), Image.Resampling.BILINEAR
+        )
+        strip[:, i * (px + gap) : i * (px + gap) + px] = np.asarray(img)
+    return strip
+
+
+def _pixmap(rgb: np.ndarray) -> QPixmap:
+    rgb = np.ascontiguousarray(rgb)
+    h, w = rgb.shape[:2]
+    image = QImage(rgb.data, w, h, 3 * w, QImage.Format.Format_RGB888)
+    return QPixmap.fromImage(image.copy())  # copy: the QImage must not outlive ``rgb``
+
+
+class ClusterTable(QTableWidget):
+    """One row per cluster. Emits ``selection_changed`` with the sorted selected cluster ids."""
+
+    selection_changed = Signal(list)
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(0, len(HEADERS), parent)
+        self.setHorizontalHeaderLabels(HEADERS)
+        self.verticalHeader().setVisible(False)
+        self.setSelectionMode(QAbstractItemView.SelectionMode.NoSelection)
+        header = self.horizontalHeader()
+        for col in (COL_SELECT, COL_COLOUR, COL_COUNT, COL_SHARE, COL_EXEMPLARS):
+            header.setSectionResizeMode(col, QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(COL_NAME, QHeaderView.ResizeMode.Stretch)
+        self.verticalHeader().setDefaultSectionSize(THUMB_PX + 6)
+        self.setMinimumHeight(4 * (THUMB_PX + 6) + 30)
+        self._updating = False
+        self.itemChanged.connect(self._on_item_changed)
+
+    # ------------------------------------------------------------------ filling
+
+    def set_clusters(
+        self,
+        colors: np.ndarray,
+        counts: np.ndarray,
+        exemplars: Sequence[Sequence[np.ndarray]] | None = None,
+        names: Sequence[str] | None = None,
+        selected: Sequence[int] = (),
+    ) -> None:
+        """Show ``k`` clusters: ``colors`` (k, 4) float RGBA in [0, 1], ``counts`` (k,) tiles each."""
+        k = len(counts)
+        total = max(1, int(np.sum(counts)))
+        old_names = self.names()
+        names = (
+            list(names)
+            if names is not None
+            else [old_names[i] if i < len(old_names) else f"cluster_{i}" for i in range(k)]
+        )
+        self._updating = True
+        try:
+            self.setRowCount(k)
+            for i in range(k):
+                check = QTableWidgetItem()
+                check.setFlags(Qt.ItemFlag.ItemIsUserCheckable | Qt.ItemFlag.ItemIsEnabled)
+                check.setCheckState(
+                    Qt.CheckState.Checked if i in selected else Qt.CheckState.Unchecked
+                )
+                check.setToolTip(f"select cluster {i}")
+                self.setItem(i, COL_SELECT, check)
+                swatch = QTableWidgetItem(str(i))
+                r, g, b = (int(round(255 * v)) for v in colors[i][:3])
+                swatch.setBackground(QColor(r, g, b))
+                swatch.setForeground(
+                    QColor(0, 0, 0) if (r + g + b) > 380 else QColor(255, 255, 255)
+                )
+                swatch.setFlags(Qt.ItemFlag.ItemIsEnabled)
+                swatch.setTextAlignment(Qt.AlignmentFlag.AlignCenter)
+                self.setItem(i, COL_COLOUR, swatch)
+                name = QTableWidgetItem(names[i])
+                name.setFlags(Qt.ItemFlag.ItemIsEnabled | Qt.ItemFlag.ItemIsEditable)
+                name.setToolTip("class name used for the export folder (double-click to edit)")
+                self.setItem(i, COL_NAME, name)
+                count = QTableWidgetItem(str(int(counts[i])))
+                count.setFlags(Qt.ItemFlag.ItemIsEnabled)
+                count.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+                self.setItem(i, COL_COUNT, count)
+                share = QTableWidgetItem(f"{100.0 * counts[i] / total:.1f} %")
+                share.setFlags(Qt.ItemFlag.ItemIsEnabled)
+                share.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+                self.setItem(i, COL_SHARE, share)
+                label = QLabel()
+                if exemplars is not None and len(exemplars[i]):
+                    label.setPixmap(_pixmap(exemplar_strip(exemplars[i])))
+                self.setCellWidget(i, COL_EXEMPLARS, label)
+        finally:
+            self._updating = False
+        self.resizeColumnsToContents()
+        self.selection_changed.emit(self.selected())
+
+    # ------------------------------------------------------------------ state
+
+    def selected(self) -> list[int]:
+        """Ids of the checked clusters, ascending."""
+        return [
+            i
+            for i in range(self.rowCount())
+            if self.item(i, COL_SELECT) is not None
+            and self.item(i, COL_SELECT).checkState() == Qt.CheckState.Checked
+        ]
+
+    def set_selected(self, ids: Sequence[int]) -> None:
+        """Check exactly the clusters ``ids``."""
+        wanted = {int(i) for i in ids}
+        self._updating = True
+        try:
+            for i in range(self.rowCount()):
+                state = Qt.CheckState.Checked if i in wanted else Qt.CheckState.Unchecked
+                self.item(i, COL_SELECT).setCheckState(state)
+        finally:
+            self._updating = False
+        self.selection_changed.emit(self.selected())
+
+    def toggle(self, cluster: int) -> None:
+        """Check or uncheck one cluster."""
+        sel = set(self.selected())
+        sel ^= {int(cluster)}
+        self.set_selected(sorted(sel))
+
+    def names(self) -> list[str]:
+        """Class name of every cluster, in cluster order."""
+        return [
+            self.item(i, COL_NAME).text() if self.item(i, COL_NAME) is not None else f"cluster_{i}"
+            for i in range(self.rowCount())
+        ]
+
+    def set_name(self, cluster: int, name: str) -> None:
+        self.item(cluster, COL_NAME).setText(name)
+
+    def exemplar_pixmap(self, cluster: int) -> QPixmap | None:
+        widget = self.cellWidget(cluster, COL_EXEMPLARS)
+        return widget.pixmap() if isinstance(widget, QLabel) else None
+
+    def _on_item_changed(self, item: QTableWidgetItem) -> None:
+        if not self._updating and item.column() == COL_SELECT:
+            self.selection_changed.emit(self.selected())

@@ -1,0 +1,110 @@
+"""Geometry and colours of the cluster overlay: a Labels layer with one pixel per tile (no Qt).
+
+napari puts the centre of pixel ``j`` of a layer at ``j * scale + translate``. The slide layer has
+scale ``mpp`` and translate 0, so level-0 pixel ``j`` covers world ``[(j - 0.5), (j + 0.5)] * mpp``.
+Tile ``c`` covers level-0 pixels ``[c * stride_l0, c * stride_l0 + tile_l0)``, i.e. world
+``[(c * stride_l0 - 0.5) * mpp, (c * stride_l0 + tile_l0 - 0.5) * mpp]``. One label pixel per
+tile, with scale ``stride_l0 * mpp`` and translate ``(tile_l0 / 2 - 0.5) * mpp``, puts the
+centre of label pixel ``c`` on the tile's centre ``(c * stride_l0 + tile_l0 / 2 - 0.5) * mpp``;
+when stride = tile (the default grid) the label pixel covers the tile's pixels exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+TRANSPARENT = np.zeros(4, np.float32)
+
+
+@dataclass(frozen=True)
+class GridGeometry:
+    """Where a slide's tile grid lies in level-0 pixels. All pairs are (x, y)."""
+
+    mpp: tuple[float, float]
+    tile_l0: tuple[float, float]
+    stride_l0: tuple[float, float]
+    rows: int
+    cols: int
+
+    @classmethod
+    def from_grid(cls, grid: Any) -> GridGeometry:
+        """From an ``engine.tiling.TileGrid``."""
+        return cls(
+            tuple(float(v) for v in grid.slide.mpp),  # type: ignore[arg-type]
+            tuple(float(v) for v in grid.tile_l0_xy),  # type: ignore[arg-type]
+            tuple(float(v) for v in grid.stride_l0_xy),  # type: ignore[arg-type]
+            int(grid.rows),
+            int(grid.cols),
+        )
+
+    @classmethod
+    def from_store_attrs(cls, attrs: Mapping[str, Any]) -> GridGeometry:
+        """From the attrs of a feature store's ``slides/<slide_id>`` group."""
+        return cls(
+            tuple(float(v) for v in attrs["mpp"]),  # type: ignore[arg-type]
+            tuple(float(v) for v in attrs["tile_l0"]),  # type: ignore[arg-type]
+            tuple(float(v) for v in attrs["stride_l0"]),  # type: ignore[arg-type]
+            int(attrs["rows"]),
+            int(attrs["cols"]),
+        )
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """(y, x) world size of one label pixel (one grid step) in micrometres."""
+        return self.stride_l0[1] * self.mpp[1], self.stride_l0[0] * self.mpp[0]
+
+    @property
+    def translate(self) -> tuple[float, float]:
+        """(y, x) world position of the centre of label pixel (0, 0): the centre of tile (0, 0)."""
+        return (self.tile_l0[1] / 2 - 0.5) * self.mpp[1], (self.tile_l0[0] / 2 - 0.5) * self.mpp[0]
+
+    def tile_at(
+        self, world_yx: tuple[float, float], offset_yx: tuple[float, float] = (0.0, 0.0)
+    ) -> tuple[int, int] | None:
+        """(row, col) of the label pixel under a world point, or None outside the grid.
+
+        ``offset_yx`` is the slide layer's own translate (0 unless the user moved it).
+        """
+        (sy, sx), (ty, tx) = self.scale, self.translate
+        row = math.floor((world_yx[0] - offset_yx[0] - ty) / sy + 0.5)
+        col = math.floor((world_yx[1] - offset_yx[1] - tx) / sx + 0.5)
+        if 0 <= row < self.rows and 0 <= col < self.cols:
+            return row, col
+        return None
+
+    def tile_bounds_l0(self, row: int, col: int) -> tuple[float, float, float, float]:
+        """(x0, y0, x1, y1) level-0 pixel edges covered by tile (row, col)."""
+        x0, y0 = col * self.stride_l0[0], row * self.stride_l0[1]
+        return x0, y0, x0 + self.tile_l0[0], y0 + self.tile_l0[1]
+
+
+def cluster_colors(k: int) -> np.ndarray:
+    """(k, 4) float32 RGBA in [0, 1]: ``engine.mosaic``'s palette, the one of every overlay PNG."""
+    from engine.mosaic import cluster_colors as rgb_colors
+
+    rgb = rgb_colors(k).astype(np.float32) / 255.0
+    return np.concatenate([rgb, np.ones((k, 1), np.float32)], axis=1)
+
+
+def labels_colormap(colors: np.ndarray, visible: Collection[int] | None = None) -> Any:
+    """A napari ``DirectLabelColormap`` for label image ``cluster + 1`` (0 = no tissue).
+
+    Clusters not in ``visible`` (all when None) and the background are transparent.
+    """
+    from napari.utils.colormaps import DirectLabelColormap
+
+    color_dict: dict[int | None, np.ndarray] = {None: TRANSPARENT, 0: TRANSPARENT}
+    for i, c in enumerate(colors):
+        shown = visible is None or i in visible
+        color_dict[i + 1] = np.asarray(c, np.float32) if shown else TRANSPARENT
+    return DirectLabelColormap(color_dict=color_dict, background_value=0)
+
+
+def label_image(labels: np.ndarray) -> np.ndarray:
+    """(rows, cols) cluster ids with -1 outside tissue -> (rows, cols) uint16 ``id + 1``, 0 outside."""
+    return (np.asarray(labels).astype(np.int32) + 1).clip(0).astype(np.uint16)

@@ -1,0 +1,202 @@
+"""The HistoCluster widget driven through a real napari viewer (make_napari_viewer, Xvfb)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from qtpy.QtCore import Qt, QTimer
+
+from histocluster_napari._widget import HistoClusterWidget
+from tests.conftest import SAMPLE_DATA
+from tests.napari.conftest import FAST
+
+SAMPLE = SAMPLE_DATA / "sample_slide.tiff"
+
+pytestmark = pytest.mark.gui
+TIMEOUT_MS = 240_000
+
+
+def open_with_widget(make_napari_viewer, slide: Path, store: Path | None = None, **settings):
+    viewer = make_napari_viewer()
+    [layer] = viewer.open(str(slide), plugin="histocluster")
+    widget = HistoClusterWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="HistoCluster")
+    assert widget.slide.value is layer
+    for name, value in {**FAST, **settings}.items():
+        getattr(widget, name).value = value
+    if store is not None:
+        widget.store.value = str(store)
+    return viewer, layer, widget
+
+
+def pixel_edges(layer) -> tuple[np.ndarray, np.ndarray]:
+    """World (y, x) of the outer edges of a layer's first and last pixels (extent is centres)."""
+    ext = layer.extent
+    return ext.world[0] - ext.step / 2, ext.world[1] + ext.step / 2
+
+
+def wait_idle(qtbot, widget: HistoClusterWidget) -> None:
+    qtbot.waitUntil(lambda: not widget.busy, timeout=TIMEOUT_MS)
+
+
+def test_cluster_puts_labels_on_the_tile_grid(
+    make_napari_viewer, qtbot, sample_slide, isolated_cache
+):
+    viewer, slide_layer, widget = open_with_widget(make_napari_viewer, sample_slide)
+    assert widget.run_cluster() is not None
+    wait_idle(qtbot, widget)
+    labels = widget.clusters_layer
+    assert labels is not None, widget.status.value
+    data = np.asarray(labels.data)
+    assert data.shape == (4, 6)  # 1024 level-0 px tiles over 4032 x 5376
+    assert set(np.unique(data)) <= {0, 1, 2, 3} and (data > 0).sum() >= FAST["k"]
+    # The overlay covers the slide: equal extents within one tile (512 um).
+    tile_um = FAST["tile_px"] * FAST["target_mpp"]
+    lo_s, hi_s = pixel_edges(slide_layer)
+    lo_l, hi_l = pixel_edges(labels)
+    np.testing.assert_allclose(lo_l, lo_s, atol=1e-6)
+    assert np.all(hi_l >= hi_s - 1e-6) and np.all(hi_l - hi_s < tile_um)
+    # Tile (1, 2) covers level-0 px [2048, 3072) x [1024, 2048): its label pixel's centre is the
+    # centre of those pixels in world coordinates, and the world point of level-0 pixel
+    # (x=2048, y=1024) lies in it while (2047, 1023) does not.
+    mpp = 0.5
+    centre = np.asarray(labels.data_to_world((1, 2)))
+    np.testing.assert_allclose(centre, ((1024 + 511.5) * mpp, (2048 + 511.5) * mpp))
+    assert widget.tile_at((1024 * mpp, 2048 * mpp)) == (1, 2)
+    assert widget.tile_at((1023 * mpp, 2047 * mpp)) == (0, 1)
+    # The table lists k clusters whose counts add up to the tissue tiles of the overlay.
+    assert widget.table.rowCount() == FAST["k"]
+    counts = [int(widget.table.item(i, 3).text()) for i in range(FAST["k"])]
+    assert counts == [int((data == i + 1).sum()) for i in range(FAST["k"])]
+    assert all(widget.table.exemplar_pixmap(i) is not None for i in range(FAST["k"]))
+    # A second Cluster reuses the stored features (no encoding).
+    stores = list((isolated_cache / "stores").glob("*.zarr"))
+    assert len(stores) == 1
+    widget.run_cluster()
+    wait_idle(qtbot, widget)
+    assert "features from the store" in widget.status.value
+
+
+def test_worker_runs_off_the_gui_thread(make_napari_viewer, qtbot, sample_slide, isolated_cache):
+    """While extraction + K-means run, the Qt event loop keeps processing timer events."""
+    viewer, _, widget = open_with_widget(make_napari_viewer, sample_slide)
+    worker_threads: set[int] = set()
+    widget._bridge.event.connect(  # runs in the emitting (worker) thread
+        lambda *_: worker_threads.add(threading.get_ident()), Qt.ConnectionType.DirectConnection
+    )
+    ticks_while_busy = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks_while_busy.append(widget.busy))
+    timer.start(10)
+    widget.run_cluster()
+    assert widget.busy and not widget.cluster_button.enabled and widget.cancel_button.enabled
+    wait_idle(qtbot, widget)
+    timer.stop()
+    assert sum(ticks_while_busy) >= 3  # the GUI thread ran timers while the job was running
+    assert worker_threads and threading.get_ident() not in worker_threads
+    assert widget.clusters_layer is not None
+    assert widget.cluster_button.enabled and not widget.cancel_button.enabled
+
+
+def test_cancel_stops_the_job_and_keeps_the_ui_usable(
+    make_napari_viewer, qtbot, sample_slide, isolated_cache
+):
+    viewer, _, widget = open_with_widget(make_napari_viewer, sample_slide)
+    widget.run_cluster()
+    widget.cancel_button.clicked.emit()
+    wait_idle(qtbot, widget)
+    assert "Cancelled" in widget.status.value
+    assert widget.clusters_layer is None
+    assert widget.cluster_button.enabled
+
+
+def test_clicking_tiles_selects_clusters_and_show_selected_only_hides_the_rest(
+    make_napari_viewer, qtbot, sample_slide, isolated_cache
+):
+    viewer, _, widget = open_with_widget(make_napari_viewer, sample_slide)
+    widget.run_cluster()
+    wait_idle(qtbot, widget)
+    layer = widget.clusters_layer
+    data = np.asarray(layer.data)
+    row, col = np.argwhere(data > 0)[0]
+    cluster = int(data[row, col]) - 1
+    world = layer.data_to_world((row, col))
+    assert widget.click_tile_at(tuple(world)) == cluster
+    assert widget.table.selected() == [cluster]
+    widget.show_selected_only.value = True
+    colors = layer.colormap.map(np.arange(FAST["k"] + 1))
+    alpha = colors[:, 3]
+    assert alpha[0] == 0 and alpha[cluster + 1] == 1
+    assert all(alpha[i + 1] == 0 for i in range(FAST["k"]) if i != cluster)
+    widget.click_tile_at(tuple(world))  # clicking again unselects
+    assert widget.table.selected() == []
+    widget.show_selected_only.value = False
+    assert np.all(layer.colormap.map(np.arange(1, FAST["k"] + 1))[:, 3] == 1)
+    # Find similar marks the requested number of tiles, not the query itself.
+    widget.n_similar.value = 4
+    hits = widget.find_similar()
+    assert len(hits) == 4 and all((r, c) != (row, col) for r, c, _ in hits)
+    shapes = viewer.layers[f"{widget.slide.value.name} similar"]
+    assert len(shapes.data) == 5
+    # The query rectangle covers exactly the tile's level-0 pixels (world edges at -0.5 px).
+    ys, xs = shapes.data[0][:, 0], shapes.data[0][:, 1]
+    mpp, side = 0.5, 1024
+    np.testing.assert_allclose(
+        [ys.min(), xs.min()], [(row * side - 0.5) * mpp, (col * side - 0.5) * mpp]
+    )
+    np.testing.assert_allclose(ys.max() - ys.min(), side * mpp)
+
+
+def test_k_change_reclusters_from_stored_features(
+    make_napari_viewer, qtbot, sample_slide, isolated_cache
+):
+    viewer, _, widget = open_with_widget(make_napari_viewer, sample_slide)
+    widget.run_cluster()
+    wait_idle(qtbot, widget)
+    widget.k.value = 2
+    qtbot.waitUntil(lambda: widget.table.rowCount() == 2 and not widget.busy, timeout=TIMEOUT_MS)
+    assert int(np.asarray(widget.clusters_layer.data).max()) <= 2
+    assert "features from the store" in widget.status.value
+
+
+def test_bad_checkpoint_is_a_notification_not_a_traceback(
+    make_napari_viewer, qtbot, sample_slide, isolated_cache, tmp_path
+):
+    bad = tmp_path / "encoder.pt"
+    bad.write_bytes(b"not a checkpoint")
+    viewer, _, widget = open_with_widget(make_napari_viewer, sample_slide, encoder=str(bad))
+    widget.run_cluster()
+    wait_idle(qtbot, widget)
+    assert widget.clusters_layer is None
+    assert str(bad) in widget.status.value and "—" in widget.status.value
+
+
+def test_slide_without_mpp_asks_for_it_in_the_widget(
+    make_napari_viewer, qtbot, tmp_path, isolated_cache
+):
+    import tifffile
+
+    from engine.slide import open_slide
+
+    with open_slide(SAMPLE) as src:
+        rgb = src.read_region((0, 0), 2, src.level_dimensions[2])  # 1344 x 1008 px
+    path = tmp_path / "nompp.tiff"
+    tifffile.imwrite(path, rgb, tile=(256, 256), photometric="rgb")
+    viewer, layer, widget = open_with_widget(
+        make_napari_viewer, path, tile_px=64, target_mpp=4.0, k=2
+    )
+    assert not widget.slide_mpp.native.isHidden()  # shown (the viewer window itself is not)
+    assert widget.run_cluster() is None  # refused with a message naming the field
+    assert "slide um/px" in widget.status.value
+    widget.slide_mpp.value = 2.0
+    np.testing.assert_allclose(layer.scale, (2.0, 2.0))
+    widget.run_cluster()
+    wait_idle(qtbot, widget)
+    assert widget.clusters_layer is not None, widget.status.value
+    assert np.asarray(widget.clusters_layer.data).shape == (
+        8,
+        11,
+    )  # 256 um tiles over 2016 x 2688 um
