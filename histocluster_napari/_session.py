@@ -12,7 +12,7 @@ import inspect
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +117,7 @@ class ExportReport:
 
     out_dir: Path
     per_class: dict[str, int]
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -303,8 +304,14 @@ def similar_tiles(
 
 
 def check_names(names: Sequence[str]) -> str | None:
-    """Why these class names cannot be exported (None when they can)."""
-    raise NotImplementedError
+    """Why these class names cannot be exported (None when they can): ``engine.export``'s rules."""
+    from engine.export import check_class_names
+
+    try:
+        check_class_names(list(names))
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def export_clusters(
@@ -314,8 +321,28 @@ def export_clusters(
     out_dir: Path,
     progress: Progress = _no_progress,
 ) -> ExportReport:
-    """Export the tiles of ``clusters`` as classes ``names`` into ``out_dir`` via ``engine.export``."""
-    raise NotImplementedError
+    """Export the tiles of ``clusters`` as classes ``names`` into ``out_dir`` via ``engine.export``.
+
+    Folders per class, ``manifest.csv``, ``export.json`` and a GeoJSON per slide.
+    """
+    from engine.export import ExportConfig, run_export
+    from engine.store import FeatureStore
+
+    progress("exporting", 0, 1)
+    store = FeatureStore.open(view.store_path)
+    cfg = ExportConfig(
+        store=view.store_path,
+        clusters=[int(c) for c in clusters],
+        out=Path(out_dir),
+        run=view.run,
+        names=list(names),
+        slides=[view.slide_id],
+        geojson=True,
+        quiet=True,
+    )
+    result = run_export(store, cfg)
+    progress("exporting", 1, 1)
+    return ExportReport(Path(out_dir), dict(result.per_class), list(result.warnings))
 
 
 __all__ = [

@@ -650,8 +650,10 @@ class HistoClusterWidget(Container):
     def _show_export(self, report: _session.ExportReport) -> None:
         lines = ", ".join(f"{name}: {n}" for name, n in report.per_class.items())
         message = f"Exported {report.total} patches to {report.out_dir} ({lines})"
-        self.status.value = message + "."
+        self.status.value = _html(message + ". " + " ".join(report.warnings))
         show_info(message)
+        for warning in report.warnings:
+            show_warning(warning)
 
 
 def _html(text: str) -> str:

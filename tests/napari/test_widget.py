@@ -200,3 +200,79 @@ def test_slide_without_mpp_asks_for_it_in_the_widget(
         8,
         11,
     )  # 256 um tiles over 2016 x 2688 um
+
+
+def test_export_selected_writes_the_files_the_manifest_lists(
+    make_napari_viewer, qtbot, sample_slide, isolated_cache, tmp_path
+):
+    import csv
+    import json
+
+    viewer, _, widget = open_with_widget(make_napari_viewer, sample_slide)
+    widget.run_cluster()
+    wait_idle(qtbot, widget)
+    data = np.asarray(widget.clusters_layer.data)
+    widget.table.set_selected([0, 2])
+    widget.table.set_name(0, "ink")
+    widget.table.set_name(2, "crease")
+    out = tmp_path / "patches"
+    widget.export_dir.value = str(out)
+    assert widget.export_selected() is not None
+    wait_idle(qtbot, widget)
+    with open(out / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    listed = {row["path"] for row in rows}
+    on_disk = {p.relative_to(out).as_posix() for p in out.glob("*/*.png")}
+    assert listed == on_disk and len(rows) == (data == 1).sum() + (data == 3).sum()
+    assert {row["class"] for row in rows} == {"ink", "crease"}
+    assert sum(row["class"] == "ink" for row in rows) == (data == 1).sum()
+    geojson = json.loads((out / f"{rows[0]['slide_id']}.geojson").read_text())
+    names = {f["properties"]["classification"]["name"] for f in geojson["features"]}
+    assert names == {"ink", "crease"}
+    assert f"Exported {len(rows)} patches" in widget.status.value
+
+
+def test_export_refuses_bad_names_with_a_visible_message(
+    make_napari_viewer, qtbot, sample_slide, isolated_cache, tmp_path
+):
+    viewer, _, widget = open_with_widget(make_napari_viewer, sample_slide)
+    widget.run_cluster()
+    wait_idle(qtbot, widget)
+    widget.table.set_selected([0, 1])
+    out = tmp_path / "patches"
+    widget.export_dir.value = str(out)
+    for first, second in [("a/b", "fine"), ("..", "fine"), ("", "fine"), ("Ink", "ink")]:
+        widget.table.set_name(0, first)
+        widget.table.set_name(1, second)
+        widget.status.value = ""
+        assert widget.export_selected() is None
+        assert "class name" in widget.status.value and "—" in widget.status.value, (first, second)
+    assert not out.exists()
+
+
+def test_screenshot_differs_where_the_overlay_is(
+    make_napari_viewer, qtbot, sample_slide, isolated_cache, artifacts
+):
+    from PIL import Image
+
+    viewer = make_napari_viewer(show=True)
+    [slide_layer] = viewer.open(str(sample_slide), plugin="histocluster")
+    widget = HistoClusterWidget(viewer)
+    for name, value in FAST.items():
+        getattr(widget, name).value = value
+    widget.run_cluster()
+    wait_idle(qtbot, widget)
+    labels = widget.clusters_layer
+    viewer.reset_view()
+    qtbot.wait(200)
+    shots = {}
+    for name, slide_on, labels_on in [("with", 1, 1), ("without", 1, 0), ("overlay_only", 0, 1)]:
+        slide_layer.visible, labels.visible = bool(slide_on), bool(labels_on)
+        qtbot.wait(100)
+        shots[name] = viewer.screenshot(canvas_only=True, flash=False)[..., :3]
+        Image.fromarray(shots[name]).save(artifacts / f"widget_overlay_{name}.png")
+    overlay = shots["overlay_only"].max(axis=2) > 0  # where labels are drawn (black background)
+    changed = np.abs(shots["with"].astype(int) - shots["without"].astype(int)).max(axis=2) > 8
+    assert overlay.mean() > 0.05
+    assert changed[overlay].mean() > 0.9  # the overlay changes what is under it...
+    assert changed[~overlay].mean() < 0.01  # ...and nothing else
