@@ -1,0 +1,341 @@
+"""python -m engine.extract on the real CMU slide: layout, correctness, resume after SIGKILL,
+2-process gloo run, failures, --slide-mpp, store refusal, bf16 numerics.
+
+Tiles are 16 px at 2 um/px (47 x 35 tiles, 2 x 2 chunks, 565 selected) through a ResNet-18 with
+16 px input, so each run takes seconds on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from engine.errors import HistoclusterError
+from engine.extract import TileEncoder, build_parser, chunk_batches, main, parse_slide_mpp
+from engine.models import IMAGENET_MEAN, IMAGENET_STD, build_backbone, load_encoder, save_encoder
+from engine.slide import open_slide
+from engine.store import CHUNK, FeatureStore
+from engine.tiling import TileGrid
+from tests.helpers import decode_svs_level0
+
+REPO = Path(__file__).resolve().parents[2]
+TILE_PX, MPP, BATCH = 16, 2.0, 64
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ResNet-18 checkpoint (engine.pretrain format) with 16 px input: fast plumbing."""
+    path = tmp_path_factory.mktemp("encoder") / "tiny.pt"
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        backbone = build_backbone("resnet18")
+    save_encoder(path, backbone, "resnet18", IMAGENET_MEAN, IMAGENET_STD, TILE_PX, {"test": True})
+    return path
+
+
+def _args(slides: list[Path], out: Path, encoder: Path, *extra: str) -> list[str]:
+    return [
+        *map(str, slides),
+        "--out", str(out),
+        "--encoder", str(encoder),
+        "--tile-px", str(TILE_PX),
+        "--mpp", str(MPP),
+        "--batch-size", str(BATCH),
+        "--workers", "1",
+        "--quiet",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reference(cmu_svs: Path, tiny_encoder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted single-process extraction of the CMU slide."""
+    out = tmp_path_factory.mktemp("reference") / "features.zarr"
+    assert main(_args([cmu_svs], out, tiny_encoder)) == 0
+    return out
+
+
+def _arrays(path: Path, sid: str = "CMU-1-Small-Region") -> dict[str, np.ndarray]:
+    sf = FeatureStore.open(path).slide(sid)
+    return {
+        name: np.asarray(getattr(sf, name)[...])
+        for name in ("features", "done", "tissue", "origins")
+    }
+
+
+def _assert_same_store(a: Path, b: Path) -> None:
+    x, y = _arrays(a), _arrays(b)
+    for name in x:
+        np.testing.assert_array_equal(x[name], y[name], err_msg=name)
+
+
+def test_reference_run_writes_every_selected_tile(reference: Path, cmu_svs: Path) -> None:
+    store = FeatureStore.open(reference)
+    assert store.slide_ids() == ["CMU-1-Small-Region"]
+    sf = store.slide("CMU-1-Small-Region")
+    assert sf.shape == (47, 35) and sf.dim == 512
+    done = np.asarray(sf.done[...])
+    assert np.array_equal(done, sf.selected) and done.sum() == 565
+    feats = np.asarray(sf.features[...]).astype(np.float32)
+    assert np.all(np.linalg.norm(feats[done], axis=1) > 0) and not feats[~done].any()
+    assert store.encoder["input_px"] == TILE_PX and store.tiling["target_mpp"] == MPP
+
+    summary = json.loads(reference.with_name("features.zarr.summary.json").read_text())
+    assert summary["tiles"] == 565 and summary["failures"] == [] and summary["precision"] == "fp32"
+    assert summary["tiles_per_s"] > 0 and summary["seconds"] > 0
+    config = json.loads(reference.with_name("features.zarr.config.json").read_text())
+    assert config["tile_px"] == TILE_PX and config["resolved"]["encoder"]["arch"] == "resnet18"
+
+
+def test_features_are_the_encoding_of_the_tile_at_that_position(
+    reference: Path, cmu_svs: Path, tiny_encoder: Path
+) -> None:
+    store = FeatureStore.open(reference)
+    sf = store.slide("CMU-1-Small-Region")
+    grid = TileGrid(open_slide(cmu_svs), target_mpp=MPP, tile_px=TILE_PX)
+    rows, cols = np.nonzero(sf.selected)
+    pick = np.random.default_rng(0).choice(len(rows), 24, replace=False)
+    tiles = np.stack([grid.read_tile(int(rows[k]), int(cols[k])) for k in pick])
+    encode = TileEncoder(load_encoder(tiny_encoder), torch.device("cpu"), "fp32")
+    direct = encode(torch.from_numpy(tiles)).numpy()
+    stored = sf.read_tiles(rows[pick], cols[pick])
+    np.testing.assert_allclose(stored, direct, rtol=2e-2, atol=2e-2)
+    # and not just any tile's features: neighbours differ
+    assert not np.allclose(stored[0], stored[1], atol=2e-2)
+
+
+def test_second_run_encodes_nothing(
+    reference: Path, cmu_svs: Path, tiny_encoder: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "features.zarr"
+    shutil.copytree(reference, out)
+    assert main(_args([cmu_svs], out, tiny_encoder)) == 0
+    summary = json.loads(out.with_name("features.zarr.summary.json").read_text())
+    assert summary["tiles"] == 0 and summary["tiles_already_done"] == 565
+    _assert_same_store(reference, out)
+
+
+def test_resume_after_sigkill_equals_uninterrupted_run(
+    reference: Path, cmu_svs: Path, tiny_encoder: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "features.zarr"
+    # flush after every batch so the kill lands in the middle of a chunk
+    script = (
+        "from engine.extract import ExtractConfig, run\n"
+        f"run(ExtractConfig(slides=[{str(cmu_svs)!r}], out={str(out)!r}, encoder={str(tiny_encoder)!r}, "
+        f"tile_px={TILE_PX}, mpp={MPP}, batch_size=8, workers=1, quiet=True, flush_every_s=0.0))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], env=_env(), cwd=REPO)
+    done_path = out / "slides" / "CMU-1-Small-Region" / "done" / "c"
+    deadline = time.monotonic() + 120
+    try:
+        while not done_path.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    sf = FeatureStore.open(out).slide("CMU-1-Small-Region")
+    done = np.asarray(sf.done[...])
+    assert 0 < done.sum() < 565
+    first = done[:CHUNK, :CHUNK]
+    assert 0 < (first & sf.selected[:CHUNK, :CHUNK]).sum() < sf.selected[:CHUNK, :CHUNK].sum()
+
+    assert main(_args([cmu_svs], out, tiny_encoder)) == 0
+    summary = json.loads(out.with_name("features.zarr.summary.json").read_text())
+    assert summary["tiles_already_done"] == done.sum() and summary["tiles"] == 565 - done.sum()
+    _assert_same_store(reference, out)
+
+
+def test_two_gloo_processes_split_tiles_and_equal_single_process(
+    reference: Path, cmu_svs: Path, tiny_encoder: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "features.zarr"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "engine.extract", *_args([cmu_svs], out, tiny_encoder, "--device", "cpu")]  # fmt: skip
+    proc = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(out.with_name("features.zarr.summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["tiles"] == 565
+    _assert_same_store(reference, out)
+
+
+def _crop_png(cmu_svs: Path, path: Path, dpi: bool) -> Path:
+    rgb = decode_svs_level0(cmu_svs)[1200:1712, 600:1112]
+    Image.fromarray(rgb).save(path, **({"dpi": (25400 / 0.499, 25400 / 0.499)} if dpi else {}))
+    return path
+
+
+def test_bad_slides_are_reported_skipped_and_the_rest_finish(
+    reference: Path,
+    cmu_svs: Path,
+    tiny_encoder: Path,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    data = cmu_svs.read_bytes()
+    (slides / "truncated.svs").write_bytes(data[: len(data) // 2])
+    (slides / "garbage.svs").write_bytes(b"not a slide at all" * 100)
+    nompp = _crop_png(cmu_svs, slides / "nompp.png", dpi=False)
+    _crop_png(cmu_svs, slides / "ok.png", dpi=True)
+    out = tmp_path / "features.zarr"
+    capfd.readouterr()
+    code = main(
+        _args([slides], out, tiny_encoder)[:-1]
+    )  # not --quiet: the summary line names failures
+    err = capfd.readouterr().err
+    assert code == 1
+    summary = json.loads(out.with_name("features.zarr.summary.json").read_text())
+    failed = {Path(f["slide"]).name: f["error"] for f in summary["failures"]}
+    assert set(failed) == {"truncated.svs", "garbage.svs", "nompp.png"}
+    assert "--slide-mpp" in failed["nompp.png"]
+    assert "truncated" in failed["truncated.svs"]
+    for name, message in failed.items():
+        assert f"error: {message}" in err and name in err.splitlines()[-1]
+    assert "Traceback" not in err
+
+    store = FeatureStore.open(out)
+    assert store.slide_ids() == ["ok"]
+    ok = store.slide("ok")
+    assert np.array_equal(np.asarray(ok.done[...]), ok.selected) and ok.selected.sum() > 0
+
+    # --slide-mpp as a CSV gives the missing resolution
+    csv_path = tmp_path / "mpp.csv"
+    csv_path.write_text(f"slide,mpp\n{nompp},0.499\n")
+    assert main(_args([nompp], out, tiny_encoder, "--slide-mpp", str(csv_path))) == 0
+    assert FeatureStore.open(out).slide("nompp").attrs["mpp"] == [0.499, 0.499]
+
+
+def test_slide_failing_while_encoded_keeps_its_finished_chunks(
+    pyramidal_tiff: Path, cmu_svs: Path, tiny_encoder: Path, tmp_path: Path
+) -> None:
+    """Corrupt JPEG tiles at the bottom of level 0 (the thumbnail comes from level 1): reading
+    fails mid-slide in a worker; the slide is reported, its finished chunks kept, the next slide done."""
+    raw = bytearray(pyramidal_tiff.read_bytes())
+    with tifffile.TiffFile(pyramidal_tiff) as tif:
+        page = tif.pages[0]
+        per_row = -(-page.imagewidth // page.tilewidth)
+        offsets, counts = page.dataoffsets[-per_row:], page.databytecounts[-per_row:]
+    for o, c in zip(offsets, counts, strict=True):
+        raw[o + 2 : o + c] = (
+            np.random.default_rng(0).integers(0, 256, c - 2, dtype=np.uint8).tobytes()
+        )
+    corrupt = tmp_path / "a_corrupt.tiff"
+    corrupt.write_bytes(bytes(raw))
+    ok = _crop_png(cmu_svs, tmp_path / "b_ok.png", dpi=True)
+
+    out = tmp_path / "features.zarr"
+    args = _args([corrupt, ok], out, tiny_encoder, "--tile-px", "64", "--mpp", "0.5")
+    assert main(args) == 1
+    summary = json.loads(out.with_name("features.zarr.summary.json").read_text())
+    assert [Path(f["slide"]).name for f in summary["failures"]] == ["a_corrupt.tiff"]
+    assert "corrupt" in summary["failures"][0]["error"]
+    store = FeatureStore.open(out)
+    bad = store.slide("a_corrupt")
+    assert bad.attrs["level"] == 0 and bad.shape == (47, 35)
+    done = np.asarray(bad.done[...])
+    assert np.array_equal(done[:CHUNK], bad.selected[:CHUNK])  # chunks above the damage: done
+    assert done.sum() < bad.selected.sum()
+    assert np.abs(np.asarray(bad.features[:CHUNK])[done[:CHUNK]]).sum() > 0
+    good = store.slide("b_ok")
+    assert np.array_equal(np.asarray(good.done[...]), good.selected) and good.selected.sum() > 0
+
+
+def test_store_of_other_tiling_is_refused_unless_overwrite(
+    cmu_svs: Path, tiny_encoder: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    png = _crop_png(cmu_svs, tmp_path / "crop.png", dpi=True)
+    out = tmp_path / "features.zarr"
+    assert main(_args([png], out, tiny_encoder)) == 0
+    capfd.readouterr()
+    assert main(_args([png], out, tiny_encoder, "--min-tissue", "0.25")) == 2
+    err = capfd.readouterr().err.strip()
+    assert err.startswith(f"error: {out}:") and "--overwrite" in err and len(err.splitlines()) == 1
+    assert main(_args([png], out, tiny_encoder, "--min-tissue", "0.25", "--overwrite")) == 0
+    assert FeatureStore.open(out).tiling["min_tissue"] == 0.25
+
+
+def test_command_line_errors_are_one_line(
+    cmu_svs: Path, tiny_encoder: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    help_text = build_parser().format_help()
+    for flag in ("--out", "--encoder", "--tile-px", "--mpp", "--stride-px", "--min-tissue", "--tissue",
+                 "--batch-size", "--workers", "--device", "--precision", "--slide-mpp", "--overwrite",
+                 "--quiet"):  # fmt: skip
+        assert flag in help_text
+    # the real command line, once: an empty directory
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine.extract", str(tmp_path), "--out", str(tmp_path / "f.zarr")],
+        env=_env(), cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {tmp_path}: no slide files")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    capfd.readouterr()
+    out = tmp_path / "g.zarr"
+    assert main([str(cmu_svs), "--out", str(out), "--encoder", str(tmp_path / "nope.pt")]) == 2
+    err = capfd.readouterr().err
+    assert (
+        err.startswith(f"error: {tmp_path / 'nope.pt'}: no such checkpoint")
+        and len(err.splitlines()) == 1
+    )
+    assert main(_args([cmu_svs], out, tiny_encoder, "--slide-mpp", "x.csv")) == 2
+    assert "x.csv: --slide-mpp is neither a number nor an existing CSV" in capfd.readouterr().err
+    assert not out.exists()
+
+
+def test_parse_slide_mpp(tmp_path: Path) -> None:
+    assert parse_slide_mpp(None) is None and parse_slide_mpp("0.25") == 0.25
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text("/data/a b.svs,0.25\nc.tiff,0.5\n")
+    assert parse_slide_mpp(str(csv_path)) == {"a_b": 0.25, "c": 0.5}
+    csv_path.write_text("slide,mpp\na.svs,zero\n")
+    with pytest.raises(HistoclusterError, match="line 2.*not a number"):
+        parse_slide_mpp(str(csv_path))
+    with pytest.raises(HistoclusterError, match="positive"):
+        parse_slide_mpp("-1")
+
+
+def test_chunk_batches_do_not_depend_on_what_is_done() -> None:
+    selected = np.zeros((4, 4), bool)
+    selected[[0, 0, 1, 2, 3, 3], [1, 3, 0, 2, 1, 3]] = True
+    full = chunk_batches(selected, np.zeros_like(selected), 4)
+    assert [b.tolist() for b in full] == [[1, 3, 4, 10], [13, 15]]
+    done = np.zeros_like(selected)
+    done.ravel()[[1, 3, 13]] = True
+    assert [b.tolist() for b in chunk_batches(selected, done, 4)] == [[4, 10], [15]]
+
+
+def test_bf16_features_match_fp32(cmu_svs: Path) -> None:
+    """bf16 autocast on CPU (what --precision auto picks on CPUs with native bf16) vs fp32."""
+    grid = TileGrid(open_slide(cmu_svs), target_mpp=0.5, tile_px=224)
+    rows, cols = np.nonzero(grid.selected)
+    tiles = torch.from_numpy(
+        np.stack([grid.read_tile(int(r), int(c)) for r, c in zip(rows[:4], cols[:4], strict=True)])
+    )
+    encoder = load_encoder("resnet18-random")
+    fp32 = TileEncoder(encoder, torch.device("cpu"), "fp32", channels_last=False)(tiles)
+    bf16 = TileEncoder(encoder, torch.device("cpu"), "bf16")(tiles)
+    cosine = torch.nn.functional.cosine_similarity(fp32, bf16, dim=1)
+    assert cosine.min() >= 0.99, cosine
+    assert not torch.equal(fp32, bf16)  # bf16 really ran
