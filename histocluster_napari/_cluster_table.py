@@ -9,11 +9,11 @@ from qtpy.QtCore import Qt, Signal
 from qtpy.QtGui import QColor, QImage, QPixmap
 from qtpy.QtWidgets import QAbstractItemView, QHeaderView, QLabel, QTableWidget, QTableWidgetItem
 
-THUMB_PX = 48
+THUMB_PX = 44
 """Side of an exemplar thumbnail in the table, in screen pixels."""
 
-COL_SELECT, COL_COLOUR, COL_NAME, COL_COUNT, COL_SHARE, COL_EXEMPLARS = range(6)
-HEADERS = ("", "colour", "class name", "tiles", "share", "exemplars (nearest the centre)")
+COL_SELECT, COL_NAME, COL_COUNT, COL_SHARE, COL_EXEMPLARS = range(5)
+HEADERS = ("cluster", "class name", "tiles", "share", "nearest the centre")
 
 
 def exemplar_strip(thumbs: Sequence[np.ndarray], px: int = THUMB_PX, gap: int = 2) -> np.ndarray:
@@ -48,9 +48,11 @@ class ClusterTable(QTableWidget):
         self.verticalHeader().setVisible(False)
         self.setSelectionMode(QAbstractItemView.SelectionMode.NoSelection)
         header = self.horizontalHeader()
-        for col in (COL_SELECT, COL_COLOUR, COL_COUNT, COL_SHARE, COL_EXEMPLARS):
+        for col in (COL_SELECT, COL_COUNT, COL_SHARE, COL_EXEMPLARS):
             header.setSectionResizeMode(col, QHeaderView.ResizeMode.ResizeToContents)
         header.setSectionResizeMode(COL_NAME, QHeaderView.ResizeMode.Stretch)
+        header.setMinimumSectionSize(24)
+        self.setWordWrap(False)
         self.verticalHeader().setDefaultSectionSize(THUMB_PX + 6)
         self.setMinimumHeight(4 * (THUMB_PX + 6) + 30)
         self._updating = False
@@ -79,22 +81,20 @@ class ClusterTable(QTableWidget):
         try:
             self.setRowCount(k)
             for i in range(k):
-                check = QTableWidgetItem()
+                check = QTableWidgetItem(f" {i}")  # tick box + the cluster's colour and number
                 check.setFlags(Qt.ItemFlag.ItemIsUserCheckable | Qt.ItemFlag.ItemIsEnabled)
                 check.setCheckState(
                     Qt.CheckState.Checked if i in selected else Qt.CheckState.Unchecked
                 )
-                check.setToolTip(f"select cluster {i}")
-                self.setItem(i, COL_SELECT, check)
-                swatch = QTableWidgetItem(str(i))
                 r, g, b = (int(round(255 * v)) for v in colors[i][:3])
-                swatch.setBackground(QColor(r, g, b))
-                swatch.setForeground(
-                    QColor(0, 0, 0) if (r + g + b) > 380 else QColor(255, 255, 255)
+                check.setBackground(QColor(r, g, b))
+                check.setForeground(
+                    QColor(0, 0, 0)
+                    if (0.299 * r + 0.587 * g + 0.114 * b) > 140
+                    else QColor(255, 255, 255)
                 )
-                swatch.setFlags(Qt.ItemFlag.ItemIsEnabled)
-                swatch.setTextAlignment(Qt.AlignmentFlag.AlignCenter)
-                self.setItem(i, COL_COLOUR, swatch)
+                check.setToolTip(f"select cluster {i} (or click one of its tiles on the slide)")
+                self.setItem(i, COL_SELECT, check)
                 name = QTableWidgetItem(names[i])
                 name.setFlags(Qt.ItemFlag.ItemIsEnabled | Qt.ItemFlag.ItemIsEditable)
                 name.setToolTip("class name used for the export folder (double-click to edit)")

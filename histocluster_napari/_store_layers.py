@@ -31,7 +31,7 @@ def clusters_layer_data(
         "name": name,
         "scale": geometry.scale,
         "translate": (ty + offset_yx[0], tx + offset_yx[1]),
-        "opacity": 0.5,
+        "opacity": 0.6,
         "colormap": labels_colormap(cluster_colors(k)),
         "metadata": {"histocluster": metadata or {}},
     }

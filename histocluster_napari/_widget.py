@@ -29,7 +29,7 @@ from magicgui.widgets import (
 from napari.layers import Image, Labels, Shapes
 from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QObject, QTimer, Signal
+from qtpy.QtCore import QObject, Qt, QTimer, Signal
 from superqt.utils import create_worker
 
 from engine.errors import HistoclusterError
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 SIMILAR_SUFFIX = " similar"
 ENCODER_FILTER = "Encoder checkpoints (*.pt *.pth *.ckpt *.tar *.bin);;All files (*)"
 RECLUSTER_DELAY_MS = 400
+OVERLAY_OPACITY = 0.6
 
 
 class SpecEdit(FileEdit):
@@ -146,8 +147,17 @@ class HistoClusterWidget(Container):
         self.export_dir = FileEdit(label="export to", mode="d", value="")
         self.export_button = PushButton(text="Export selected")
 
-        run_row = Container(
-            layout="horizontal", widgets=[self.cluster_button, self.cancel_button], labels=False
+        run_box = Container(
+            widgets=[
+                Container(
+                    layout="horizontal",
+                    widgets=[self.cluster_button, self.cancel_button],
+                    labels=False,
+                ),
+                self.progress_bar,
+                self.status,
+            ],
+            labels=False,
         )
         self._actions = Container(
             widgets=[
@@ -168,16 +178,17 @@ class HistoClusterWidget(Container):
                 self.target_mpp,
                 self.k,
                 self.store,
-                run_row,
-                self.progress_bar,
-                self.status,
             ]
         )
+        self.native.layout().addWidget(run_box.native)
+        self._run_box = run_box
         self.native.layout().addWidget(self.table)
         self.native.layout().addWidget(self._actions.native)
         self._actions.native.setContentsMargins(0, 0, 0, 0)
         self.store.line_edit.native.setPlaceholderText("(cache, keyed by slide and encoder)")
         self.status.native.setWordWrap(True)
+        self.status.native.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
+        self.status.native.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.min_width = 420
 
         # ---- wiring
@@ -475,7 +486,7 @@ class HistoClusterWidget(Container):
         layer = self._viewer.add_labels(
             label_image(self._view.labels),
             name=name,
-            opacity=0.5,
+            opacity=OVERLAY_OPACITY,
             scale=self._view.geometry.scale,
             translate=self._view.geometry.translate,
             units=slide_layer.units[-2:] if slide_layer is not None else None,

@@ -100,3 +100,33 @@ def test_slide_without_mpp_opens_in_pixels_and_says_so(tmp_path: Path) -> None:
     assert kind == "image" and kwargs["multiscale"]
     assert kwargs["metadata"][METADATA_KEY]["mpp_known"] is False
     assert data[0].shape == (512, 768, 3)
+
+
+def test_reader_opens_a_feature_store_with_its_latest_clusters(
+    make_napari_viewer, sample_slide: Path, tmp_path: Path
+) -> None:
+    from histocluster_napari._session import ClusterJob, run_clustering
+    from tests.napari.conftest import FAST
+
+    store = tmp_path / "features.zarr"
+    job = ClusterJob(
+        sample_slide, None, FAST["encoder"], FAST["tile_px"], FAST["target_mpp"], FAST["k"], store
+    )
+    view = run_clustering(job)
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(store), plugin="histocluster")
+    assert [type(layer).__name__ for layer in layers] == ["Image", "Labels"]
+    image, labels = layers
+    assert image.multiscale and image.name == "sample_slide"
+    np.testing.assert_array_equal(np.asarray(labels.data), view.labels.astype(int) + 1)
+    np.testing.assert_allclose(labels.scale, view.geometry.scale)
+    np.testing.assert_allclose(labels.translate, view.geometry.translate)
+
+
+def test_reader_returns_none_for_a_zarr_that_is_not_a_feature_store(tmp_path: Path) -> None:
+    import zarr
+
+    path = tmp_path / "other.zarr"
+    zarr.create_group(store=str(path), attributes={"format": "something else"})
+    assert napari_get_reader(str(path)) is None
+    assert napari_get_reader(str(tmp_path / "missing.zarr")) is None

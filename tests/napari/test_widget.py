@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from qtpy.QtCore import Qt, QTimer
 
+from histocluster_napari._cluster_table import COL_COUNT
 from histocluster_napari._widget import HistoClusterWidget
 from tests.conftest import SAMPLE_DATA
 from tests.napari.conftest import FAST
@@ -69,7 +70,7 @@ def test_cluster_puts_labels_on_the_tile_grid(
     assert widget.tile_at((1023 * mpp, 2047 * mpp)) == (0, 1)
     # The table lists k clusters whose counts add up to the tissue tiles of the overlay.
     assert widget.table.rowCount() == FAST["k"]
-    counts = [int(widget.table.item(i, 3).text()) for i in range(FAST["k"])]
+    counts = [int(widget.table.item(i, COL_COUNT).text()) for i in range(FAST["k"])]
     assert counts == [int((data == i + 1).sum()) for i in range(FAST["k"])]
     assert all(widget.table.exemplar_pixmap(i) is not None for i in range(FAST["k"]))
     # A second Cluster reuses the stored features (no encoding).
@@ -101,16 +102,26 @@ def test_worker_runs_off_the_gui_thread(make_napari_viewer, qtbot, sample_slide,
     assert widget.cluster_button.enabled and not widget.cancel_button.enabled
 
 
-def test_cancel_stops_the_job_and_keeps_the_ui_usable(
+def test_cancel_stops_extraction_and_cluster_resumes(
     make_napari_viewer, qtbot, sample_slide, isolated_cache
 ):
-    viewer, _, widget = open_with_widget(make_napari_viewer, sample_slide)
+    from histocluster_napari._session import count_done
+
+    # 88 tiles of 256 um: long enough to cancel in the middle.
+    viewer, _, widget = open_with_widget(make_napari_viewer, sample_slide, target_mpp=4.0)
+    store = widget.job().store_path()
     widget.run_cluster()
+    qtbot.waitUntil(lambda: widget.progress_bar.max > 1, timeout=TIMEOUT_MS)  # encoding started
     widget.cancel_button.clicked.emit()
     wait_idle(qtbot, widget)
     assert "Cancelled" in widget.status.value
-    assert widget.clusters_layer is None
-    assert widget.cluster_button.enabled
+    assert widget.clusters_layer is None and widget.cluster_button.enabled
+    done, total = count_done(store, "sample_slide")
+    assert total == widget.progress_bar.max and done < total
+    widget.run_cluster()  # resumes: encodes only what is missing
+    wait_idle(qtbot, widget)
+    assert widget.clusters_layer is not None
+    assert f"encoded {total - done};" in widget.status.value
 
 
 def test_clicking_tiles_selects_clusters_and_show_selected_only_hides_the_rest(
