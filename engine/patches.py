@@ -302,6 +302,12 @@ class PatchDataset(Dataset):
         self._cache = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
         return dropped
 
+    def with_transform(self, transform: Callable[[torch.Tensor], Any] | None) -> PatchDataset:
+        """A copy with another ``transform`` that shares the records and the preloaded patches."""
+        other = PatchDataset(self.records, self.patch_px, transform)
+        other._cache = self._cache
+        return other
+
     @property
     def preloaded(self) -> torch.Tensor | None:
         """The (N, 3, P, P) uint8 tensor after :meth:`preload`, else None."""

@@ -53,7 +53,18 @@ from engine.patches import (
     write_patch_csv,
 )
 
-__all__ = ["PretrainConfig", "SimCLR", "build_parser", "main", "parse_config", "train"]
+__all__ = [
+    "PretrainConfig",
+    "SimCLR",
+    "autocast_context",
+    "build_parser",
+    "main",
+    "make_loader",
+    "make_views",
+    "parse_config",
+    "train",
+    "train_step",
+]
 
 CHECKPOINT_FORMAT = "histocluster-pretrain"
 CHECKPOINT_VERSION = 1
@@ -334,6 +345,74 @@ def _default_workers(device: torch.device, augment_on: str, preloaded: bool) -> 
     return min(8, per_proc)
 
 
+def make_loader(
+    ds: PatchDataset,
+    sampler: Any,
+    local_batch: int,
+    device: torch.device,
+    augment_on: str,
+    workers: int,
+    generator: torch.Generator | None = None,
+) -> Any:
+    """Batches for one process: uint8 (b, 3, P, P) patches when ``augment_on == "device"``,
+    else pairs of augmented float views ((b, 3, S, S), (b, 3, S, S)) from the dataset's transform.
+    A preloaded set augmented on the device is indexed in memory without worker processes."""
+    from torch.utils.data import DataLoader
+
+    if augment_on == "device" and ds.preloaded is not None and workers == 0:
+        return _PreloadedBatches(ds, sampler, local_batch, device)
+    return DataLoader(
+        ds, batch_size=local_batch, sampler=sampler, num_workers=workers, drop_last=True,
+        pin_memory=device.type == "cuda", persistent_workers=False, generator=generator,
+    )  # fmt: skip
+
+
+def make_views(
+    batch: Any,
+    augment: BatchAugment | None,
+    device: torch.device,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> torch.Tensor:
+    """(2b, 3, S, S) float: both views of a loader batch, first views then second views.
+
+    With ``augment`` the batch is uint8 patches, augmented twice on ``device``; without, it is
+    the pair of views the loader's transform made."""
+    if augment is not None:
+        x = batch.to(device, non_blocking=True)
+        views = torch.cat([augment(x), augment(x)])
+    else:
+        views = torch.cat([batch[0], batch[1]]).to(device, non_blocking=True)
+    return views.contiguous(memory_format=memory_format)
+
+
+def train_step(
+    model: nn.Module,
+    views: torch.Tensor,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+    amp: Any,
+) -> torch.Tensor:
+    """One SimCLR step on ``views`` (2b, 3, S, S): forward both views together (batch-norm sees
+    both), NT-Xent in float32, backward, optimizer and schedule step. Returns the detached loss."""
+    with amp:
+        z = model(views)
+    z1, z2 = z.float().chunk(2)
+    loss = criterion(z1, z2)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return loss.detach()
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None) -> Any:
+    """``torch.autocast`` for ``dtype`` on ``device``, or a no-op for fp32 (None)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
 # --- training ------------------------------------------------------------------------------------
 
 
@@ -440,7 +519,7 @@ def _train(cfg: PretrainConfig, info: DistInfo, stop_after_epoch: int | None) ->
         out.mkdir(parents=True, exist_ok=True)
         write_patch_csv(ds.records, patches_csv)
 
-    from torch.utils.data import DataLoader, DistributedSampler
+    from torch.utils.data import DistributedSampler
 
     sampler = DistributedSampler(
         ds, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed,
@@ -448,13 +527,7 @@ def _train(cfg: PretrainConfig, info: DistInfo, stop_after_epoch: int | None) ->
     )  # fmt: skip
     workers = cfg.workers if cfg.workers is not None else _default_workers(dev, augment_on, preload)
     loader_gen = torch.Generator()
-    if augment_on == "device" and preload and workers == 0:
-        loader: Any = _PreloadedBatches(ds, sampler, local_batch, dev)
-    else:
-        loader = DataLoader(
-            ds, batch_size=local_batch, sampler=sampler, num_workers=workers, drop_last=True,
-            pin_memory=dev.type == "cuda", persistent_workers=False, generator=loader_gen,
-        )  # fmt: skip
+    loader = make_loader(ds, sampler, local_batch, dev, augment_on, workers, loader_gen)
     steps_per_epoch = len(loader)
     if steps_per_epoch < 1:
         raise HistoclusterError(
@@ -528,11 +601,7 @@ def _train(cfg: PretrainConfig, info: DistInfo, stop_after_epoch: int | None) ->
     show = info.is_main and not cfg.quiet and sys.stderr.isatty()
     end_epoch = cfg.epochs if stop_after_epoch is None else min(cfg.epochs, stop_after_epoch)
     mem_fmt = torch.channels_last if channels_last else torch.contiguous_format
-    amp = (
-        torch.autocast(dev.type, dtype=autocast_dtype)
-        if autocast_dtype is not None
-        else nullcontext()
-    )
+    amp = autocast_context(dev, autocast_dtype)
 
     def save(epoch: int) -> None:
         if not info.is_main:
@@ -565,21 +634,8 @@ def _train(cfg: PretrainConfig, info: DistInfo, stop_after_epoch: int | None) ->
         loss_sum = torch.zeros((), device=dev)
         t0 = time.perf_counter()
         for batch in loader:
-            if augment_on == "device":
-                x = batch.to(dev, non_blocking=True)
-                views = torch.cat([augment(x), augment(x)])
-            else:
-                views = torch.cat([batch[0], batch[1]]).to(dev, non_blocking=True)
-            views = views.contiguous(memory_format=mem_fmt)
-            with amp:
-                z = ddp_model(views)
-            z1, z2 = z.float().chunk(2)
-            loss = criterion(z1, z2)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
+            views = make_views(batch, augment if augment_on == "device" else None, dev, mem_fmt)
+            loss = train_step(ddp_model, views, criterion, optimizer, scheduler, scaler, amp)
             step += 1
             loss_sum += loss.detach()
             if show:

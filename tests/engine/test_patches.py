@@ -177,3 +177,6 @@ def test_preload_matches_lazy_and_drops_unreadable(image_tree, cmu_svs):
     good = [i for i, r in enumerate(recs) if "zz_truncated" not in r.path]
     for j, i in enumerate(good):
         assert torch.equal(pre[j], lazy[i])
+    views = pre.with_transform(TwoViews(build_transform(AugmentConfig(size=16))))
+    assert views.preloaded is pre.preloaded and len(views) == len(pre)
+    assert views[0][0].shape == (3, 16, 16)
