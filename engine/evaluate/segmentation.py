@@ -1,0 +1,141 @@
+"""Segmentation fine-tuning: a segmentation_models_pytorch U-Net whose ResNet encoder gets our
+encoder's backbone weights (smp's ResNet encoders are torchvision ResNets, same parameter
+names), trained whole with Adam; micro and macro F1 (Dice) over the test pixels at the epoch of
+best validation macro F1.
+
+Training uses random ``crop_px`` crops of the images (scaled by ``scale``); validation and test
+run on whole scaled images padded to a multiple of 32, padding ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.errors import CheckpointError
+from engine.evaluate.datasets import Samples
+from engine.evaluate.finetune import paper_weight_decay
+from engine.evaluate.loaders import SegmentationDataset, make_loader
+from engine.evaluate.metrics import confusion_counts, segmentation_metrics
+from engine.evaluate.training import Selected, fit_select
+
+__all__ = ["build_unet", "constant_prediction_metrics", "segment", "segmentation_evaluate"]
+
+
+def build_unet(encoder: nn.Module, num_classes: int) -> nn.Module:
+    """``smp.Unet(encoder_name=encoder.arch, encoder_weights=None, classes=num_classes)`` with
+    ``encoder.backbone``'s weights copied into its encoder: (B, 3, H, W) -> (B, C, H, W), H and W
+    multiples of 32. Raises :class:`CheckpointError` if the weights do not fit."""
+    import segmentation_models_pytorch as smp
+
+    unet = smp.Unet(
+        encoder_name=encoder.arch, encoder_weights=None, in_channels=3, classes=num_classes
+    )
+    state = {
+        k: v
+        for k, v in encoder.backbone.state_dict().items()
+        if not (k.startswith("fc.") or k.startswith("avgpool."))
+    }
+    target = unet.encoder.state_dict()
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{getattr(encoder, 'spec', encoder.arch)}: backbone does not fit smp's {encoder.arch} "
+            f"encoder (missing {missing[:4]}, unexpected {unexpected[:4]}) — use a torchvision ResNet"
+        )
+    nn.Module.load_state_dict(unet.encoder, state, strict=True)
+    return unet
+
+
+@torch.no_grad()
+def segmentation_evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    num_classes: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """Pixel confusion over every batch (mask -1 ignored) -> ``{"f1_micro", "f1_macro"}``."""
+    model.eval()
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    for x, mask in batches:
+        pred = model(x.to(device)).argmax(dim=1).cpu().numpy()
+        confusion += confusion_counts(mask.numpy(), pred, num_classes)
+    return segmentation_metrics(confusion)
+
+
+def constant_prediction_metrics(
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int, label: int = 0
+) -> dict[str, float]:
+    """The metrics of predicting ``label`` (e.g. background) for every pixel: the floor a
+    trained model has to beat."""
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    for _, mask in batches:
+        m = mask.numpy()
+        confusion += confusion_counts(m, np.full_like(m, label), num_classes)
+    return segmentation_metrics(confusion)
+
+
+def segment(
+    encoder: nn.Module,
+    samples: Samples,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+    test_idx: np.ndarray,
+    crop_px: int = 224,
+    scale: float = 1.0,
+    crops_per_image: int = 4,
+    epochs: int = 100,
+    lr: float = 1e-4,
+    weight_decay: float | None = None,
+    batch_size: int = 32,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    workers: int = 0,
+    progress: bool = False,
+) -> Selected:
+    """Fine-tune a U-Net over ``encoder`` on ``samples[train_idx]`` image/mask pairs."""
+    device = torch.device(device)
+    torch.manual_seed(int(seed))
+    num_classes = samples.num_classes
+    model = build_unet(encoder, num_classes).to(device)
+    if weight_decay is None:
+        weight_decay = paper_weight_decay(encoder.arch)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    mean, std = encoder.mean, encoder.std
+    train_ds = SegmentationDataset(
+        samples.select(train_idx), mean, std, scale, crop_px, crops_per_image
+    )
+    train = make_loader(
+        train_ds,
+        batch_size,
+        shuffle=True,
+        workers=workers,
+        seed=seed,
+        drop_last=len(train_ds) % batch_size == 1,
+    )
+
+    def whole(idx: np.ndarray):
+        return make_loader(
+            SegmentationDataset(samples.select(idx), mean, std, scale), 1, False, workers
+        )
+
+    def evaluate(m: nn.Module, batches) -> dict[str, float]:
+        return segmentation_evaluate(m, batches, num_classes, device)
+
+    return fit_select(
+        model,
+        optimizer,
+        train,
+        whole(val_idx),
+        whole(test_idx),
+        evaluate,
+        "segmentation",
+        epochs,
+        device,
+        progress=progress,
+        desc="segmentation",
+    )
