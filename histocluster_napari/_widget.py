@@ -30,6 +30,7 @@ from napari.layers import Image, Labels, Shapes
 from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QObject, Qt, QTimer, Signal
+from qtpy.QtWidgets import QSizePolicy
 from superqt.utils import create_worker
 
 from engine.errors import HistoclusterError
@@ -187,6 +188,9 @@ class HistoClusterWidget(Container):
         self._actions.native.setContentsMargins(0, 0, 0, 0)
         self.store.line_edit.native.setPlaceholderText("(cache, keyed by slide and encoder)")
         self.status.native.setWordWrap(True)
+        lines = self.status.native.fontMetrics().lineSpacing()
+        self.status.native.setMinimumHeight(3 * lines + 4)
+        self.status.native.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
         self.status.native.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
         self.status.native.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.min_width = 420
@@ -197,6 +201,8 @@ class HistoClusterWidget(Container):
         self.slide.changed.connect(self._on_slide_changed)
         self.slide_mpp.changed.connect(self._on_slide_mpp_changed)
         self.k.changed.connect(self._on_k_changed)
+        for w in (self.slide, self.slide_mpp, self.encoder, self.tile_px, self.target_mpp):
+            w.changed.connect(self._update_store_hint)
         self.table.selection_changed.connect(self._on_selection_changed)
         self.show_selected_only.changed.connect(lambda _: self._refresh_colors())
         self.find_similar_button.changed.connect(lambda _: self.find_similar())
@@ -207,6 +213,7 @@ class HistoClusterWidget(Container):
         viewer.mouse_drag_callbacks.append(self._on_mouse_press)
         viewer.bind_key("Shift-F", self._find_similar_at_cursor, overwrite=True)
         self._on_layers_changed()
+        self._update_store_hint()
 
     # ================================================================== inputs
 
@@ -259,6 +266,16 @@ class HistoClusterWidget(Container):
         if self._view is not None and self._view.slide_path == self._layer_path(layer):
             self._view = None  # the grid changes with the resolution: cluster again
         self.status.value = f"{layer.name}: {value:g} um/px. Click Cluster."
+
+    def _update_store_hint(self, _value: Any = None) -> None:
+        """Show where the default (cache) store of the current inputs is."""
+        try:
+            path = self.job().store_path()
+        except HistoclusterError:
+            return
+        edit = self.store.line_edit.native
+        edit.setPlaceholderText(f"cache: {path.name}")
+        edit.setToolTip(f"empty = {path}")
 
     def job(self) -> _session.ClusterJob:
         """The clustering the inputs describe (raises HistoclusterError when they are incomplete)."""
@@ -461,9 +478,10 @@ class HistoClusterWidget(Container):
         n = int(view.counts.sum())
         enc = "encoded " + str(view.n_encoded) if view.n_encoded else "features from the store"
         self.status.value = (
-            f"{view.slide_id}: {n} tissue tiles in {view.k} clusters ({enc}; store {view.store_path})."
-            " Click a tile to select its cluster."
+            f"{view.slide_id}: {n} tissue tiles in {view.k} clusters ({enc}). "
+            "Click a tile to select its cluster."
         )
+        self.status.tooltip = f"feature store: {view.store_path}, cluster run {view.run!r}"
 
     def _slide_layer_for(self, view: _session.ClusterView) -> Image | None:
         for layer in self._viewer.layers:

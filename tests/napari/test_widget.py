@@ -121,7 +121,7 @@ def test_cancel_stops_extraction_and_cluster_resumes(
     widget.run_cluster()  # resumes: encodes only what is missing
     wait_idle(qtbot, widget)
     assert widget.clusters_layer is not None
-    assert f"encoded {total - done};" in widget.status.value
+    assert f"encoded {total - done})" in widget.status.value
 
 
 def test_clicking_tiles_selects_clusters_and_show_selected_only_hides_the_rest(
