@@ -33,7 +33,7 @@ import os
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -76,7 +76,7 @@ class ExtractConfig:
     min_tissue: float = 0.5
     tissue: str = "otsu"
     batch_size: int = 64
-    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+    workers: int | None = None  # None: auto_workers()
     device: str = "auto"
     precision: str = "auto"
     slide_mpp: str | None = None
@@ -428,6 +428,11 @@ class TileBatches(Dataset):
         return {"index": i, "tiles": torch.from_numpy(tiles), "error": ""}
 
 
+def auto_workers(local_world_size: int = 1) -> int:
+    """Reader processes per rank: this rank's share of the CPUs minus one for the main process, 1..8."""
+    return max(1, min(8, (os.cpu_count() or 2) // max(1, local_world_size) - 1))
+
+
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
     info = get_worker_info()
@@ -511,23 +516,29 @@ def _prepare_slide(store: FeatureStore, path: Path, cfg: ExtractConfig, slide_mp
         store.add_slide(slide_id(path), grid)
 
 
-def run(cfg: ExtractConfig, info: DistInfo | None = None) -> ExtractSummary:
+def run(
+    cfg: ExtractConfig,
+    info: DistInfo | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> ExtractSummary:
     """Extract features as ``cfg`` says. Per-slide problems end up in ``summary.failures``;
-    problems with the whole run (bad flags, encoder, store) raise ``HistoclusterError``."""
+    problems with the whole run (bad flags, encoder, store) raise ``HistoclusterError``.
+
+    ``progress(done, total)`` is called with this rank's tile counts after every batch; an
+    exception it raises stops the run after what was encoded is written (a GUI's cancel).
+    """
     t0 = time.perf_counter()
     _validate(cfg)
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise HistoclusterError(
+            f"--device {cfg.device}: no CUDA device is available — use --device cpu or auto"
+        )
     info = info or init_distributed(cfg.device)
     device = info.device
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise HistoclusterError(
-            "--device cuda: no CUDA device is available — use --device cpu or auto"
-        )
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
     if info.distributed and device.type == "cpu":
-        torch.set_num_threads(
-            max(
-                1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
-            )
-        )
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    workers = auto_workers(local_world) if cfg.workers is None else cfg.workers
     paths = expand_inputs(cfg.slides)
     slide_mpp = parse_slide_mpp(cfg.slide_mpp)
     encoder = load_encoder(cfg.encoder, trust_checkpoint=cfg.trust_checkpoint)
@@ -552,6 +563,16 @@ def run(cfg: ExtractConfig, info: DistInfo | None = None) -> ExtractSummary:
     if error:
         raise HistoclusterError(error)
     store = FeatureStore.open(out, mode="r+")
+    if info.is_main:
+        resolved = {
+            "encoder": encoder.info(),
+            "tiling": tiling,
+            "precision": tile_encoder.precision,
+            "device": str(device),
+            "world_size": info.world_size,
+            "workers": workers,
+        }
+        _write_json(out.with_name(out.name + ".config.json"), {**asdict(cfg), "resolved": resolved})
 
     # slides are prepared round-robin over ranks (tissue masks are the slow part)
     failures: dict[str, str] = {}
@@ -577,10 +598,10 @@ def run(cfg: ExtractConfig, info: DistInfo | None = None) -> ExtractSummary:
         TileBatches(plan),
         batch_size=None,
         shuffle=False,
-        num_workers=cfg.workers,
+        num_workers=workers,
         pin_memory=device.type == "cuda",
-        worker_init_fn=_worker_init if cfg.workers > 0 else None,
-        prefetch_factor=2 if cfg.workers > 0 else None,
+        worker_init_fn=_worker_init if workers > 0 else None,
+        prefetch_factor=2 if workers > 0 else None,
         persistent_workers=False,
     )
     bar = tqdm(
@@ -604,33 +625,38 @@ def run(cfg: ExtractConfig, info: DistInfo | None = None) -> ExtractSummary:
         writer.add(sid, tuple(plan.chunk[i]), rows, cols, feats.numpy(), bool(plan.last[i]))
         tiles_done += len(rows)
         bar.update(len(rows))
+        if progress is not None:
+            progress(tiles_done, plan.n_tiles)
 
+    if progress is not None:
+        progress(0, plan.n_tiles)
     try:
-        for item in loader:
-            i = int(item["index"])
-            sid = plan.jobs[int(plan.slide[i])].slide_id
-            if sid in failed_here:
-                continue
-            if item["error"]:
-                if pending is not None:
-                    finish(*pending)
-                    pending = None
-                failed_here[sid] = item["error"]
-                writer.flush(sid)  # what was encoded is valid
-                continue
-            feats = tile_encoder(item["tiles"])
-            if device.type == "cuda":
-                host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
-                host.copy_(feats, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
-                if pending is not None:
-                    finish(*pending)
-                pending = (i, host, event)
-            else:
-                finish(i, feats, None)
-        if pending is not None:
-            finish(*pending)
+        with torch.inference_mode():  # the CUDA host copies too
+            for item in loader:
+                i = int(item["index"])
+                sid = plan.jobs[int(plan.slide[i])].slide_id
+                if sid in failed_here:
+                    continue
+                if item["error"]:
+                    if pending is not None:
+                        finish(*pending)
+                        pending = None
+                    failed_here[sid] = item["error"]
+                    writer.flush(sid)  # what was encoded is valid
+                    continue
+                feats = tile_encoder(item["tiles"])
+                if device.type == "cuda":
+                    host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
+                    host.copy_(feats, non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record()
+                    if pending is not None:
+                        finish(*pending)
+                    pending = (i, host, event)
+                else:
+                    finish(i, feats, None)
+            if pending is not None:
+                finish(*pending)
     finally:
         writer.flush()
         bar.close()
@@ -661,19 +687,6 @@ def run(cfg: ExtractConfig, info: DistInfo | None = None) -> ExtractSummary:
         world_size=info.world_size,
     )
     if info.is_main:
-        _write_json(
-            out.with_name(out.name + ".config.json"),
-            {
-                **asdict(cfg),
-                "resolved": {
-                    "encoder": encoder.info(),
-                    "tiling": tiling,
-                    "precision": tile_encoder.precision,
-                    "device": str(device),
-                    "world_size": info.world_size,
-                },
-            },
-        )
         _write_json(out.with_name(out.name + ".summary.json"), asdict(summary))
     return summary
 
@@ -701,7 +714,7 @@ def _validate(cfg: ExtractConfig) -> None:
             f"--tissue {cfg.tissue}: choose one of {', '.join(TISSUE_METHODS)}",
         ),
         (cfg.batch_size > 0, f"--batch-size {cfg.batch_size}: must be positive"),
-        (cfg.workers >= 0, f"--workers {cfg.workers}: must be 0 or more"),
+        (cfg.workers is None or cfg.workers >= 0, f"--workers {cfg.workers}: must be 0 or more"),
         (
             cfg.device in DEVICES or cfg.device.startswith("cuda:"),
             f"--device {cfg.device}: choose one of {', '.join(DEVICES)}",
@@ -778,8 +791,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workers",
         type=int,
-        default=min(4, os.cpu_count() or 1),
-        help="tile-reading worker processes per rank, 0 reads in the main process (default: %(default)s)",
+        default=None,
+        help="tile-reading worker processes per rank; 0 reads in the main process "
+        f"(default: the rank's share of the CPUs minus one, 1 to 8; here {auto_workers()})",
     )
     p.add_argument(
         "--device",

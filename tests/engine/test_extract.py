@@ -23,7 +23,15 @@ import torch
 from PIL import Image
 
 from engine.errors import HistoclusterError
-from engine.extract import TileEncoder, build_parser, chunk_batches, main, parse_slide_mpp
+from engine.extract import (
+    ExtractConfig,
+    TileEncoder,
+    build_parser,
+    chunk_batches,
+    main,
+    parse_slide_mpp,
+    run,
+)
 from engine.models import IMAGENET_MEAN, IMAGENET_STD, build_backbone, load_encoder, save_encoder
 from engine.slide import open_slide
 from engine.store import CHUNK, FeatureStore
@@ -274,6 +282,33 @@ def test_store_of_other_tiling_is_refused_unless_overwrite(
     assert err.startswith(f"error: {out}:") and "--overwrite" in err and len(err.splitlines()) == 1
     assert main(_args([png], out, tiny_encoder, "--min-tissue", "0.25", "--overwrite")) == 0
     assert FeatureStore.open(out).tiling["min_tissue"] == 0.25
+
+
+def test_progress_callback_and_cancel_keep_what_was_encoded(
+    cmu_svs: Path, tiny_encoder: Path, tmp_path: Path
+) -> None:
+    png = _crop_png(cmu_svs, tmp_path / "crop.png", dpi=True)
+    out = tmp_path / "features.zarr"
+    cfg = ExtractConfig(slides=[str(png)], out=str(out), encoder=str(tiny_encoder), tile_px=TILE_PX,
+                        mpp=MPP, batch_size=8, workers=0, quiet=True)  # fmt: skip
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel_after_two(done: int, total: int) -> None:
+        if done >= 16:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        run(cfg, progress=cancel_after_two)
+    sf = FeatureStore.open(out).slide("crop")
+    assert np.asarray(sf.done[...]).sum() == 16 < sf.selected.sum()
+
+    calls: list[tuple[int, int]] = []
+    summary = run(cfg, progress=lambda done, total: calls.append((done, total)))
+    left = int(sf.selected.sum()) - 16
+    assert summary.tiles == left and calls[0] == (0, left) and calls[-1] == (left, left)
+    assert np.array_equal(np.asarray(sf.done[...]), sf.selected)
 
 
 def test_command_line_errors_are_one_line(
