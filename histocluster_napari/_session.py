@@ -163,6 +163,7 @@ def ensure_features(job: ClusterJob, progress: Progress = _no_progress) -> int:
         mpp=job.target_mpp,
         slide_mpp=None if job.slide_mpp is None else repr(float(job.slide_mpp)),
         workers=0,  # no forked reader processes inside the GUI process
+        batch_size=gui_batch_size(),
         quiet=True,
         flush_every_s=POLL_S,  # done flags reach the store often enough to show progress
     )
@@ -176,6 +177,13 @@ def ensure_features(job: ClusterJob, progress: Progress = _no_progress) -> int:
     if summary.failures:
         raise HistoclusterError(summary.failures[0]["error"])
     return int(summary.tiles)
+
+
+def gui_batch_size() -> int:
+    """Tiles per batch in the GUI: small on CPU, so progress and Cancel respond within a second."""
+    import torch
+
+    return 64 if torch.cuda.is_available() else 16
 
 
 POLL_S = 1.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import traceback
+import weakref
 from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -210,8 +211,7 @@ class HistoClusterWidget(Container):
         self.table.itemChanged.connect(lambda _item: self._update_layer_features())
         for event in (viewer.layers.events.inserted, viewer.layers.events.removed):
             event.connect(self._on_layers_changed)
-        viewer.mouse_drag_callbacks.append(self._on_mouse_press)
-        viewer.bind_key("Shift-F", self._find_similar_at_cursor, overwrite=True)
+        self._viewer_hooks = _ViewerHooks(self, viewer)
         self._on_layers_changed()
         self._update_store_hint()
 
@@ -683,6 +683,44 @@ class HistoClusterWidget(Container):
         show_info(message)
         for warning in report.warnings:
             show_warning(warning)
+
+
+class _ViewerHooks:
+    """The widget's mouse callback and key binding on the viewer, holding the widget weakly.
+
+    The viewer outlives the widget; once the widget is gone (its dock closed), the hooks remove
+    themselves instead of keeping it alive.
+    """
+
+    def __init__(self, widget: HistoClusterWidget, viewer: Any) -> None:
+        self._widget = weakref.ref(widget)
+        self._viewer = weakref.ref(viewer)
+        viewer.mouse_drag_callbacks.append(self.on_mouse)
+        viewer.bind_key("Shift-F", self.on_find_similar, overwrite=True)
+
+    def _alive(self) -> HistoClusterWidget | None:
+        widget = self._widget()
+        if widget is None:
+            self.remove()
+        return widget
+
+    def remove(self) -> None:
+        viewer = self._viewer()
+        if viewer is None:
+            return
+        if self.on_mouse in viewer.mouse_drag_callbacks:
+            viewer.mouse_drag_callbacks.remove(self.on_mouse)
+        viewer.bind_key("Shift-F", None, overwrite=True)
+
+    def on_mouse(self, viewer: Any, event: Any) -> Any:
+        widget = self._alive()
+        if widget is not None:
+            yield from widget._on_mouse_press(viewer, event) or ()
+
+    def on_find_similar(self, viewer: Any) -> None:
+        widget = self._alive()
+        if widget is not None:
+            widget._find_similar_at_cursor(viewer)
 
 
 def _html(text: str) -> str:

@@ -287,3 +287,49 @@ def test_screenshot_differs_where_the_overlay_is(
     assert overlay.mean() > 0.05
     assert changed[overlay].mean() > 0.9  # the overlay changes what is under it...
     assert changed[~overlay].mean() < 0.01  # ...and nothing else
+
+
+def test_closing_the_widget_does_not_keep_it_alive_in_the_viewer(
+    make_napari_viewer, qtbot, sample_slide
+):
+    import gc
+    import weakref
+
+    viewer, _, widget = open_with_widget(make_napari_viewer, sample_slide)
+    hooks = widget._viewer_hooks
+    assert hooks.on_mouse in viewer.mouse_drag_callbacks
+    viewer.window.remove_dock_widget(widget.native)
+    ref = weakref.ref(widget)
+    del widget
+    gc.collect()
+    assert ref() is None  # the viewer's callbacks hold the widget weakly
+    hooks.on_find_similar(viewer)  # a hook firing after the widget is gone removes itself
+    assert hooks.on_mouse not in viewer.mouse_drag_callbacks
+
+
+def test_a_click_selects_but_a_drag_pans(make_napari_viewer, qtbot, sample_slide, isolated_cache):
+    """Drive the viewer's mouse callback as napari does: press, (moves), release."""
+    from types import SimpleNamespace
+
+    viewer, _, widget = open_with_widget(make_napari_viewer, sample_slide)
+    widget.run_cluster()
+    wait_idle(qtbot, widget)
+    data = np.asarray(widget.clusters_layer.data)
+    row, col = np.argwhere(data > 0)[0]
+    world = tuple(widget.clusters_layer.data_to_world((row, col)))
+
+    def gesture(moves: list[tuple[float, float]]) -> None:
+        event = SimpleNamespace(type="mouse_press", button=1, modifiers=(), position=world)
+        gen = widget._viewer_hooks.on_mouse(viewer, event)
+        next(gen)  # the press
+        for pos in moves:
+            event.type, event.position = "mouse_move", pos
+            next(gen)
+        event.type = "mouse_release"
+        with pytest.raises(StopIteration):
+            next(gen)
+
+    gesture([(world[0] + 500.0, world[1] + 500.0)])  # a drag: pans, selects nothing
+    assert widget.table.selected() == []
+    gesture([])  # a click on the tile: selects its cluster
+    assert widget.table.selected() == [int(data[row, col]) - 1]
