@@ -7,12 +7,9 @@ so the next Cluster resumes). Everything heavy is an ``engine`` call.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
-import inspect
 import json
 import os
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -165,15 +162,9 @@ def ensure_features(job: ClusterJob, progress: Progress = _no_progress) -> int:
         workers=0,  # no forked reader processes inside the GUI process
         batch_size=gui_batch_size(),
         quiet=True,
-        flush_every_s=POLL_S,  # done flags reach the store often enough to show progress
     )
-    if "progress" in inspect.signature(extract.run).parameters:
-        summary = extract.run(
-            cfg, progress=lambda done, total: progress("encoding tiles", done, total)
-        )
-    else:
-        with _StorePoller(store_path, job.slide_id, progress):
-            summary = extract.run(cfg)
+    # ``progress`` raising Cancelled stops the run once what was encoded is in the store.
+    summary = extract.run(cfg, progress=lambda done, total: progress("encoding tiles", done, total))
     if summary.failures:
         raise HistoclusterError(summary.failures[0]["error"])
     return int(summary.tiles)
@@ -186,10 +177,6 @@ def gui_batch_size() -> int:
     return 64 if torch.cuda.is_available() else 16
 
 
-POLL_S = 1.0
-"""Seconds between progress reports read from the store while extracting."""
-
-
 def count_done(store_path: Path, slide: str) -> tuple[int, int]:
     """(encoded, to encode) tissue tiles of ``slide`` in the store at ``store_path``."""
     from engine.store import FeatureStore
@@ -197,49 +184,6 @@ def count_done(store_path: Path, slide: str) -> tuple[int, int]:
     sf = FeatureStore.open(store_path).slide(slide)
     selected = sf.selected
     return int((selected & np.asarray(sf.done[...])).sum()), int(selected.sum())
-
-
-class _StorePoller:
-    """While ``engine.extract.run`` works in this thread, report its progress from the store.
-
-    A side thread counts the done tiles every ``POLL_S`` seconds and passes them to
-    ``progress``; when ``progress`` raises ``Cancelled``, that exception is raised inside the
-    extracting thread (``PyThreadState_SetAsyncExc``), whose ``finally`` flushes what was encoded.
-    """
-
-    def __init__(self, store_path: Path, slide: str, progress: Progress) -> None:
-        self.store_path, self.slide, self.progress = store_path, slide, progress
-        self._target = threading.get_ident()
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(
-            target=self._poll, name="histocluster-progress", daemon=True
-        )
-
-    def __enter__(self) -> _StorePoller:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        with self._lock:  # after this, no exception is injected any more
-            self._stop.set()
-        self._thread.join()
-
-    def _poll(self) -> None:
-        while not self._stop.wait(POLL_S):
-            try:
-                done, total = count_done(self.store_path, self.slide)
-            except Exception:  # the store or the slide's group is still being made
-                done, total = 0, 0
-            try:
-                self.progress("encoding tiles", done, total)
-            except Cancelled:
-                with self._lock:
-                    if not self._stop.is_set():
-                        ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                            ctypes.c_ulong(self._target), ctypes.py_object(Cancelled)
-                        )
-                return
 
 
 def features_complete(job: ClusterJob, store_path: Path) -> bool:
