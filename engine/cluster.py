@@ -330,11 +330,27 @@ def draw_pictures(store: Any, run: str, result: ClusterResult, cfg: ClusterConfi
                 slide.close()
 
 
+_EPILOG = """\
+outputs, in STORE/clusters/<RUN>/: centroids (k, dim), slides/<id>/labels (rows, cols; -1
+outside tissue), attrs (k, seed, algorithm, tiles fitted/assigned, per-slide tile counts and
+shares per cluster, exemplar tiles, colours, the configuration), exemplars.png (the tiles
+nearest each centroid, read from the slides) and overlays/<slide_id>.png.
+
+the centroids are fitted on at most --sample tiles drawn at random from all chosen slides,
+streamed chunk by chunk (memory stays bounded); every tissue tile is then assigned.
+
+example:
+  python -m engine.cluster features.zarr --k 8 --name k8 --exemplars 3
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m engine.cluster",
         description="Mini-batch K-means over the tissue tiles of a feature store (paper section 4.4); "
         "writes clusters/<RUN>/ in the store with exemplars.png and overlays/<slide>.png.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("store", type=Path, help="the features.zarr written by python -m engine.extract")
     p.add_argument("--k", type=int, default=8, help="number of clusters (default: 8)")

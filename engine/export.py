@@ -566,11 +566,30 @@ def _name_list(text: str) -> list[str]:
     return text.split(",")
 
 
+_EPILOG = f"""\
+manifest.csv columns: {", ".join(MANIFEST_COLUMNS)}
+  (path is relative to DIR; l0_* in level-0 pixels of the slide; distance to the cluster centroid
+  in the clustering's feature space; export is the id of the export in export.json).
+
+tile size: by default each file is the grid tile the features came from. --tile-px alone keeps
+its physical size at another pixel size, --mpp alone keeps it at another resolution, both give
+a region of tile_px x mpp micrometres centred on the grid tile.
+
+several exports may share DIR (classes add up); an existing file is never replaced without
+--overwrite; run the same command again to resume an interrupted export.
+
+example:
+  python -m engine.export features.zarr --run k8 --clusters 3,5 --names ink,crease --out patches --geojson
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m engine.export",
         description="Export the tiles of chosen clusters as an ImageFolder patch set "
         "(DIR/<class>/<slide_id>_<l0_x>_<l0_y>.png) with manifest.csv, export.json and optional GeoJSON for QuPath.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("store", type=Path, help="the features.zarr holding the cluster run")
     p.add_argument("--run", default=None, help="cluster run name (default: the latest run)")

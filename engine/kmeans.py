@@ -1,13 +1,20 @@
 """Mini-batch K-means (Sculley 2010; the paper's choice in section 4.4) streamed over chunks.
 
-The feature vectors are never held in memory at once: a *source* is a zero-argument callable
-that restarts a stream of (n_i, dim) chunks in a fixed order (e.g. the tissue tiles of a
-feature store, chunk by chunk). Fitting reads the stream once to draw a k-means++ seed sample
-and then once per pass, keeping a random subset of at most ``sample`` rows, shuffling them in a
-bounded buffer and applying scikit-learn's mini-batch update (``MiniBatchKMeans.partial_fit``,
-re-done here with one BLAS product per batch) batch by batch.
-Memory is bounded by the buffer (``buffer_rows x dim``) whatever the number of tiles.
-Everything random derives from ``seed``, so a fixed seed gives the same centroids.
+The feature vectors are never all in memory: a *source* is a zero-argument callable that
+restarts a stream of (n_i, dim) chunks in a fixed order (e.g. the tissue tiles of a feature
+store, chunk by chunk). ``fit_streamed_kmeans``
+
+1. draws a uniform random subset of at most ``sample`` rows (the fitting rows) and, in one pass,
+   a k-means++ seed sample among them; the fitting rows stay in memory for the next steps when
+   they fit in ``cache_bytes``, otherwise each step streams the source again;
+2. runs mini-batch K-means passes over the fitting rows: shuffled in a bounded buffer, cut into
+   batches, each batch one update of scikit-learn's rule (``MiniBatchKMeans.partial_fit``,
+   re-done here with one BLAS product per batch);
+3. polishes the centres with a few full Lloyd iterations over the fitting rows (assign, then
+   mean), stopping at scikit-learn's KMeans tolerance.
+
+Memory is bounded by the buffer and ``cache_bytes`` whatever the number of tiles; every tile is
+assigned afterwards with ``assign`` chunk by chunk. Everything random derives from ``seed``.
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ ChunkSource = Callable[[], Iterable[np.ndarray]]
 
 DEFAULT_BATCH_SIZE = 2048
 DEFAULT_BUFFER_ROWS = 65_536
+DEFAULT_CACHE_BYTES = 1 << 30
+_REFINE_BLOCK = 4096  # rows per BLAS call in the Lloyd passes (stays in cache)
 
 
 @dataclass
@@ -55,15 +64,35 @@ def count_rows(source: ChunkSource) -> int:
     return sum(int(np.shape(c)[0]) for c in source())
 
 
-def _select(source: ChunkSource, chosen: np.ndarray) -> Iterable[np.ndarray]:
-    """Stream only the rows whose global index is in ``chosen`` (sorted int64), chunk by chunk."""
+def _select(source: ChunkSource, chosen: np.ndarray | None) -> Iterable[np.ndarray]:
+    """Stream the rows whose global index is in ``chosen`` (sorted int64; None: every row)."""
     offset = 0
     for chunk in source():
+        if chosen is None:
+            yield np.asarray(chunk, dtype=np.float32)
+            continue
         n = int(np.shape(chunk)[0])
         lo, hi = np.searchsorted(chosen, [offset, offset + n])
         if hi > lo:
             yield np.asarray(chunk[chosen[lo:hi] - offset], dtype=np.float32)
         offset += n
+
+
+def _rechunk(parts: Iterable[np.ndarray], size: int) -> Iterable[np.ndarray]:
+    """Regroup a stream of (n_i, dim) parts into blocks of exactly ``size`` rows (last may be short)."""
+    pending: list[np.ndarray] = []
+    held = 0
+    for part in parts:
+        while len(part):
+            take = min(size - held, len(part))
+            pending.append(part[:take])
+            held += take
+            part = part[take:]
+            if held == size:
+                yield np.concatenate(pending, axis=0)
+                pending, held = [], 0
+    if held:
+        yield np.concatenate(pending, axis=0)
 
 
 def _choose(rng: np.random.Generator, n: int, m: int) -> np.ndarray:
@@ -147,6 +176,8 @@ def fit_streamed_kmeans(
     buffer_rows: int = DEFAULT_BUFFER_ROWS,
     init_size: int | None = None,
     reassignment_ratio: float = 0.01,
+    refine_passes: int = 10,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
     on_batch: Callable[[int], None] | None = None,
 ) -> KMeansFit:
     """Fit ``k`` centroids by mini-batch K-means on (a random subset of) the rows of ``source``.
@@ -159,17 +190,26 @@ def fit_streamed_kmeans(
             fitting (None or 0: all rows).
         seed: seeds the row sample, the k-means++ seeding, the shuffles and reassignments.
         batch_size: rows per ``partial_fit`` update.
-        max_passes: passes over the fitting rows; stops earlier once the relative centroid
-            shift over a pass falls below ``tol``.
-        buffer_rows: rows gathered and shuffled before being cut into batches (bounds memory).
+        max_passes: mini-batch passes over the fitting rows; stops earlier once a pass moves
+            the centres by less than ``tol`` (as for ``refine_passes``).
+        buffer_rows: consecutive fitting rows shuffled together before being cut into batches
+            (bounds memory when streaming).
         init_size: rows of the k-means++ seed sample (default max(3 * batch_size, 10 * k)).
         reassignment_ratio: as in scikit-learn: centres with fewer than this share of the
             largest centre's count are moved to random points of a batch.
+        refine_passes: full Lloyd iterations over the fitting rows after the mini-batch passes
+            (one streamed pass each: assign, then every centre becomes the mean of its rows).
+            Mini-batch centres stop moving once their counts are large; these passes take them
+            to the nearby Lloyd fixed point that full K-means would reach. They stop once the
+            total squared centre shift is below ``tol`` x the mean feature variance.
+        cache_bytes: the fitting rows are kept in memory after the first pass when they take
+            at most this many bytes (float32); otherwise every pass streams the source again.
         on_batch: called with the number of rows of each batch fed (progress).
     Returns:
         ``KMeansFit`` with (k, dim) float32 centroids.
     """
     from sklearn.cluster import kmeans_plusplus
+    from threadpoolctl import threadpool_limits
 
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
@@ -179,55 +219,87 @@ def fit_streamed_kmeans(
     if n_fit < k:
         raise ValueError(f"cannot fit {k} clusters on {n_fit} rows; lower k or add tiles")
     rng = np.random.default_rng(seed)
-    chosen = _choose(rng, n_total, n_fit)
+    chosen = None if n_fit == n_total else _choose(rng, n_total, n_fit)
+    init_idx = _choose(rng, n_fit, min(n_fit, init_size or max(3 * batch_size, 10 * k)))
 
-    # Seeding: k-means++ on a uniform sample of the fitting rows (one pass over the stream).
-    n_init = min(n_fit, init_size or max(3 * batch_size, 10 * k))
-    init_rows = chosen[_choose(rng, n_fit, n_init)]
-    init_x = np.concatenate(list(_select(source, init_rows)), axis=0)
+    # One pass: the k-means++ seed sample, and the fitting rows kept in memory when they fit
+    # in ``cache_bytes`` (then no later pass reads the source again).
+    cache: np.ndarray | None = None
+    use_cache = cache_bytes > 0
+    init_parts: list[np.ndarray] = []
+    seen = 0
+    for part in _select(source, chosen):
+        lo, hi = np.searchsorted(init_idx, [seen, seen + len(part)])
+        init_parts.append(part[init_idx[lo:hi] - seen])
+        if use_cache and cache is None:
+            use_cache = n_fit * part.shape[1] * 4 <= cache_bytes
+            cache = np.empty((n_fit, part.shape[1]), np.float32) if use_cache else None
+        if cache is not None:
+            cache[seen : seen + len(part)] = part
+        seen += len(part)
+    init_x = np.concatenate(init_parts, axis=0)
+    del init_parts
     centers, _ = kmeans_plusplus(init_x.astype(np.float64), k, random_state=seed)
     variance = float(np.var(init_x, axis=0).mean()) or 1.0
     del init_x
 
-    model = MiniBatchKMeans(centers, seed=seed, reassignment_ratio=reassignment_ratio)
-    steps, passes, shift = 0, 0, math.inf
-    buffer: list[np.ndarray] = []
-    buffered = 0
-
-    def flush() -> None:
-        nonlocal steps, buffered
-        if not buffer:
+    def blocks(size: int) -> Iterable[np.ndarray]:
+        """The fitting rows in order, in blocks of exactly ``size`` rows (the last may be short)."""
+        if cache is not None:
+            yield from (cache[s : s + size] for s in range(0, n_fit, size))
             return
-        rows = np.concatenate(buffer, axis=0)
-        buffer.clear()
-        buffered = 0
-        rows = rows[rng.permutation(len(rows))]
-        # Fold a small tail into the previous batch so every update sees a nearly full batch.
-        starts = list(range(0, len(rows), batch_size))
-        if len(starts) > 1 and len(rows) - starts[-1] < batch_size // 2:
-            starts.pop()
-        for i, start in enumerate(starts):
-            end = starts[i + 1] if i + 1 < len(starts) else len(rows)
-            model.partial_fit(rows[start:end])
-            steps += 1
-            if on_batch is not None:
-                on_batch(end - start)
+        yield from _rechunk(_select(source, chosen), size)
 
-    for _ in range(max_passes):
-        before = model.centers.copy() if passes else None
-        for part in _select(source, chosen):
-            buffer.append(part)
-            buffered += len(part)
-            if buffered >= buffer_rows:
-                flush()
-        flush()
-        passes += 1
-        if before is not None:
-            shift = float(((model.centers - before) ** 2).sum(axis=1).mean()) / variance
+    # Small matrix products from here on: one BLAS thread is faster, as in scikit-learn's
+    # mini-batch step, and far steadier when other processes share the cores.
+    blas = threadpool_limits(limits=1, user_api="blas")
+    try:
+        # Mini-batch passes: shuffle each block of buffer_rows, cut it into batches.
+        model = MiniBatchKMeans(centers, seed=seed, reassignment_ratio=reassignment_ratio)
+        steps, passes, shift = 0, 0, math.inf
+        for _ in range(max_passes):
+            before = model.centers.copy()
+            for block in blocks(buffer_rows):
+                rows = block[rng.permutation(len(block))]
+                starts = list(range(0, len(rows), batch_size))
+                if len(starts) > 1 and len(rows) - starts[-1] < batch_size // 2:
+                    starts.pop()  # fold a short tail into the previous batch
+                for i, start in enumerate(starts):
+                    end = starts[i + 1] if i + 1 < len(starts) else len(rows)
+                    model.partial_fit(rows[start:end])
+                    steps += 1
+                    if on_batch is not None:
+                        on_batch(end - start)
+            passes += 1
+            shift = float(((model.centers - before) ** 2).sum()) / variance
+            if passes > 1 and shift <= tol:
+                break
+
+        # Lloyd passes: every centre becomes the mean of the fitting rows nearest to it.
+        centers = model.centers.copy()
+        for _ in range(refine_passes):
+            sums = np.zeros(centers.shape, dtype=np.float64)
+            counts = np.zeros(k, dtype=np.int64)
+            for block in blocks(_REFINE_BLOCK):
+                lab, _ = assign(block, centers, distances=False)
+                members = sparse.csr_matrix(
+                    (np.ones(len(block), dtype=np.float32), (lab, np.arange(len(block)))),
+                    shape=(k, len(block)),
+                )
+                sums += members @ block
+                counts += np.bincount(lab, minlength=k)
+            before = centers
+            centers = np.where(
+                counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], before
+            ).astype(np.float32)
+            passes += 1
+            shift = float(((centers - before) ** 2).sum()) / variance  # scikit-learn's KMeans rule
             if shift <= tol:
                 break
+    finally:
+        blas.restore_original_limits()
     return KMeansFit(
-        centroids=model.centers.copy(),
+        centroids=centers,
         n_fit=n_fit,
         n_total=n_total,
         passes=passes,
@@ -255,8 +327,8 @@ def assign(
     labels = np.argmin(d2, axis=1).astype(np.int64)
     if not distances:
         return labels, None
-    dist = np.linalg.norm(x - c[labels], axis=1).astype(np.float32)
-    return labels, dist
+    d2min = np.take_along_axis(d2, labels[:, None], axis=1)[:, 0] + np.einsum("ij,ij->i", x, x)
+    return labels, np.sqrt(np.maximum(d2min, 0.0)).astype(np.float32)
 
 
 def assign_stream(

@@ -80,6 +80,22 @@ def test_streamed_fit_is_deterministic_and_respects_sample() -> None:
     assert a.n_fit == 1200 and a.n_total == 5000
 
 
+def test_cache_does_not_change_the_result_and_refinement_reaches_a_lloyd_fixed_point() -> None:
+    x, _ = _blobs(4000, k=5, seed=2)
+    x[:, 0] += np.linspace(0, 3, len(x), dtype=np.float32)  # overlapping, so refinement matters
+    kw = {"sample": 2500, "seed": 4, "batch_size": 200, "refine_passes": 50, "tol": 0.0}
+    cached = fit_streamed_kmeans(_chunks(x, 300), 5, **kw)
+    streamed = fit_streamed_kmeans(_chunks(x, 300), 5, cache_bytes=0, **kw)
+    np.testing.assert_array_equal(cached.centroids, streamed.centroids)
+    # a Lloyd fixed point on the fitting rows: each centre is the mean of the rows nearest it
+    chosen = _choose(np.random.default_rng(4), len(x), 2500)
+    rows = x[chosen]
+    labels, _ = assign(rows, cached.centroids)
+    means = np.stack([rows[labels == c].mean(0) for c in range(5)])
+    np.testing.assert_allclose(cached.centroids, means, rtol=1e-4, atol=1e-4)
+    assert cached.passes > 3
+
+
 def test_sample_rows_are_spread_over_the_whole_stream() -> None:
     x = np.arange(10_000, dtype=np.float32)[:, None]
     chosen = _choose(np.random.default_rng(0), len(x), 500)
