@@ -15,7 +15,7 @@ SAMPLE_DATA = REPO / "sample_data"
 def pytest_configure(config: pytest.Config) -> None:
     import torch
 
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(1)  # two spinning OpenMP threads thrash a shared 2-core machine
 
 
 @pytest.fixture(scope="session")
