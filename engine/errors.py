@@ -17,3 +17,8 @@ class MissingMppError(SlideError):
 
 class CheckpointError(HistoclusterError):
     """A checkpoint that cannot be loaded as an encoder (bad file, keys that do not fit, untrusted pickle)."""
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message collapsed onto one line (its type name when the message is empty)."""
+    return " ".join(str(e).split()) or type(e).__name__

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm import tqdm
 
 from engine.distributed import DistInfo, barrier, cleanup, init_distributed
-from engine.errors import HistoclusterError
+from engine.errors import HistoclusterError, one_line
 from engine.models import Encoder, default_encoder_spec, load_encoder
 from engine.slide import Slide, open_slide, slide_id
 from engine.store import Block, FeatureStore, SlideFeatures
@@ -423,7 +423,7 @@ class TileBatches(Dataset):
         except HistoclusterError as e:
             return {"index": i, "tiles": torch.empty(0, dtype=torch.uint8), "error": str(e)}
         except Exception as e:  # a codec error deep in a reader: report the slide, keep going
-            msg = f"{job.path}: failed to read tiles ({type(e).__name__}: {' '.join(str(e).split())}) — the file may be corrupt; re-copy it"
+            msg = f"{job.path}: failed to read tiles ({type(e).__name__}: {one_line(e)}) — the file may be corrupt; re-copy it"
             return {"index": i, "tiles": torch.empty(0, dtype=torch.uint8), "error": msg}
         return {"index": i, "tiles": torch.from_numpy(tiles), "error": ""}
 

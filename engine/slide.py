@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from engine.errors import MissingMppError, SlideError
+from engine.errors import MissingMppError, SlideError, one_line
 
 Image.MAX_IMAGE_PIXELS = None  # slides are big on purpose
 
@@ -158,7 +158,7 @@ class OpenSlideSlide(Slide):
             self._osr = openslide.OpenSlide(str(self.path))
         except (openslide.OpenSlideError, OSError) as e:
             raise SlideError(
-                f"{self.path}: cannot be read as a slide ({_one_line(e)}) — check the file is complete and in a format OpenSlide reads"
+                f"{self.path}: cannot be read as a slide ({one_line(e)}) — check the file is complete and in a format OpenSlide reads"
             ) from e
         self.level_dimensions = tuple(tuple(int(v) for v in d) for d in self._osr.level_dimensions)  # type: ignore[misc]
         self.level_downsamples = tuple(float(d) for d in self._osr.level_downsamples)
@@ -199,7 +199,7 @@ class OpenSlideSlide(Slide):
             )
         except openslide.OpenSlideError as e:
             raise SlideError(
-                f"{self.path}: failed to read a region at level {level} ({_one_line(e)}) — the file may be truncated or corrupt; re-copy it"
+                f"{self.path}: failed to read a region at level {level} ({one_line(e)}) — the file may be truncated or corrupt; re-copy it"
             ) from e
         return composite_on_white(rgba)
 
@@ -313,7 +313,7 @@ def _open_plain_image(path: Path, mpp: MppLike) -> ArraySlide:
             )
     except Exception as e:  # PIL raises many types for bad files
         raise SlideError(
-            f"{path}: not a readable slide or image ({_one_line(e)}) — check the file is complete and is a whole-slide image, PNG, JPEG or TIFF"
+            f"{path}: not a readable slide or image ({one_line(e)}) — check the file is complete and is a whole-slide image, PNG, JPEG or TIFF"
         ) from e
     if mpp is None and file_mpp is None:
         raise MissingMppError(
@@ -382,13 +382,9 @@ def _check_tiff_complete(path: Path) -> None:
                     end = max(end, max(o + c for o, c in zip(offsets, counts, strict=False)))
     except Exception as e:
         raise SlideError(
-            f"{path}: the TIFF structure cannot be read ({_one_line(e)}) — the file is truncated or corrupt; re-copy it"
+            f"{path}: the TIFF structure cannot be read ({one_line(e)}) — the file is truncated or corrupt; re-copy it"
         ) from e
     if end > size:
         raise SlideError(
             f"{path}: truncated ({size} bytes, image data runs to {end}) — re-copy or re-download the file"
         )
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
