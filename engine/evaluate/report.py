@@ -5,14 +5,14 @@ paper's Tables 9-12) and ``metric_vs_fraction.png`` (one line per encoder, like 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from engine.evaluate.metrics import METRICS
 
-__all__ = ["Summary", "encoder_label", "plot_metric_vs_fraction", "summarize", "write_markdown"]
+__all__ = ["Summary", "encoder_labels", "plot_metric_vs_fraction", "summarize", "write_markdown"]
 
 _TITLES = {
     "acc": "Acc.",
@@ -27,9 +27,23 @@ _PERCENT = {"acc", "f1_macro", "f1_micro"}
 Summary = dict[tuple[str, str, float], dict[str, list[float]]]
 
 
-def encoder_label(spec: str) -> str:
-    """Short name for an encoder spec: a file's name, or the spec itself."""
-    return Path(spec).name if ("/" in spec or "\\" in spec) else spec
+def _tail(spec: str, depth: int) -> str:
+    return "/".join(Path(spec).parts[-depth:])
+
+
+def encoder_labels(specs: Iterable[str]) -> dict[str, str]:
+    """Short, distinct names for encoder specs: a file's name (a built-in spec stays itself),
+    lengthened by parent folders only where two specs would share it (``a/encoder.pt``)."""
+    specs = list(dict.fromkeys(specs))
+    labels = {}
+    for spec in specs:
+        depth, parts = 1, len(Path(spec).parts)
+        while depth < parts and any(
+            _tail(o, depth) == _tail(spec, depth) for o in specs if o != spec
+        ):
+            depth += 1
+        labels[spec] = _tail(spec, depth)
+    return labels
 
 
 def summarize(rows: Sequence[dict[str, str]], task: str) -> Summary:
@@ -71,6 +85,7 @@ def write_markdown(
         "Test metrics at the epoch of best validation metric; mean ± standard deviation over "
         "seeds" + (" (accuracy and F1 in %)." if task != "regression" else ".")
     )
+    labels = encoder_labels(k[1] for k in summary)
     for protocol in sorted({k[0] for k in summary}):
         lines += ["", f"## {protocol}", ""]
         header = ["Training data", "Encoder", *(_TITLES[m] for m in metrics), "Train n", "Seeds"]
@@ -83,7 +98,7 @@ def write_markdown(
             seeds = max((len(values.get(m, [])) for m in metrics), default=0)
             cells = [
                 f"{fraction:g}%",
-                encoder_label(encoder),
+                labels[encoder],
                 *(_cell(values.get(m, []), m) for m in metrics),
                 f"{np.mean(n_train):.0f}" if n_train else "–",
                 str(seeds),
@@ -109,6 +124,7 @@ def plot_metric_vs_fraction(
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(protocols), len(metrics), squeeze=False)
     fractions = sorted({k[2] for k in summary})
+    labels = encoder_labels(k[1] for k in summary)
     for i, protocol in enumerate(protocols):
         encoders = sorted({k[1] for k in summary if k[0] == protocol})
         for j, metric in enumerate(metrics):
@@ -124,9 +140,7 @@ def plot_metric_vs_fraction(
                         ys.append(v.mean())
                         es.append(v.std(ddof=1) if len(v) > 1 else 0.0)
                 if xs:
-                    ax.errorbar(
-                        xs, ys, yerr=es, marker="o", capsize=3, label=encoder_label(encoder)
-                    )
+                    ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=labels[encoder])
             ax.set_xscale("log")
             if fractions:
                 ax.set_xticks(fractions, [f"{f:g}" for f in fractions])

@@ -13,6 +13,7 @@ Output folder::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import sys
@@ -107,7 +108,12 @@ def _default_loader(trust: bool) -> EncoderLoader:
 
 
 def _cell_file(out: Path, key: tuple[str, ...]) -> Path:
-    name = "_".join(re.sub(r"[^A-Za-z0-9.-]+", "-", Path(k).name if "/" in k else k) for k in key)
+    """``cells/<encoder>_<protocol>_<fraction>_<seed>.json``; a checkpoint path's name gets a hash
+    of the whole path, so ``a/encoder.pt`` and ``b/encoder.pt`` do not overwrite each other."""
+    spec = key[0]
+    if "/" in spec or "\\" in spec:
+        spec = f"{Path(spec).name}-{hashlib.sha1(spec.encode()).hexdigest()[:8]}"
+    name = "_".join(re.sub(r"[^A-Za-z0-9.-]+", "-", k) for k in (spec, *key[1:]))
     return out / "cells" / f"{name}.json"
 
 

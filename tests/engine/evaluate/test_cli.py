@@ -153,3 +153,11 @@ def test_regression_csv_beats_predicting_the_mean(tmp_path):
         assert float(rows[protocol]["test_mse"]) < 0.5 * variance, rows[protocol]
         assert float(rows[protocol]["test_l1"]) > 0
     assert "| MSE | L1 |" in (out / "results.md").read_text()
+
+
+def test_cell_files_of_encoders_sharing_a_file_name_differ(tmp_path):
+    from engine.evaluate.runner import _cell_file
+
+    a = _cell_file(tmp_path, ("runs/a/encoder.pt", "linear", "10", "0"))
+    b = _cell_file(tmp_path, ("runs/b/encoder.pt", "linear", "10", "0"))
+    assert a != b and a.name.startswith("encoder.pt-") and a.parent == b.parent

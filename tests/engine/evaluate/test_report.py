@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from engine.evaluate.report import plot_metric_vs_fraction, summarize, write_markdown
+from engine.evaluate.report import (
+    encoder_labels,
+    plot_metric_vs_fraction,
+    summarize,
+    write_markdown,
+)
 from engine.evaluate.results import ResultsFile, cell_key
 
 
@@ -47,3 +52,23 @@ def test_plot_is_written(tmp_path):
     path = plot_metric_vs_fraction(_rows(), "classification", tmp_path / "p.png", "t")
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_encoders_sharing_a_file_name_get_distinct_labels():
+    labels = encoder_labels(
+        ["runs/a/encoder.pt", "runs/b/encoder.pt", "x/sample.pt", "resnet18-random"]
+    )
+    assert labels == {
+        "runs/a/encoder.pt": "a/encoder.pt",
+        "runs/b/encoder.pt": "b/encoder.pt",
+        "x/sample.pt": "sample.pt",
+        "resnet18-random": "resnet18-random",
+    }
+
+
+def test_markdown_keeps_encoders_sharing_a_file_name_apart(tmp_path):
+    rows = [r | {"encoder": r["encoder"].replace("resnet18-random", "/y/sample_encoder.pt")}
+            for r in _rows()]  # fmt: skip
+    md = write_markdown(rows, "classification", tmp_path / "r.md").read_text()
+    assert "| 10% | y/sample_encoder.pt | 51.0 ± 2.0 |" in md
+    assert "| 10% | x/sample_encoder.pt |" in md
