@@ -60,6 +60,7 @@ class AugmentConfig:
     size: int = 224
     crop_min: float = 0.01
     jitter: str = "heavy"
+    hue: float | None = None  # overrides the preset's hue strength; None keeps it
     jitter_p: float = 0.8
     flip_p: float = 0.5
     rotate90: bool = True
@@ -78,13 +79,17 @@ class AugmentConfig:
             raise ValueError(
                 f"unknown jitter preset {self.jitter!r}; choose one of {', '.join(JITTER_PRESETS)}"
             )
+        if self.hue is not None and not 0.0 <= self.hue <= 0.5:
+            raise ValueError(f"hue must be in [0, 0.5], got {self.hue}")
         for name in ("jitter_p", "flip_p", "blur_p"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
     @property
     def jitter_strength(self) -> tuple[float, float, float, float]:
-        return JITTER_PRESETS[self.jitter]
+        """(brightness, contrast, saturation, hue) of the preset, with ``hue`` when given."""
+        bri, con, sat, hue = JITTER_PRESETS[self.jitter]
+        return bri, con, sat, hue if self.hue is None else self.hue
 
     @property
     def blur_kernel(self) -> int:

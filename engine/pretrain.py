@@ -72,8 +72,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PRELOAD_LIMIT_BYTES = 2 * 1024**3
 # Settings a resumed run must share with its checkpoint (epochs, workers, device... may change).
 _RESUME_KEYS = (
-    "arch", "batch_size", "optimizer", "lr", "temperature", "augment", "crop_min", "patch_px",
-    "seed", "weight_decay", "warmup_epochs", "proj_hidden", "proj_dim",
+    "arch", "batch_size", "optimizer", "lr", "temperature", "augment", "hue", "crop_min",
+    "patch_px", "seed", "weight_decay", "warmup_epochs", "proj_hidden", "proj_dim",
 )  # fmt: skip
 
 
@@ -90,6 +90,7 @@ class PretrainConfig:
     lr: float | None = None  # None: the paper's rule for the optimizer and batch (auto)
     temperature: float = 0.1
     augment: str = "heavy"
+    hue: float | None = None  # None: the --augment preset's hue strength
     crop_min: float = 0.01
     patch_px: int = 224
     mpp: float = 0.5
@@ -118,6 +119,10 @@ class PretrainConfig:
             (self.batch_size >= 2, f"--batch-size must be >= 2, got {self.batch_size}"),
             (self.lr is None or self.lr > 0, f"--lr must be > 0 or auto, got {self.lr}"),
             (0 < self.crop_min <= 1, f"--crop-min must be in (0, 1], got {self.crop_min}"),
+            (
+                self.hue is None or 0 <= self.hue <= 0.5,
+                f"--hue must be in [0, 0.5], got {self.hue}",
+            ),
             (self.patch_px >= 16, f"--patch-px must be >= 16, got {self.patch_px}"),
             (self.mpp > 0, f"--mpp must be > 0, got {self.mpp}"),
             (self.max_per_slide >= 1, f"--max-per-slide must be >= 1, got {self.max_per_slide}"),
@@ -184,6 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--augment", default="heavy", choices=[k for k in JITTER_PRESETS if k != "none"],
       help="colour-jitter preset: light (0.4,0.4,0.4,0.2), medium (0.8,0.8,0.8,0.2), "
       "heavy (0.8,0.8,0.8,0.4) for brightness, contrast, saturation, hue (default: heavy)")  # fmt: skip
+    a("--hue", type=float, default=None,
+      help="hue jitter strength in [0, 0.5] instead of the preset's; small values (0.05) keep the "
+      "colour of ink and other artefacts tellable apart (default: the preset's)")  # fmt: skip
     a("--crop-min", type=float, default=0.01,
       help="smallest random-crop area as a fraction of the patch (default: 0.01, the paper's best)")  # fmt: skip
     a("--patch-px", type=int, default=224, help="patch side in pixels (default: 224)")
@@ -499,7 +507,7 @@ def _train(cfg: PretrainConfig, info: DistInfo, stop_after_epoch: int | None) ->
     if augment_on == "auto":
         augment_on = "device"  # batched: fastest on CUDA, and on CPU (see benchmarks/pretrain.py)
     aug_cfg = AugmentConfig(
-        size=cfg.patch_px, crop_min=cfg.crop_min, jitter=cfg.augment,
+        size=cfg.patch_px, crop_min=cfg.crop_min, jitter=cfg.augment, hue=cfg.hue,
         mean=IMAGENET_MEAN, std=IMAGENET_STD,
     )  # fmt: skip
     ds = PatchDataset(

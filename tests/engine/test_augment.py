@@ -59,7 +59,8 @@ def test_blur_kernel_is_odd_and_a_tenth_of_the_side(side, k):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(crop_min=0.0), dict(crop_min=1.5), dict(jitter="loud"), dict(blur_p=2.0)]
+    "kwargs",
+    [dict(crop_min=0.0), dict(crop_min=1.5), dict(jitter="loud"), dict(blur_p=2.0), dict(hue=0.7)],
 )
 def test_bad_config_rejected(kwargs):
     with pytest.raises(ValueError):
@@ -182,6 +183,36 @@ def test_batch_augment_identity_when_everything_is_off():
     x = (_images() * 255).to(torch.uint8)
     got = BatchAugment(cfg)(x)
     assert torch.allclose(got, _normalise(x.float() / 255, cfg), atol=1e-5)
+
+
+def test_hue_override_replaces_only_the_presets_hue():
+    assert AugmentConfig(jitter="heavy", hue=0.05).jitter_strength == (0.8, 0.8, 0.8, 0.05)
+    assert AugmentConfig(jitter="light").jitter_strength == JITTER_PRESETS["light"]
+    # hue alone: pixels change, and the bound of the shift is the override's
+    x = (_images(b=64) * 255).to(torch.uint8)
+    for hue, lo, hi in ((0.02, 1e-4, 0.021), (0.4, 0.1, 0.401)):
+        cfg = AugmentConfig(size=24, **{**OFF, "hue": hue}, jitter_p=1.0)
+        torch.manual_seed(0)
+        got = BatchAugment(cfg)(x) * torch.tensor(cfg.std).view(1, 3, 1, 1)
+        got = got + torch.tensor(cfg.mean).view(1, 3, 1, 1)
+        shift = _hue(got) - _hue(x.float() / 255)
+        shift = ((shift + 0.5) % 1.0 - 0.5).abs().flatten(1).median(dim=1).values
+        assert lo < shift.max() < hi, (hue, float(shift.max()))
+
+
+def _hue(rgb: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) RGB in [0, 1] -> (B, H, W) hue in [0, 1)."""
+    hsv = np.stack(
+        [
+            np.asarray(
+                Image.fromarray(
+                    (img.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+                ).convert("HSV")
+            )[..., 0]
+            for img in rgb
+        ]
+    )
+    return torch.from_numpy(hsv).float() / 256
 
 
 def test_batch_augment_rotations_and_flips_are_per_image():

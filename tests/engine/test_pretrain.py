@@ -59,8 +59,9 @@ def test_flags_and_paper_defaults():
     )
     cfg = parse_config(
         "--data a b --out o --lr 0.5 --workers 3 --optimizer lamb --augment light --fraction 0.1 "
-        "--precision fp32 --resume --seed 7 --save-every 3 --quiet --slide-mpp 0.25".split()
+        "--precision fp32 --resume --seed 7 --save-every 3 --quiet --slide-mpp 0.25 --hue 0.05".split()
     )
+    assert cfg.hue == 0.05 and parse_config("--data a --out o".split()).hue is None
     assert cfg.data == ["a", "b"] and cfg.lr == 0.5 and cfg.workers == 3 and cfg.resume
     assert (cfg.optimizer, cfg.augment, cfg.fraction, cfg.slide_mpp) == ("lamb", "light", 0.1, 0.25)
     text = build_parser().format_help()
@@ -68,7 +69,7 @@ def test_flags_and_paper_defaults():
         "--data", "--out", "--arch", "--epochs", "--batch-size", "--optimizer", "--lr",
         "--temperature", "--augment", "--crop-min", "--patch-px", "--mpp", "--max-per-slide",
         "--fraction", "--precision", "--workers", "--device", "--resume", "--seed",
-        "--save-every", "--quiet", "--slide-mpp",
+        "--save-every", "--quiet", "--slide-mpp", "--hue",
     ):  # fmt: skip
         assert flag in text
 
@@ -90,6 +91,8 @@ def test_bad_input_is_one_line(capsys, images, tmp_path):
     for t in ("0", "-0.5"):
         line = _error_line(capsys, ["--data", str(images), "--temperature", t, *base])
         assert "--temperature must be > 0" in line
+    line = _error_line(capsys, ["--data", str(images), "--hue", "0.7", *base])
+    assert "--hue must be in [0, 0.5]" in line
     line = _error_line(capsys, ["--data", str(tmp_path / "missing"), *base])
     assert "no such file" in line
     assert not (tmp_path / "o" / "checkpoint.pt").exists()
