@@ -17,10 +17,14 @@ _BUILT: dict[tuple, Path] = {}
 
 
 def real_store(
-    slide: Path, factory: pytest.TempPathFactory, tile_px: int = 64, mpp: float = 2.0
+    slide: Path,
+    factory: pytest.TempPathFactory,
+    tile_px: int = 64,
+    mpp: float = 2.0,
+    encoder: str = "resnet18-random",
 ) -> Path:
     """A features.zarr of ``slide`` made by ``engine.extract`` (cached for the session; do not modify)."""
-    key = ("real", str(slide), tile_px, mpp)
+    key = ("real", str(slide), tile_px, mpp, encoder)
     if key not in _BUILT:
         import torch
 
@@ -32,7 +36,7 @@ def real_store(
             ExtractConfig(
                 slides=[str(slide)],
                 out=str(out),
-                encoder="resnet18-random",
+                encoder=encoder,
                 tile_px=tile_px,
                 mpp=mpp,
                 workers=0,
