@@ -67,7 +67,7 @@ def tiles_in_memory(
     with tempfile.TemporaryDirectory() as tmp, open_slide(slide_path) as slide:
         grid = TileGrid(slide, MPP, TILE_PX, STRIDE_PX)
         store = FeatureStore.create_or_open(
-            Path(tmp) / "f.zarr", load_encoder(encoder_spec).info(), grid.describe()
+            Path(tmp) / "f.zarr", load_encoder(encoder_spec).identity(), grid.tiling
         )
         store.add_slide(slide_id(slide_path), grid)
         plan = make_plan(store, [slide_id(slide_path)], batch_size)

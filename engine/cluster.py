@@ -283,7 +283,7 @@ def draw_pictures(store: Any, run: str, result: ClusterResult, cfg: ClusterConfi
     out = run_dir(store, run)
     colors = _colors(len(result.centroids))
     tiling = store.tiling
-    tile_px, target_mpp = int(tiling["tile_px"]), float(tiling["target_mpp"])
+    tile_px, target_mpp = tiling.tile_px, tiling.target_mpp
     opened: dict[str, Any] = {}
 
     def slide_of(sid: str):

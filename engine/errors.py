@@ -19,6 +19,10 @@ class CheckpointError(HistoclusterError):
     """A checkpoint that cannot be loaded as an encoder (bad file, keys that do not fit, untrusted pickle)."""
 
 
+class StoreError(HistoclusterError):
+    """A feature store that is damaged or inconsistent; the message names the damaged path and the fix."""
+
+
 def one_line(e: BaseException) -> str:
     """An exception's message collapsed onto one line (its type name when the message is empty)."""
     return " ".join(str(e).split()) or type(e).__name__

@@ -36,6 +36,7 @@ from typing import Any, Literal
 import numpy as np
 
 from engine.errors import HistoclusterError
+from engine.tiling import Tiling
 
 MANIFEST = "manifest.csv"
 EXPORT_JSON = "export.json"
@@ -160,10 +161,10 @@ class ExportResult:
 
 
 def tile_geometry(
-    tiling: dict[str, Any], tile_px: int | None, mpp: float | None
+    tiling: Tiling, tile_px: int | None, mpp: float | None
 ) -> tuple[int, float]:
     """(tile_px, mpp) of the exported tiles from the store's tiling and the optional overrides."""
-    store_px, store_mpp = int(tiling["tile_px"]), float(tiling["target_mpp"])
+    store_px, store_mpp = tiling.tile_px, tiling.target_mpp
     side_um = store_px * store_mpp
     if tile_px is None and mpp is None:
         return store_px, store_mpp

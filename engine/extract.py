@@ -36,7 +36,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,21 +45,19 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from tqdm import tqdm
 
 from engine.distributed import DistInfo, barrier, cleanup, init_distributed
+from engine.encode import PRECISIONS, TileEncoder
 from engine.errors import HistoclusterError, one_line
-from engine.models import Encoder, default_encoder_spec, load_encoder
+from engine.models import default_encoder_spec, load_encoder
 from engine.slide import Slide, open_slide, slide_id
 from engine.store import Block, FeatureStore, SlideFeatures
-from engine.tiling import TileGrid
+from engine.tiling import TileGrid, Tiling
 from engine.tissue import TISSUE_METHODS
 
-Precision = Literal["fp32", "bf16", "fp16"]
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 SLIDE_SUFFIXES = frozenset(
     {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif"}
     | {".png", ".jpg", ".jpeg"}
 )
-_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _OPEN_SLIDES_PER_WORKER = 4
 
 
@@ -193,67 +191,6 @@ def _mpp_for(path: Path, slide_mpp: dict[str, float] | float | None) -> float | 
 # ----------------------------------------------------------------------------- encoding
 
 
-def cpu_supports_bf16() -> bool:
-    """True when oneDNN reports native bf16 on this CPU (AVX512-BF16 / AMX), where bf16 pays off."""
-    try:
-        return bool(
-            torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        )
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> Precision:
-    """``auto`` -> bf16 (or fp16 without bf16) on CUDA, bf16 on CPUs with native bf16, else fp32."""
-    if precision != "auto":
-        if precision not in PRECISIONS:
-            raise HistoclusterError(
-                f"--precision {precision}: choose one of {', '.join(PRECISIONS)}"
-            )
-        return precision  # type: ignore[return-value]
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_supports_bf16() else "fp32"
-
-
-class TileEncoder:
-    """An :class:`Encoder` on a device at a precision: (B,H,W,3) uint8 tiles -> (B, dim) float32.
-
-    The same code path serves extraction and the benchmark's encoder-only ceiling.
-    """
-
-    def __init__(
-        self,
-        encoder: Encoder,
-        device: torch.device,
-        precision: str = "auto",
-        channels_last: bool = True,
-    ) -> None:
-        self.device = device
-        self.precision: Precision = resolve_precision(precision, device)
-        self.channels_last = channels_last
-        self.encoder = encoder.to(device).eval()
-        if channels_last:
-            self.encoder = self.encoder.to(memory_format=torch.channels_last)
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-
-    @property
-    def dim(self) -> int:
-        return self.encoder.dim
-
-    @torch.inference_mode()
-    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
-        """(B,H,W,3) uint8 (any device) -> (B, dim) float32 on ``self.device``."""
-        x = self.encoder.preprocess(tiles.to(self.device, non_blocking=True))
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if self.precision == "fp32":
-            return self.encoder(x).float()
-        with torch.autocast(device_type=self.device.type, dtype=_DTYPES[self.precision]):
-            return self.encoder(x).float()
-
-
 # ----------------------------------------------------------------------------- the plan
 
 
@@ -325,17 +262,17 @@ def make_plan(
     for sid in slide_ids:
         sf = store.slide(sid)
         selected = sf.selected
-        done = np.asarray(sf.done[...])
+        done = sf.done
         already_done += int((selected & done).sum())
-        origins = np.asarray(sf.origins[...])
+        origins = sf.origins
         attrs = sf.attrs
         jobs.append(
             SlideJob(
                 sid,
                 attrs["source_path"],
                 (float(attrs["mpp"][0]), float(attrs["mpp"][1])),
-                float(tiling["target_mpp"]),
-                int(tiling["tile_px"]),
+                tiling.target_mpp,
+                tiling.tile_px,
                 origins[0, :, 0].copy(),
                 origins[:, 0, 1].copy(),
             )
@@ -543,20 +480,14 @@ def run(
     slide_mpp = parse_slide_mpp(cfg.slide_mpp)
     encoder = load_encoder(cfg.encoder, trust_checkpoint=cfg.trust_checkpoint)
     tile_encoder = TileEncoder(encoder, device, cfg.precision, cfg.channels_last)
-    tiling = {
-        "tile_px": cfg.tile_px,
-        "stride_px": cfg.stride_px or cfg.tile_px,
-        "target_mpp": cfg.mpp,
-        "tissue_method": cfg.tissue,
-        "min_tissue": cfg.min_tissue,
-    }
+    tiling = Tiling(cfg.tile_px, cfg.mpp, cfg.stride_px, cfg.tissue, cfg.min_tissue)  # type: ignore[arg-type]
     out = Path(cfg.out)
 
     # rank 0 creates (or checks) the store; the others open it after it said yes
     error = None
     if info.is_main:
         try:
-            FeatureStore.create_or_open(out, encoder.info(), tiling, overwrite=cfg.overwrite)
+            FeatureStore.create_or_open(out, encoder.identity(), tiling, overwrite=cfg.overwrite)
         except HistoclusterError as e:
             error = str(e)
     error = _broadcast(error, info)
@@ -566,7 +497,7 @@ def run(
     if info.is_main:
         resolved = {
             "encoder": encoder.info(),
-            "tiling": tiling,
+            "tiling": tiling.to_attrs(),
             "precision": tile_encoder.precision,
             "device": str(device),
             "world_size": info.world_size,

@@ -20,7 +20,6 @@ loads only with ``trust_checkpoint=True`` and a warning. Keys that do not fit th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -39,7 +38,9 @@ from torch import nn
 from torchvision.models import ResNet
 from torchvision.transforms.v2 import functional as TF
 
+from engine.encoder_id import EncoderId
 from engine.errors import CheckpointError
+from engine.files import sha256_file
 
 __all__ = [
     "ARCHS",
@@ -166,6 +167,19 @@ class Encoder(nn.Module):
         if x.shape[-2:] != (self.input_px, self.input_px):
             x = TF.resize(x, [self.input_px, self.input_px], antialias=True)
         return TF.normalize(x, list(self.mean), list(self.std))
+
+    def identity(self) -> EncoderId:
+        """What makes this encoder's features comparable with another's (stored with features)."""
+        return EncoderId(
+            name=self.spec,
+            arch=self.arch,
+            dim=self.dim,
+            input_px=self.input_px,
+            mean=self.mean,  # type: ignore[arg-type]
+            std=self.std,  # type: ignore[arg-type]
+            sha256=self.sha256,
+            embedding="pooled",
+        )
 
     def info(self) -> dict[str, Any]:
         """JSON-ready description (arch, dim, input px, normalization, spec, sha256) for provenance."""
@@ -352,7 +366,7 @@ def _imagenet_encoder(arch: str, spec: str) -> Encoder:
     backbone = _seeded_backbone(arch)
     _load_fitting(backbone, state, f"{spec} ({weights.url})", arch)
     cached = cache / Path(weights.url).name
-    sha = _sha256(cached) if cached.is_file() else None
+    sha = sha256_file(cached) if cached.is_file() else None
     transforms = weights.transforms()
     return Encoder(
         backbone,
@@ -363,14 +377,6 @@ def _imagenet_encoder(arch: str, spec: str) -> Encoder:
         spec,
         sha,
     )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _read_checkpoint(path: Path, trust: bool) -> Any:
@@ -438,7 +444,7 @@ def _short(e: BaseException) -> str:
 
 def _load_file(path: Path, trust: bool, spec_text: str) -> Encoder:
     obj = _read_checkpoint(path, trust)
-    sha = _sha256(path)
+    sha = sha256_file(path)
     if not isinstance(obj, Mapping):
         raise CheckpointError(
             f"{path}: holds a {type(obj).__name__}, not a checkpoint dict — pass a state_dict, an "

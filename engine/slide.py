@@ -9,8 +9,12 @@ that behaves the same. Coordinates are named by frame: ``l0_xy`` is in level-0 p
 from __future__ import annotations
 
 import math
+import os
 import re
 from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +23,17 @@ from PIL import Image
 
 from engine.errors import MissingMppError, SlideError, one_line
 
-Image.MAX_IMAGE_PIXELS = None  # slides are big on purpose
-
 MppLike = float | tuple[float, float] | None
+
+SLIDE_SUFFIXES: tuple[str, ...] = (
+    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
+    ".png", ".jpg", ".jpeg",
+)  # fmt: skip
+"""Suffixes of the files treated as slides: OpenSlide's formats and plain images (one list, used everywhere)."""
+
+MAX_IMAGE_PIXELS_ENV = "HISTOCLUSTER_MAX_IMAGE_PIXELS"
+DEFAULT_MAX_IMAGE_PIXELS = 400_000_000
+"""Plain (non-pyramidal) images are decoded whole: above this many pixels they are refused."""
 
 _MPP_FIX = (
     "pass mpp= to open_slide() or --slide-mpp VALUE (or a CSV of slide,mpp) on the command line"
@@ -38,6 +50,37 @@ def slide_id(path: str | Path) -> str:
     else:
         stem = Path(path).stem
     return re.sub(r"[^A-Za-z0-9._-]", "_", stem) or "slide"
+
+
+def is_slide_file(path: str | Path) -> bool:
+    """True for a file (or an .mrxs) whose suffix is one of :data:`SLIDE_SUFFIXES`."""
+    return Path(path).suffix.lower() in SLIDE_SUFFIXES
+
+
+def find_slides(path: str | Path, recursive: bool = False) -> list[Path]:
+    """The slide files directly inside directory ``path`` (or below it when ``recursive``), sorted."""
+    root = Path(path)
+    entries = root.rglob("*") if recursive else root.iterdir()
+    return sorted(f for f in entries if (f.is_file() or f.suffix.lower() == ".mrxs") and is_slide_file(f))
+
+
+def max_image_pixels() -> int:
+    """The plain-image size limit: ``$HISTOCLUSTER_MAX_IMAGE_PIXELS`` or :data:`DEFAULT_MAX_IMAGE_PIXELS`."""
+    try:
+        return int(os.environ.get(MAX_IMAGE_PIXELS_ENV, DEFAULT_MAX_IMAGE_PIXELS))
+    except ValueError:
+        return DEFAULT_MAX_IMAGE_PIXELS
+
+
+@contextmanager
+def _pil_limit(pixels: int | None) -> Iterator[None]:
+    """PIL's decompression-bomb limit set to ``pixels`` for the block (slides are big on purpose)."""
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = pixels
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
 
 
 def composite_on_white(rgba: np.ndarray) -> np.ndarray:
@@ -304,13 +347,22 @@ def open_slide(path: str | Path, mpp: MppLike = None) -> Slide:
 
 
 def _open_plain_image(path: Path, mpp: MppLike) -> ArraySlide:
+    limit = max_image_pixels()
     try:
-        with Image.open(path) as img:
+        with _pil_limit(None), Image.open(path) as img:
+            w, h = img.size
+            if w * h > limit:
+                raise SlideError(
+                    f"{path}: a plain image of {w} x {h} px is decoded whole and exceeds the limit of "
+                    f"{limit:,} pixels — convert it to a pyramidal TIFF, or raise ${MAX_IMAGE_PIXELS_ENV}"
+                )
             img.load()
             file_mpp = _pil_mpp(img)
             array = np.asarray(
                 img.convert("RGBA") if img.mode in ("RGBA", "LA", "P", "PA") else img.convert("RGB")
             )
+    except SlideError:
+        raise
     except Exception as e:  # PIL raises many types for bad files
         raise SlideError(
             f"{path}: not a readable slide or image ({one_line(e)}) — check the file is complete and is a whole-slide image, PNG, JPEG or TIFF"
@@ -388,3 +440,52 @@ def _check_tiff_complete(path: Path) -> None:
         raise SlideError(
             f"{path}: truncated ({size} bytes, image data runs to {end}) — re-copy or re-download the file"
         )
+
+
+class SlideCache:
+    """At most ``capacity`` open slides, by path; the least recently used one is closed first.
+
+    Picklable (a worker process gets an empty cache), so datasets holding one can cross into
+    DataLoader workers.
+    """
+
+    def __init__(self, capacity: int = 4) -> None:
+        self.capacity = max(1, int(capacity))
+        self._open: OrderedDict[tuple[str, Any], Slide] = OrderedDict()
+
+    def get(self, path: str | Path, mpp: MppLike = None) -> Slide:
+        """The open slide at ``path`` (opened with ``mpp`` on first use)."""
+        key = (str(path), mpp if mpp is None or np.isscalar(mpp) else tuple(mpp))  # type: ignore[arg-type]
+        slide = self._open.get(key)
+        if slide is not None:
+            self._open.move_to_end(key)
+            return slide
+        slide = self._open[key] = open_slide(path, mpp=mpp)
+        while len(self._open) > self.capacity:
+            self._open.popitem(last=False)[1].close()
+        return slide
+
+    def forget(self, path: str | Path) -> None:
+        """Close and drop ``path`` (e.g. after a read error, which OpenSlide latches on the handle)."""
+        for key in [k for k in self._open if k[0] == str(path)]:
+            self._open.pop(key).close()
+
+    def close(self) -> None:
+        """Close every open slide."""
+        while self._open:
+            self._open.popitem()[1].close()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"capacity": self.capacity}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["capacity"])  # type: ignore[misc]
+
+    def __enter__(self) -> SlideCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

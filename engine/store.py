@@ -16,6 +16,12 @@ Layout (``shared/design/ARCHITECTURE.md``)::
         attrs: k, algorithm, seed, slides, fitted on how many tiles, created (+ anything given)
         centroids  (k, dim) float32
         slides/<slide_id>/labels  (rows, cols) int16, -1 outside tissue
+        files/     pictures beside the run (exemplars, overlays): :meth:`FeatureStore.run_file`
+
+Identity: the store's ``encoder`` attrs are an :class:`~engine.encoder_id.EncoderId`, its
+``tiling`` attrs a :class:`~engine.tiling.Tiling`. Whether the store can serve a request
+(slide, encoder, tiling) is decided here alone, by :meth:`FeatureStore.coverage`, for the
+command line and the GUI alike.
 
 A tile is *selected* when its stored (float16) tissue fraction is at least the store's
 ``min_tissue``; every reader and the extractor use that same rule. A tile's feature is valid
@@ -27,6 +33,7 @@ without its feature.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 import shutil
@@ -40,14 +47,18 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import zarr
 
-from engine.errors import HistoclusterError
-from engine.tiling import TileGrid
+from engine.encoder_id import EncoderId
+from engine.errors import HistoclusterError, StoreError, one_line
+from engine.files import atomic_write_bytes, atomic_write_json
+from engine.slide import slide_id as slide_id_of
+from engine.tiling import TileGrid, Tiling
 
 __all__ = [
     "CHUNK",
     "FORMAT",
     "FORMAT_VERSION",
     "ClusterRun",
+    "Coverage",
     "FeatureStore",
     "SlideFeatures",
     "TileFeatures",
@@ -60,8 +71,7 @@ CHUNK = 32  # tiles per chunk side of features and done
 _BIG_CHUNK = 256  # tiles per chunk side of arrays written once (tissue, origins, labels)
 _FINGERPRINT_BYTES = 1 << 20
 _NAME = re.compile(r"^[A-Za-z0-9._-]+$")
-_ENCODER_KEYS = ("arch", "dim", "input_px", "mean", "std")
-_TILING_KEYS = ("tile_px", "stride_px", "target_mpp", "tissue_method", "min_tissue")
+_RUN_FILES = "files"
 
 
 def file_fingerprint(path: str | Path) -> str:
@@ -96,18 +106,6 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _encoder_identity(info: Mapping[str, Any]) -> dict[str, Any]:
-    """What makes two encoders give the same features: the weights (sha256) or, without a file, the spec."""
-    ident = {k: info.get(k) for k in _ENCODER_KEYS}
-    ident["weights"] = info.get("sha256") or info.get("spec")
-    return ident
-
-
-def _describe_encoder(info: Mapping[str, Any]) -> str:
-    sha = info.get("sha256")
-    return f"{info.get('spec')} ({info.get('arch')}, {info.get('dim')}-d{', sha256 ' + sha[:12] if sha else ''})"
-
-
 def _jsonable(value: Any) -> Any:
     """Tuples -> lists, numpy scalars -> Python, Paths -> str, recursively."""
     if isinstance(value, Mapping):
@@ -128,6 +126,32 @@ class TileFeatures(NamedTuple):
     rows: np.ndarray
     cols: np.ndarray
     features: np.ndarray
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """What a store holds of one request (slide, encoder, tiling), and what is missing.
+
+    ``problem`` is None when the store can serve the request (possibly after encoding the
+    ``pending`` tiles); otherwise one line saying why it cannot (another encoder or tiling,
+    another file under the same slide id).
+    """
+
+    store_exists: bool
+    problem: str | None
+    slide_present: bool
+    pending: int
+    selected: int
+
+    @property
+    def usable(self) -> bool:
+        """The store can take this request (creating it or adding the slide when needed)."""
+        return self.problem is None
+
+    @property
+    def complete(self) -> bool:
+        """Every selected tile of the slide is already encoded with this encoder and tiling."""
+        return self.problem is None and self.slide_present and self.pending == 0
 
 
 class ClusterRun(NamedTuple):
@@ -158,9 +182,9 @@ class Block:
 
 
 class SlideFeatures:
-    """One slide's group in the store. Arrays are zarr arrays; index them to read numpy.
+    """One slide's group in the store; every accessor returns numpy arrays.
 
-    Attributes:
+    Arrays (read with the properties below; features only by block or by tile):
         features: (rows, cols, dim) float16, chunks (32, 32, dim); valid where ``done``.
         tissue: (rows, cols) float16 tissue fraction.
         done: (rows, cols) bool, chunks (32, 32).
@@ -168,18 +192,33 @@ class SlideFeatures:
     """
 
     def __init__(self, group: zarr.Group, slide_id: str, min_tissue: float) -> None:
-        self.group = group
+        self._group = group
         self.slide_id = slide_id
         self.min_tissue = float(min_tissue)
-        self.features: zarr.Array = group["features"]  # type: ignore[assignment]
-        self.tissue: zarr.Array = group["tissue"]  # type: ignore[assignment]
-        self.done: zarr.Array = group["done"]  # type: ignore[assignment]
-        self.origins: zarr.Array = group["origins"]  # type: ignore[assignment]
+        self._features: zarr.Array = group["features"]  # type: ignore[assignment]
+        self._tissue: zarr.Array = group["tissue"]  # type: ignore[assignment]
+        self._done: zarr.Array = group["done"]  # type: ignore[assignment]
+        self._origins: zarr.Array = group["origins"]  # type: ignore[assignment]
+
+    @cached_property
+    def tissue(self) -> np.ndarray:
+        """(rows, cols) float16 tissue fraction of each tile (written once)."""
+        return np.asarray(self._tissue[...])
+
+    @cached_property
+    def origins(self) -> np.ndarray:
+        """(rows, cols, 2) int64 level-0 (l0_x, l0_y) of each tile (written once)."""
+        return np.asarray(self._origins[...])
+
+    @property
+    def done(self) -> np.ndarray:
+        """(rows, cols) bool: tiles whose features are stored (read afresh on every access)."""
+        return np.asarray(self._done[...])
 
     @property
     def attrs(self) -> dict[str, Any]:
         """The slide's provenance (see the module docstring)."""
-        return self.group.attrs.asdict()
+        return self._group.attrs.asdict()
 
     @property
     def source_path(self) -> Path:
@@ -189,20 +228,28 @@ class SlideFeatures:
     @property
     def shape(self) -> tuple[int, int]:
         """(rows, cols) of the tile grid."""
-        return int(self.features.shape[0]), int(self.features.shape[1])
+        return int(self._features.shape[0]), int(self._features.shape[1])
 
     @property
     def dim(self) -> int:
-        return int(self.features.shape[2])
+        return int(self._features.shape[2])
 
     @cached_property
     def selected(self) -> np.ndarray:
         """(rows, cols) bool: tiles to encode, ``tissue >= min_tissue`` on the stored float16 tissue."""
-        return np.asarray(self.tissue[...]).astype(np.float32) >= self.min_tissue
+        return self.tissue.astype(np.float32) >= self.min_tissue
 
     def pending(self) -> np.ndarray:
         """(rows, cols) bool: selected tiles not yet encoded."""
-        return self.selected & ~np.asarray(self.done[...])
+        return self.selected & ~self.done
+
+    def read_features(self) -> np.ndarray:
+        """(rows, cols, dim) float16: the whole feature map (for small slides and tests; zeros where not done)."""
+        return np.asarray(self._features[...])
+
+    def n_encoded(self) -> int:
+        """How many selected tiles are encoded."""
+        return int((self.selected & self.done).sum())
 
     def blocks(self) -> list[Block]:
         """The chunks of the grid in row-major chunk order."""
@@ -221,7 +268,7 @@ class SlideFeatures:
     def read_block(self, block: Block) -> tuple[np.ndarray, np.ndarray]:
         """(features (h, w, dim) float16, done (h, w) bool) of one chunk."""
         sl = (slice(block.r0, block.r1), slice(block.c0, block.c1))
-        return np.asarray(self.features[sl]), np.asarray(self.done[sl])
+        return np.asarray(self._features[sl]), np.asarray(self._done[sl])
 
     def write_block(self, block: Block, features: np.ndarray, done: np.ndarray) -> None:
         """Replace one whole chunk: ``features`` (h, w, dim) (cast to float16), then ``done`` (h, w) bool.
@@ -235,8 +282,8 @@ class SlideFeatures:
                 f"got {features.shape} and {done.shape}"
             )
         sl = (slice(block.r0, block.r1), slice(block.c0, block.c1))
-        self.features[sl] = features.astype(np.float16, copy=False)
-        self.done[sl] = done.astype(bool, copy=False)
+        self._features[sl] = features.astype(np.float16, copy=False)
+        self._done[sl] = done.astype(bool, copy=False)
 
     def write_tiles(self, rows: np.ndarray, cols: np.ndarray, features: np.ndarray) -> None:
         """Store ``features`` (N, dim) of tiles ``rows``, ``cols`` (N,) and mark them done, chunk by chunk."""
@@ -315,23 +362,21 @@ class FeatureStore:
     def create_or_open(
         cls,
         path: str | Path,
-        encoder: Mapping[str, Any],
-        tiling: Mapping[str, Any],
+        encoder: EncoderId,
+        tiling: Tiling,
         overwrite: bool = False,
     ) -> FeatureStore:
         """Open ``path`` for writing features of ``encoder`` with ``tiling``, creating it if absent.
 
         Args:
-            encoder: ``Encoder.info()``: arch, dim, input_px, mean, std, spec, sha256.
-            tiling: ``TileGrid.describe()``: tile_px, stride_px, target_mpp, tissue_method, min_tissue.
+            encoder: the identity of the encoder (``Encoder.identity``).
+            tiling: how the slides are tiled.
             overwrite: replace an existing store (only a histocluster feature store is ever deleted).
         Raises:
             HistoclusterError: the store exists with another encoder or tiling (and not ``overwrite``),
                 or ``path`` holds something that is not a feature store.
         """
         path = Path(path)
-        encoder = _jsonable(dict(encoder))
-        tiling = _jsonable({k: tiling[k] for k in _TILING_KEYS})
         if path.exists() and not (path.is_dir() and not any(path.iterdir())):
             if not _is_feature_store(path):
                 raise HistoclusterError(
@@ -340,7 +385,9 @@ class FeatureStore:
                 )
             if not overwrite:
                 store = cls.open(path, mode="r+")
-                store._check_compatible(encoder, tiling)
+                problem = store.mismatch(encoder, tiling)
+                if problem:
+                    raise HistoclusterError(problem)
                 return store
             shutil.rmtree(path)
         try:
@@ -349,8 +396,8 @@ class FeatureStore:
                 attributes={
                     "format": FORMAT,
                     "format_version": FORMAT_VERSION,
-                    "encoder": encoder,
-                    "tiling": tiling,
+                    "encoder": encoder.to_attrs(),
+                    "tiling": tiling.to_attrs(),
                     "created": _now(),
                 },
             )
@@ -362,22 +409,54 @@ class FeatureStore:
             ) from e
         return cls(root, path)
 
-    def _check_compatible(self, encoder: Mapping[str, Any], tiling: Mapping[str, Any]) -> None:
-        stored_enc, stored_tiling = self.encoder, self.tiling
-        enc_a, enc_b = _encoder_identity(stored_enc), _encoder_identity(encoder)
-        if not all(_same(enc_a[k], enc_b[k]) for k in enc_a):
-            raise HistoclusterError(
-                f"{self.path}: holds features of encoder {_describe_encoder(stored_enc)}, this run uses "
-                f"{_describe_encoder(encoder)} — pass --overwrite to replace the store, or choose another --out"
+    def mismatch(self, encoder: EncoderId, tiling: Tiling) -> str | None:
+        """None when this store's features are of ``encoder`` and ``tiling``; else one line saying why not."""
+        if not self.encoder.same_features(encoder):
+            return (
+                f"{self.path}: holds features of encoder {self.encoder.describe()}, this run uses "
+                f"{encoder.describe()} — pass --overwrite to replace the store, or choose another --out"
             )
-        diff = [k for k in _TILING_KEYS if not _same(stored_tiling.get(k), tiling.get(k))]
+        diff = self.tiling.differences(tiling)
         if diff:
-            was = ", ".join(f"{k}={stored_tiling.get(k)!r}" for k in diff)
-            now = ", ".join(f"{k}={tiling.get(k)!r}" for k in diff)
-            raise HistoclusterError(
-                f"{self.path}: was tiled with {was}, this run asks for {now} — pass --overwrite to "
-                "replace the store, or choose another --out"
+            return (
+                f"{self.path}: was tiled with other settings (store vs this run: {', '.join(diff)}) — "
+                "pass --overwrite to replace the store, or choose another --out"
             )
+        return None
+
+    @classmethod
+    def coverage(
+        cls, path: str | Path, slide_path: str | Path, encoder: EncoderId, tiling: Tiling
+    ) -> Coverage:
+        """What the store at ``path`` holds of ``slide_path`` encoded by ``encoder`` with ``tiling``.
+
+        The one rule for reusing a store, used by ``engine.extract`` and the GUI: the store
+        must hold features of the same encoder (weights, architecture, normalisation, embedding)
+        and tiling (tile size, stride, um/px, tissue method, minimum tissue fraction); the slide
+        is present when a complete group of that slide id was made from the same file content.
+        """
+        path, slide_path = Path(path), Path(slide_path)
+        if not (path / "zarr.json").is_file():
+            return Coverage(False, None, False, 0, 0)
+        store = cls.open(path)
+        problem = store.mismatch(encoder, tiling)
+        if problem:
+            return Coverage(True, problem, False, 0, 0)
+        sid = slide_id_of(slide_path)
+        if sid not in store:
+            return Coverage(True, None, False, 0, 0)
+        sf = store.slide(sid)
+        if slide_path.is_file() and sf.attrs.get("fingerprint") != file_fingerprint(slide_path):
+            return Coverage(
+                True,
+                f"{slide_path}: the store {path} holds slide {sid!r} from another file "
+                f"({sf.attrs.get('source_path')}) — rename the slide or choose another store",
+                True,
+                0,
+                0,
+            )
+        selected = sf.selected
+        return Coverage(True, None, True, int((selected & ~sf.done).sum()), int(selected.sum()))
 
     # ------------------------------------------------------------------ store-level
 
@@ -385,19 +464,19 @@ class FeatureStore:
     def attrs(self) -> dict[str, Any]:
         return self.root.attrs.asdict()
 
-    @property
-    def encoder(self) -> dict[str, Any]:
-        """arch, dim, input_px, mean, std, spec, sha256 of the encoder that made the features."""
-        return dict(self.attrs["encoder"])
+    @cached_property
+    def encoder(self) -> EncoderId:
+        """The identity of the encoder that made the features."""
+        return EncoderId.from_attrs(self.attrs["encoder"])
 
-    @property
-    def tiling(self) -> dict[str, Any]:
-        """tile_px, stride_px, target_mpp, tissue_method, min_tissue."""
-        return dict(self.attrs["tiling"])
+    @cached_property
+    def tiling(self) -> Tiling:
+        """How the slides were tiled."""
+        return Tiling.from_attrs(self.attrs["tiling"])
 
     @property
     def dim(self) -> int:
-        return int(self.encoder["dim"])
+        return int(self.encoder.dim)
 
     def slide_ids(self) -> list[str]:
         """Ids of the slides whose groups are complete, sorted."""
@@ -420,7 +499,7 @@ class FeatureStore:
             raise HistoclusterError(
                 f"{self.path}: no slide {slide_id!r} (slides: {known}) — extract it first"
             )
-        return SlideFeatures(group, slide_id, self.tiling["min_tissue"])  # type: ignore[arg-type]
+        return SlideFeatures(group, slide_id, self.tiling.min_tissue)  # type: ignore[arg-type]
 
     def add_slide(self, slide_id: str, grid: TileGrid) -> SlideFeatures:
         """Create ``slides/<slide_id>`` for ``grid`` (tissue, origins, provenance), or reuse it.
@@ -545,7 +624,7 @@ class FeatureStore:
         total = 0
         for sid in self.slide_ids() if slide_ids is None else slide_ids:
             sf = self.slide(sid)
-            total += int((sf.selected & np.asarray(sf.done[...])).sum())
+            total += sf.n_encoded()
         return total
 
     # ------------------------------------------------------------------ clusters
@@ -634,6 +713,43 @@ class FeatureStore:
             )
         return np.asarray(slides[slide_id]["labels"][...])  # type: ignore[index]
 
+    def write_run_file(self, run: str, name: str, data: bytes) -> Path:
+        """Write a file beside cluster run ``run`` (``files/<name>``, e.g. ``exemplars.png``) atomically."""
+        self._cluster_group(run)
+        for part in name.split("/"):
+            _check_name("run file", part)
+        path = self.path / "clusters" / run / _RUN_FILES / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return atomic_write_bytes(path, data)
+
+    def run_file(self, run: str, name: str) -> Path | None:
+        """The path of a file written beside ``run`` with :meth:`write_run_file`, or None if absent."""
+        path = self.path / "clusters" / run / _RUN_FILES / name
+        return path if path.is_file() else None
+
+    def write_run_json(self, run: str, name: str, obj: Any) -> Path:
+        """Write a JSON document beside cluster run ``run`` (``<name>.json``, e.g. the curation) atomically."""
+        self._cluster_group(run)
+        _check_name("run document", name)
+        path = self.path / "clusters" / run / f"{name}.json"
+        return atomic_write_json(path, _jsonable(obj))
+
+    def read_run_json(self, run: str, name: str) -> Any | None:
+        """The JSON document ``name`` beside ``run``, or None when there is none.
+
+        Raises ``StoreError`` naming the file when it exists but is not JSON.
+        """
+        self._cluster_group(run)
+        path = self.path / "clusters" / run / f"{name}.json"
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise StoreError(
+                f"{path}: damaged ({one_line(e)}) — delete the file to start it afresh"
+            ) from e
+
     def _clusters(self) -> zarr.Group:
         return self.root["clusters"]  # type: ignore[return-value]
 
@@ -648,7 +764,7 @@ class FeatureStore:
         return group  # type: ignore[return-value]
 
     def __repr__(self) -> str:
-        return f"FeatureStore({str(self.path)!r}, encoder={self.encoder.get('spec')!r}, slides={len(self.slide_ids())})"
+        return f"FeatureStore({str(self.path)!r}, encoder={self.encoder.name!r}, slides={len(self.slide_ids())})"
 
 
 def _is_feature_store(path: Path) -> bool:

@@ -9,7 +9,10 @@ slide: edge tiles may reach past its border, where they read white and count as 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 
@@ -20,6 +23,66 @@ from engine.tissue import TissueMethod, tissue_mask
 MASK_PX_PER_TILE = 16
 MIN_THUMBNAIL_PX = 1024
 MAX_THUMBNAIL_PX = 8192
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How a slide is cut into tiles: what a feature store's tiles have in common.
+
+    Attributes:
+        tile_px: tile side in pixels at ``target_mpp``.
+        target_mpp: micrometres per pixel of the tiles.
+        stride_px: step between tiles in pixels at ``target_mpp`` (None: ``tile_px``).
+        tissue_method: "otsu" or "hsv" (see ``engine.tissue``).
+        min_tissue: a tile is selected for encoding when its tissue fraction is at least this.
+    """
+
+    tile_px: int = 224
+    target_mpp: float = 0.5
+    stride_px: int | None = None
+    tissue_method: TissueMethod = "otsu"
+    min_tissue: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.stride_px is None:
+            object.__setattr__(self, "stride_px", int(self.tile_px))
+
+    @property
+    def stride(self) -> int:
+        """The resolved stride in pixels at ``target_mpp``."""
+        return int(self.stride_px or self.tile_px)
+
+    def to_attrs(self) -> dict[str, Any]:
+        """JSON-ready attributes (the store's ``tiling`` attrs)."""
+        return {
+            "tile_px": int(self.tile_px),
+            "stride_px": self.stride,
+            "target_mpp": float(self.target_mpp),
+            "tissue_method": str(self.tissue_method),
+            "min_tissue": float(self.min_tissue),
+        }
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> Tiling:
+        """Inverse of :meth:`to_attrs`."""
+        return cls(
+            tile_px=int(attrs["tile_px"]),
+            target_mpp=float(attrs["target_mpp"]),
+            stride_px=int(attrs.get("stride_px") or attrs["tile_px"]),
+            tissue_method=attrs.get("tissue_method", "otsu"),
+            min_tissue=float(attrs.get("min_tissue", 0.5)),
+        )
+
+    def differences(self, other: Tiling) -> list[str]:
+        """``name=mine vs theirs`` for every attribute that differs (floats to 1e-9 relative)."""
+        a, b = self.to_attrs(), other.to_attrs()
+        out = []
+        for k in a:
+            x, y = a[k], b[k]
+            same = math.isclose(x, y, rel_tol=1e-9) if isinstance(x, float) else x == y
+            if not same:
+                out.append(f"{k}={x!r} vs {y!r}")
+        return out
 
 
 class TileGrid:
@@ -124,15 +187,24 @@ class TileGrid:
         """(tile_px, tile_px, 3) uint8 RGB of tile (row, col)."""
         return self.slide.read_tile_at_mpp(self.origin(row, col), self.target_mpp, self.tile_px)
 
-    def describe(self) -> dict[str, object]:
+    @classmethod
+    def from_tiling(cls, slide: Slide, tiling: Tiling) -> TileGrid:
+        """The grid of ``slide`` cut as ``tiling`` says."""
+        return cls(
+            slide,
+            tiling.target_mpp,
+            tiling.tile_px,
+            tiling.stride,
+            tiling.min_tissue,
+            tiling.tissue_method,
+        )
+
+    @property
+    def tiling(self) -> Tiling:
         """The grid's parameters, as stored next to features."""
-        return {
-            "tile_px": self.tile_px,
-            "stride_px": self.stride_px,
-            "target_mpp": self.target_mpp,
-            "tissue_method": self.tissue_method,
-            "min_tissue": self.min_tissue,
-        }
+        return Tiling(
+            self.tile_px, self.target_mpp, self.stride_px, self.tissue_method, self.min_tissue
+        )
 
 
 def _count(extent: int, tile: float, stride: float) -> int:

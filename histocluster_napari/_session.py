@@ -197,11 +197,11 @@ def features_complete(job: ClusterJob, store_path: Path) -> bool:
         if job.slide_id not in store:
             return False
         tiling = store.tiling
-        if int(tiling["tile_px"]) != job.tile_px or int(tiling["stride_px"]) != job.tile_px:
+        if tiling.tile_px != job.tile_px or tiling.stride != job.tile_px:
             return False
-        if not np.isclose(float(tiling["target_mpp"]), job.target_mpp, rtol=1e-9):
+        if not np.isclose(tiling.target_mpp, job.target_mpp, rtol=1e-9):
             return False
-        if not _same_encoder(store.encoder, job.encoder):
+        if not _same_encoder(store.encoder.to_attrs(), job.encoder):
             return False
         sf = store.slide(job.slide_id)
         attrs = sf.attrs
@@ -255,8 +255,8 @@ def recluster_store(
         Path(sf.source_path),
         tuple(sf.attrs["mpp"]),  # type: ignore[arg-type]
         [[(e.l0_x, e.l0_y) for e in row] for row in result.exemplars],
-        float(tiling["target_mpp"]),
-        int(tiling["tile_px"]),
+        tiling.target_mpp,
+        tiling.tile_px,
         progress,
     )
     return ClusterView(

@@ -71,23 +71,18 @@ def synthetic_store(
     At 32 px / 0.5 um the CMU slide is 93 x 70 tiles, i.e. 3 x 3 chunks of 32 x 32, so chunked
     readers cross chunk boundaries. Each id in ``ids`` is the same grid with other features.
     """
+    from engine.encoder_id import EncoderId
     from engine.slide import open_slide
     from engine.store import FeatureStore
     from engine.tiling import TileGrid
 
-    encoder = {
-        "arch": "resnet18",
-        "dim": dim,
-        "input_px": 224,
-        "mean": [0.5] * 3,
-        "std": [0.25] * 3,
-        "spec": "synthetic",
-        "sha256": None,
-    }
+    encoder = EncoderId(
+        name="synthetic", arch="resnet18", dim=dim, input_px=224, mean=(0.5,) * 3, std=(0.25,) * 3
+    )
     rng = np.random.default_rng(seed)
     with open_slide(slide) as s:
         grid = TileGrid(s, target_mpp=mpp, tile_px=tile_px)
-        store = FeatureStore.create_or_open(out, encoder, grid.describe())
+        store = FeatureStore.create_or_open(out, encoder, grid.tiling)
         for sid in ids:
             sf = store.add_slide(sid, grid)
             rows, cols = np.nonzero(sf.selected)

@@ -16,6 +16,7 @@ from engine.export import MANIFEST_COLUMNS, check_class_names, read_manifest, ti
 from engine.export import main as export_main
 from engine.geojson import read_multipolygons
 from engine.store import FeatureStore
+from engine.tiling import Tiling
 from tests.engine.clustering_fixtures import copy_store, real_store
 
 K = 4
@@ -96,7 +97,7 @@ def test_good_class_names_pass_and_case_clashes_with_dir_are_caught() -> None:
 
 
 def test_tile_geometry_keeps_physical_size_unless_both_are_given() -> None:
-    tiling = {"tile_px": 64, "target_mpp": 2.0}
+    tiling = Tiling(tile_px=64, target_mpp=2.0)
     assert tile_geometry(tiling, None, None) == (64, 2.0)
     assert tile_geometry(tiling, 128, None) == (128, 1.0)
     assert tile_geometry(tiling, None, 4.0) == (32, 4.0)

@@ -66,6 +66,7 @@ def _args(slides: list[Path], out: Path, encoder: Path, *extra: str) -> list[str
         "--mpp", str(MPP),
         "--batch-size", str(BATCH),
         "--workers", "1",
+        "--precision", "fp32",  # explicit: auto picks bf16 on CPUs with native bf16
         "--quiet",
         *extra,
     ]  # fmt: skip
@@ -82,8 +83,10 @@ def reference(cmu_svs: Path, tiny_encoder: Path, tmp_path_factory: pytest.TempPa
 def _arrays(path: Path, sid: str = "CMU-1-Small-Region") -> dict[str, np.ndarray]:
     sf = FeatureStore.open(path).slide(sid)
     return {
-        name: np.asarray(getattr(sf, name)[...])
-        for name in ("features", "done", "tissue", "origins")
+        "features": sf.read_features(),
+        "done": sf.done,
+        "tissue": sf.tissue,
+        "origins": sf.origins,
     }
 
 
@@ -100,9 +103,9 @@ def test_reference_run_writes_every_selected_tile(reference: Path, cmu_svs: Path
     assert sf.shape == (47, 35) and sf.dim == 512
     done = np.asarray(sf.done[...])
     assert np.array_equal(done, sf.selected) and done.sum() == 565
-    feats = np.asarray(sf.features[...]).astype(np.float32)
+    feats = sf.read_features().astype(np.float32)
     assert np.all(np.linalg.norm(feats[done], axis=1) > 0) and not feats[~done].any()
-    assert store.encoder["input_px"] == TILE_PX and store.tiling["target_mpp"] == MPP
+    assert store.encoder.input_px == TILE_PX and store.tiling.target_mpp == MPP
 
     summary = json.loads(reference.with_name("features.zarr.summary.json").read_text())
     assert summary["tiles"] == 565 and summary["failures"] == [] and summary["precision"] == "fp32"
@@ -147,7 +150,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(
     script = (
         "from engine.extract import ExtractConfig, run\n"
         f"run(ExtractConfig(slides=[{str(cmu_svs)!r}], out={str(out)!r}, encoder={str(tiny_encoder)!r}, "
-        f"tile_px={TILE_PX}, mpp={MPP}, batch_size=8, workers=1, quiet=True, flush_every_s=0.0))\n"
+        f"tile_px={TILE_PX}, mpp={MPP}, batch_size=8, workers=1, quiet=True, flush_every_s=0.0, precision='fp32'))\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", script], env=_env(), cwd=REPO)
     done_path = out / "slides" / "CMU-1-Small-Region" / "done" / "c"
@@ -265,7 +268,7 @@ def test_slide_failing_while_encoded_keeps_its_finished_chunks(
     done = np.asarray(bad.done[...])
     assert np.array_equal(done[:CHUNK], bad.selected[:CHUNK])  # chunks above the damage: done
     assert done.sum() < bad.selected.sum()
-    assert np.abs(np.asarray(bad.features[:CHUNK])[done[:CHUNK]]).sum() > 0
+    assert np.abs(bad.read_features()[:CHUNK][done[:CHUNK]]).sum() > 0
     good = store.slide("b_ok")
     assert np.array_equal(np.asarray(good.done[...]), good.selected) and good.selected.sum() > 0
 
@@ -281,7 +284,7 @@ def test_store_of_other_tiling_is_refused_unless_overwrite(
     err = capfd.readouterr().err.strip()
     assert err.startswith(f"error: {out}:") and "--overwrite" in err and len(err.splitlines()) == 1
     assert main(_args([png], out, tiny_encoder, "--min-tissue", "0.25", "--overwrite")) == 0
-    assert FeatureStore.open(out).tiling["min_tissue"] == 0.25
+    assert FeatureStore.open(out).tiling.min_tissue == 0.25
 
 
 def test_progress_callback_and_cancel_keep_what_was_encoded(

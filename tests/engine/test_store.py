@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,21 +12,21 @@ import pytest
 import zarr
 from PIL import Image
 
+from engine.encoder_id import EncoderId
 from engine.errors import HistoclusterError
 from engine.slide import open_slide
 from engine.store import CHUNK, FeatureStore, file_fingerprint
 from engine.tiling import TileGrid
 
 DIM = 8
-ENCODER = {
-    "arch": "resnet18",
-    "dim": DIM,
-    "input_px": 224,
-    "mean": (0.485, 0.456, 0.406),
-    "std": (0.229, 0.224, 0.225),
-    "spec": "resnet18-random",
-    "sha256": None,
-}
+ENCODER = EncoderId(
+    name="resnet18-random",
+    arch="resnet18",
+    dim=DIM,
+    input_px=224,
+    mean=(0.485, 0.456, 0.406),
+    std=(0.229, 0.224, 0.225),
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def _png_slide(tmp_path: Path, name: str = "synthetic.png", seed: int = 0) -> Pa
 
 
 def test_layout_matches_architecture(tmp_path: Path, cmu_grid: TileGrid) -> None:
-    store = FeatureStore.create_or_open(tmp_path / "f.zarr", ENCODER, cmu_grid.describe())
+    store = FeatureStore.create_or_open(tmp_path / "f.zarr", ENCODER, cmu_grid.tiling)
     sf = store.add_slide("cmu", cmu_grid)
     rows, cols = cmu_grid.shape
     assert rows > CHUNK and cols > CHUNK
@@ -59,7 +60,7 @@ def test_layout_matches_architecture(tmp_path: Path, cmu_grid: TileGrid) -> None
     root = zarr.open_group(str(tmp_path / "f.zarr"), mode="r")
     assert root.metadata.zarr_format == 3
     assert root.attrs["format_version"] == 1
-    assert root.attrs["encoder"]["mean"] == list(ENCODER["mean"])
+    assert root.attrs["encoder"]["mean"] == list(ENCODER.mean)
     assert root.attrs["tiling"] == {
         "tile_px": 32,
         "stride_px": 32,
@@ -95,28 +96,28 @@ def test_refuses_other_encoder_or_tiling_unless_overwrite(
     tmp_path: Path, cmu_grid: TileGrid
 ) -> None:
     path = tmp_path / "f.zarr"
-    store = FeatureStore.create_or_open(path, ENCODER, cmu_grid.describe())
+    store = FeatureStore.create_or_open(path, ENCODER, cmu_grid.tiling)
     store.add_slide("cmu", cmu_grid)
     # the same encoder and tiling reopen, keeping the slide
-    assert FeatureStore.create_or_open(path, dict(ENCODER), cmu_grid.describe()).slide_ids() == [
+    assert FeatureStore.create_or_open(path, ENCODER, cmu_grid.tiling).slide_ids() == [
         "cmu"
     ]
 
     with pytest.raises(HistoclusterError, match="resnet18-random.*resnet34-random.*--overwrite"):
         FeatureStore.create_or_open(
-            path, {**ENCODER, "spec": "resnet34-random", "arch": "resnet34"}, cmu_grid.describe()
+            path, replace(ENCODER, name="resnet34-random", arch="resnet34"), cmu_grid.tiling
         )
     with pytest.raises(HistoclusterError, match="--overwrite"):
-        FeatureStore.create_or_open(path, {**ENCODER, "sha256": "ab" * 32}, cmu_grid.describe())
-    with pytest.raises(HistoclusterError, match=r"tile_px=32.*tile_px=64"):
-        FeatureStore.create_or_open(path, ENCODER, {**cmu_grid.describe(), "tile_px": 64})
+        FeatureStore.create_or_open(path, replace(ENCODER, sha256="ab" * 32), cmu_grid.tiling)
+    with pytest.raises(HistoclusterError, match="tile_px=32 vs 64"):
+        FeatureStore.create_or_open(path, ENCODER, replace(cmu_grid.tiling, tile_px=64, stride_px=64))
     with pytest.raises(HistoclusterError, match="min_tissue"):
-        FeatureStore.create_or_open(path, ENCODER, {**cmu_grid.describe(), "min_tissue": 0.25})
+        FeatureStore.create_or_open(path, ENCODER, replace(cmu_grid.tiling, min_tissue=0.25))
 
     fresh = FeatureStore.create_or_open(
-        path, ENCODER, {**cmu_grid.describe(), "tile_px": 64}, overwrite=True
+        path, ENCODER, replace(cmu_grid.tiling, tile_px=64, stride_px=64), overwrite=True
     )
-    assert fresh.slide_ids() == [] and fresh.tiling["tile_px"] == 64
+    assert fresh.slide_ids() == [] and fresh.tiling.tile_px == 64
 
 
 def test_overwrite_never_deletes_a_folder_that_is_not_a_store(
@@ -126,10 +127,10 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_store(
     folder.mkdir()
     (folder / "thesis.txt").write_text("keep me")
     with pytest.raises(HistoclusterError, match="not a histocluster feature store"):
-        FeatureStore.create_or_open(folder, ENCODER, cmu_grid.describe(), overwrite=True)
+        FeatureStore.create_or_open(folder, ENCODER, cmu_grid.tiling, overwrite=True)
     assert (folder / "thesis.txt").read_text() == "keep me"
     with pytest.raises(HistoclusterError, match="not a histocluster feature store"):
-        FeatureStore.create_or_open(folder, ENCODER, cmu_grid.describe())
+        FeatureStore.create_or_open(folder, ENCODER, cmu_grid.tiling)
 
 
 def test_open_errors_are_one_line(tmp_path: Path) -> None:
@@ -142,7 +143,7 @@ def test_open_errors_are_one_line(tmp_path: Path) -> None:
 
 
 def test_write_tiles_and_iterate_tissue_features(tmp_path: Path, cmu_grid: TileGrid) -> None:
-    store = FeatureStore.create_or_open(tmp_path / "f.zarr", ENCODER, cmu_grid.describe())
+    store = FeatureStore.create_or_open(tmp_path / "f.zarr", ENCODER, cmu_grid.tiling)
     sf = store.add_slide("cmu", cmu_grid)
     rows, cols = np.nonzero(sf.selected)
     rng = np.random.default_rng(0)
@@ -182,7 +183,7 @@ def test_write_tiles_and_iterate_tissue_features(tmp_path: Path, cmu_grid: TileG
 def test_write_block_replaces_a_whole_chunk_features_first(
     tmp_path: Path, cmu_grid: TileGrid
 ) -> None:
-    store = FeatureStore.create_or_open(tmp_path / "f.zarr", ENCODER, cmu_grid.describe())
+    store = FeatureStore.create_or_open(tmp_path / "f.zarr", ENCODER, cmu_grid.tiling)
     sf = store.add_slide("cmu", cmu_grid)
     blocks = sf.blocks()
     assert (
@@ -208,7 +209,7 @@ def test_add_slide_reuses_same_file_refuses_other_content(
 ) -> None:
     png = _png_slide(tmp_path)
     grid = TileGrid(open_slide(png, mpp=0.5), target_mpp=0.5, tile_px=32)
-    store = FeatureStore.create_or_open(tmp_path / "f.zarr", ENCODER, grid.describe())
+    store = FeatureStore.create_or_open(tmp_path / "f.zarr", ENCODER, grid.tiling)
     sf = store.add_slide("synthetic", grid)
     r, c = np.nonzero(sf.selected)
     assert len(r) > 0
@@ -235,7 +236,7 @@ def test_add_slide_reuses_same_file_refuses_other_content(
 
 def test_incomplete_slide_group_is_invisible_and_rebuilt(tmp_path: Path) -> None:
     grid = TileGrid(open_slide(_png_slide(tmp_path), mpp=0.5), target_mpp=0.5, tile_px=32)
-    store = FeatureStore.create_or_open(tmp_path / "f.zarr", ENCODER, grid.describe())
+    store = FeatureStore.create_or_open(tmp_path / "f.zarr", ENCODER, grid.tiling)
     # what a writer killed inside add_slide leaves: arrays, no tissue, no complete flag
     half = store.root["slides"].create_group("synthetic")
     half.create_array("features", shape=(1, 1, DIM), dtype="float16")
@@ -248,7 +249,7 @@ def test_incomplete_slide_group_is_invisible_and_rebuilt(tmp_path: Path) -> None
 
 def test_cluster_runs_round_trip(tmp_path: Path) -> None:
     grid = TileGrid(open_slide(_png_slide(tmp_path), mpp=0.5), target_mpp=0.5, tile_px=32)
-    store = FeatureStore.create_or_open(tmp_path / "f.zarr", ENCODER, grid.describe())
+    store = FeatureStore.create_or_open(tmp_path / "f.zarr", ENCODER, grid.tiling)
     sf = store.add_slide("synthetic", grid)
     assert store.cluster_runs() == [] and store.latest_cluster_run() is None
 
@@ -284,5 +285,6 @@ def test_cluster_runs_round_trip(tmp_path: Path) -> None:
         store.write_cluster_run("bad", centroids[:2], {"synthetic": labels}, {})
     with pytest.raises(HistoclusterError, match="no cluster run 'nope'"):
         store.read_cluster_run("nope")
+    read_only = FeatureStore.open(tmp_path / "f.zarr", mode="r").slide("synthetic")
     with pytest.raises(ValueError, match="read-only"):
-        FeatureStore.open(tmp_path / "f.zarr", mode="r").slide("synthetic").done[0, 0] = True
+        read_only.write_tiles(np.array([0]), np.array([0]), np.zeros((1, read_only.dim)))

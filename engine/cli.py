@@ -1,0 +1,356 @@
+"""The one command runner: ``Config`` dataclass -> argparse, config JSON, progress, errors, exit codes.
+
+Every ``python -m engine.<command>`` has the same shape::
+
+    @dataclass(frozen=True)
+    class ClusterConfig:
+        store: str = option(positional=True, help="the feature store")
+        k: int = option(8, help="number of clusters")
+
+    def run(cfg: ClusterConfig, *, progress: Progress = no_progress) -> ClusterResult: ...
+
+    def main(argv=None) -> int:
+        return cli.main(ClusterConfig, run, argv, prog="python -m engine.cluster", description=...)
+
+Each field's default, help text and choices are written once, in :func:`option`; the parser is
+generated from the dataclass. The runner parses, writes the config JSON where the config says
+(``Config.config_path()``), shows tqdm bars on a terminal (none with ``--quiet`` or when stderr is
+not a terminal, and only on rank 0 under torchrun), turns every error a user can cause into one
+line, and returns the exit status, which means the same in every command:
+
+====  ===================================================================
+0     success
+1     finished, but some inputs failed (each named on stderr)
+2     bad input or usage (one line: the file, what is wrong, the fix)
+130   interrupted (Ctrl-C or Cancel); what was finished is kept
+====  ===================================================================
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import errno
+import os
+import sys
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from engine.errors import HistoclusterError, one_line
+from engine.files import atomic_write_json
+from engine.progress import Cancelled, Progress
+
+__all__ = [
+    "BAD_INPUT",
+    "INTERRUPTED",
+    "OK",
+    "SOME_FAILED",
+    "TerminalProgress",
+    "build_parser",
+    "describe_os_error",
+    "main",
+    "option",
+    "parse_config",
+    "write_config",
+]
+
+OK = 0
+SOME_FAILED = 1
+BAD_INPUT = 2
+INTERRUPTED = 130
+
+C = TypeVar("C")
+R = TypeVar("R")
+
+_MISSING = dataclasses.MISSING
+
+
+def option(
+    default: Any = _MISSING,
+    *,
+    help: str,
+    default_factory: Callable[[], Any] | None = None,
+    choices: Sequence[Any] | None = None,
+    flag: str | None = None,
+    short: str | None = None,
+    positional: bool = False,
+    nargs: str | int | None = None,
+    metavar: str | None = None,
+    parse: Callable[[str], Any] | None = None,
+    cli: bool = True,
+    show_default: bool = True,
+) -> Any:
+    """A ``Config`` field with its command-line flag described once.
+
+    Args:
+        default / default_factory: the field's default (omit both for a required flag).
+        help: the ``--help`` text; "(default: X)" is appended unless ``show_default`` is false
+            or the default is None / False.
+        choices: allowed values (a ``Literal`` annotation gives them too).
+        flag: the long flag (default ``--`` + the field name with ``-`` for ``_``).
+        short: an optional short flag, e.g. ``"-k"``.
+        positional: a positional argument instead of a flag.
+        nargs / metavar: as in argparse (list annotations default to ``nargs="+"``).
+        parse: converts the command-line string (default: from the annotation).
+        cli: False for fields that are not command-line flags (library-only knobs).
+    """
+    meta = {
+        "help": help,
+        "choices": tuple(choices) if choices is not None else None,
+        "flag": flag,
+        "short": short,
+        "positional": positional,
+        "nargs": nargs,
+        "metavar": metavar,
+        "parse": parse,
+        "cli": cli,
+        "show_default": show_default,
+    }
+    if default_factory is not None:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+# ------------------------------------------------------------------------------ parser
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    """``X | None`` -> ``X``."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _flag_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def build_parser(
+    config_cls: type,
+    *,
+    prog: str,
+    description: str,
+    epilog: str | None = None,
+) -> argparse.ArgumentParser:
+    """An ``ArgumentParser`` generated from the fields of ``config_cls`` (see :func:`option`)."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        meta = f.metadata
+        if not meta or not meta.get("cli", True):
+            continue
+        tp = _unwrap_optional(hints[f.name])
+        has_default = f.default is not _MISSING or f.default_factory is not _MISSING
+        default = (
+            f.default
+            if f.default is not _MISSING
+            else (f.default_factory() if f.default_factory is not _MISSING else None)
+        )
+        kwargs: dict[str, Any] = {"help": meta["help"]}
+        choices = meta.get("choices")
+        if typing.get_origin(tp) is Literal:
+            choices = choices or typing.get_args(tp)
+            tp = type(typing.get_args(tp)[0])
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
+            kwargs["default"] = bool(default)
+        else:
+            container = typing.get_origin(tp) in (list, tuple, Sequence)
+            item = typing.get_args(tp)[0] if container and typing.get_args(tp) else tp
+            if container:
+                kwargs["nargs"] = meta.get("nargs") or "+"
+            elif meta.get("nargs") is not None:
+                kwargs["nargs"] = meta["nargs"]
+            kwargs["type"] = meta.get("parse") or (item if item in (int, float, str) else str)
+            if choices:
+                kwargs["choices"] = list(choices)
+            if meta.get("metavar"):
+                kwargs["metavar"] = meta["metavar"]
+            if has_default:
+                kwargs["default"] = list(default) if isinstance(default, tuple) else default
+        show = meta.get("show_default", True) and default not in (None, False) and has_default
+        if show and "%(default)" not in kwargs["help"]:
+            kwargs["help"] += " (default: %(default)s)"
+        if meta.get("positional"):
+            if has_default and "nargs" not in kwargs:
+                kwargs["nargs"] = "?"
+            kwargs.setdefault("metavar", f.name.upper())
+            parser.add_argument(f.name, **kwargs)
+        else:
+            names = [meta["short"]] if meta.get("short") else []
+            names.append(_flag_name(f))
+            kwargs["dest"] = f.name
+            if not has_default:
+                kwargs["required"] = True
+            parser.add_argument(*names, **kwargs)
+    return parser
+
+
+def parse_config(
+    config_cls: type[C],
+    argv: Sequence[str] | None = None,
+    *,
+    prog: str = "histocluster",
+    description: str = "",
+    epilog: str | None = None,
+) -> C:
+    """Parse ``argv`` into a ``config_cls`` instance (argparse exits with 2 on bad usage)."""
+    args = build_parser(config_cls, prog=prog, description=description, epilog=epilog).parse_args(
+        argv
+    )
+    names = {f.name for f in dataclasses.fields(config_cls)}  # type: ignore[arg-type]
+    hints = typing.get_type_hints(config_cls)
+    values = {}
+    for k, v in vars(args).items():
+        if k in names:
+            tp = _unwrap_optional(hints[k])
+            if isinstance(v, list) and typing.get_origin(tp) is tuple:
+                v = tuple(v)
+            values[k] = v
+    return config_cls(**values)
+
+
+def write_config(path: str | Path, cfg: Any, **extra: Any) -> Path:
+    """Write ``cfg`` (a dataclass) and any resolved ``extra`` values as JSON to ``path``, atomically."""
+    data = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    return atomic_write_json(path, {**data, **({"resolved": extra} if extra else {})})
+
+
+# ------------------------------------------------------------------------------ progress
+
+
+def _is_main_rank() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class TerminalProgress:
+    """A :data:`~engine.progress.Progress` that draws one tqdm bar per stage on stderr."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._stage: str | None = None
+        self._bar: Any = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if stage != self._stage:
+            self.close()
+            from tqdm import tqdm
+
+            self._stage = stage
+            self._bar = tqdm(total=total, desc=stage, file=sys.stderr, smoothing=0.1)
+        bar = self._bar
+        if bar.total != total:
+            bar.total = total
+        if done != bar.n:
+            bar.update(done - bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        self._bar, self._stage = None, None
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+_OS_FIXES = {
+    errno.ENOSPC: "free disk space or choose another location, then rerun the same command to resume",
+    errno.EDQUOT: "free space within your quota or choose another location, then rerun to resume",
+    errno.EFBIG: "raise the file-size limit (ulimit -f) or choose another location, then rerun to resume",
+    errno.EROFS: "the file system is read-only — choose a writable location",
+    errno.EACCES: "no permission — choose a location you can write, or fix its permissions",
+    errno.EPERM: "not permitted — choose a location you can write, or fix its permissions",
+    errno.ENOENT: "no such file or directory — check the path",
+    errno.ELOOP: "a symbolic link loop — point at the real file",
+    errno.EMFILE: "too many open files — raise the limit (ulimit -n) or use fewer workers",
+    errno.ENOMEM: "out of memory — use a smaller batch or fewer workers",
+}
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an ``OSError``: the path, what the system said, and the fix."""
+    where = e.filename if e.filename is not None else "(unknown path)"
+    what = e.strerror or one_line(e)
+    fix = _OS_FIXES.get(e.errno or -1, "check the path and the disk, then rerun")
+    return f"{where}: {what} — {fix}"
+
+
+def _failure_lines(result: Any) -> list[str]:
+    failures = getattr(result, "failures", None) or []
+    lines = []
+    for f in failures:
+        if isinstance(f, Mapping):
+            lines.append(str(f.get("error") or f))
+        else:
+            lines.append(str(f))
+    return lines
+
+
+# ------------------------------------------------------------------------------ runner
+
+
+def main(
+    config_cls: type[C],
+    run: Callable[..., R],
+    argv: Sequence[str] | None = None,
+    *,
+    prog: str,
+    description: str,
+    epilog: str | None = None,
+    report: Callable[[C, R], str | None] | None = None,
+    report_stream: Literal["stdout", "stderr"] = "stderr",
+    interrupted_hint: str = "run the same command again to resume",
+) -> int:
+    """Parse ``argv`` into ``config_cls``, call ``run(cfg, progress=...)``, print, return the exit status.
+
+    ``report(cfg, result)`` gives the summary line printed on success (not with ``--quiet``).
+    ``result.failures`` (when the result has it) lists inputs that failed: each is printed as
+    ``error: ...`` and the status is then 1.
+    """
+    cfg = parse_config(config_cls, argv, prog=prog, description=description, epilog=epilog)
+    quiet = bool(getattr(cfg, "quiet", False))
+    main_rank = _is_main_rank()
+    progress: Progress = TerminalProgress(enabled=not quiet and main_rank and sys.stderr.isatty())
+    try:
+        try:
+            config_path = getattr(cfg, "config_path", None)
+            path = config_path() if callable(config_path) else None
+            if path is not None and main_rank:
+                write_config(path, cfg)
+            result = run(cfg, progress=progress)
+        finally:
+            progress.close()  # type: ignore[attr-defined]
+            if "torch.distributed" in sys.modules:
+                from engine.distributed import cleanup
+
+                cleanup()
+    except (KeyboardInterrupt, Cancelled):
+        print(f"{prog}: interrupted — {interrupted_hint}", file=sys.stderr)
+        return INTERRUPTED
+    except HistoclusterError as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return BAD_INPUT
+    except OSError as e:
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        return BAD_INPUT
+    failures = _failure_lines(result)
+    if main_rank:
+        for line in failures:
+            print(f"error: {line}", file=sys.stderr)
+        if report is not None and not quiet:
+            text = report(cfg, result)
+            if text:
+                print(text, file=sys.stdout if report_stream == "stdout" else sys.stderr)
+    return SOME_FAILED if failures else OK
