@@ -38,6 +38,7 @@ import math
 import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cached_property
@@ -85,6 +86,21 @@ def file_fingerprint(path: str | Path) -> str:
             f.seek(max(_FINGERPRINT_BYTES, size - _FINGERPRINT_BYTES))
             digest.update(f.read(_FINGERPRINT_BYTES))
     return f"sha256-head-tail:{digest.hexdigest()}"
+
+
+_DAMAGE = (KeyError, ValueError, RuntimeError, TypeError, AttributeError, IndexError)
+"""What zarr and its codecs raise for damaged metadata or chunks (JSON, missing keys, zstd)."""
+
+
+@contextmanager
+def _damage_guard(where: Path, fix: str) -> Iterator[None]:
+    """Turn the errors of a damaged store under ``where`` into one ``StoreError`` naming it and ``fix``."""
+    try:
+        yield
+    except HistoclusterError:
+        raise
+    except _DAMAGE as e:
+        raise StoreError(f"{where}: damaged ({type(e).__name__}: {one_line(e)}) — {fix}") from e
 
 
 def _check_name(kind: str, name: str) -> str:
@@ -191,29 +207,38 @@ class SlideFeatures:
         origins: (rows, cols, 2) int64 level-0 (l0_x, l0_y).
     """
 
-    def __init__(self, group: zarr.Group, slide_id: str, min_tissue: float) -> None:
+    def __init__(
+        self, group: zarr.Group, slide_id: str, min_tissue: float, where: Path | None = None
+    ) -> None:
         self._group = group
         self.slide_id = slide_id
         self.min_tissue = float(min_tissue)
-        self._features: zarr.Array = group["features"]  # type: ignore[assignment]
-        self._tissue: zarr.Array = group["tissue"]  # type: ignore[assignment]
-        self._done: zarr.Array = group["done"]  # type: ignore[assignment]
-        self._origins: zarr.Array = group["origins"]  # type: ignore[assignment]
+        self.where = where or Path(slide_id)
+        self.fix = f"delete {self.where} and rerun python -m engine.extract on the store to re-encode the slide"
+        with _damage_guard(self.where, self.fix):
+            self._features: zarr.Array = group["features"]  # type: ignore[assignment]
+            self._tissue: zarr.Array = group["tissue"]  # type: ignore[assignment]
+            self._done: zarr.Array = group["done"]  # type: ignore[assignment]
+            self._origins: zarr.Array = group["origins"]  # type: ignore[assignment]
+
+    def _read(self, name: str, array: zarr.Array, sl: Any = Ellipsis) -> np.ndarray:
+        with _damage_guard(self.where / name, self.fix):
+            return np.asarray(array[sl])
 
     @cached_property
     def tissue(self) -> np.ndarray:
         """(rows, cols) float16 tissue fraction of each tile (written once)."""
-        return np.asarray(self._tissue[...])
+        return self._read("tissue", self._tissue)
 
     @cached_property
     def origins(self) -> np.ndarray:
         """(rows, cols, 2) int64 level-0 (l0_x, l0_y) of each tile (written once)."""
-        return np.asarray(self._origins[...])
+        return self._read("origins", self._origins)
 
     @property
     def done(self) -> np.ndarray:
         """(rows, cols) bool: tiles whose features are stored (read afresh on every access)."""
-        return np.asarray(self._done[...])
+        return self._read("done", self._done)
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -245,7 +270,7 @@ class SlideFeatures:
 
     def read_features(self) -> np.ndarray:
         """(rows, cols, dim) float16: the whole feature map (for small slides and tests; zeros where not done)."""
-        return np.asarray(self._features[...])
+        return self._read("features", self._features)
 
     def n_encoded(self) -> int:
         """How many selected tiles are encoded."""
@@ -268,7 +293,7 @@ class SlideFeatures:
     def read_block(self, block: Block) -> tuple[np.ndarray, np.ndarray]:
         """(features (h, w, dim) float16, done (h, w) bool) of one chunk."""
         sl = (slice(block.r0, block.r1), slice(block.c0, block.c1))
-        return np.asarray(self._features[sl]), np.asarray(self._done[sl])
+        return self._read("features", self._features, sl), self._read("done", self._done, sl)
 
     def write_block(self, block: Block, features: np.ndarray, done: np.ndarray) -> None:
         """Replace one whole chunk: ``features`` (h, w, dim) (cast to float16), then ``done`` (h, w) bool.
@@ -353,10 +378,24 @@ class FeatureStore:
         try:
             root = zarr.open_group(store=str(path), mode=mode)
         except Exception as e:  # zarr raises several types for bad metadata
-            raise HistoclusterError(
-                f"{path}: unreadable zarr store ({e}) — re-extract with --overwrite"
+            raise StoreError(
+                f"{path}: unreadable zarr store ({one_line(e)}) — re-extract with --overwrite"
             ) from e
-        return cls(root, path)
+        store = cls(root, path)
+        for name in ("slides", "clusters"):
+            with _damage_guard(
+                path / name, f"the store lost its {name}/ group — re-extract with --overwrite"
+            ):
+                group = root.get(name)
+            if not isinstance(group, zarr.Group):
+                if name == "clusters" and group is None:
+                    if mode == "r+":  # nothing was clustered yet: an empty group is right
+                        root.create_group("clusters")
+                    continue
+                raise StoreError(
+                    f"{path / name}: missing or not a group — re-extract with --overwrite"
+                )
+        return store
 
     @classmethod
     def create_or_open(
@@ -478,28 +517,59 @@ class FeatureStore:
     def dim(self) -> int:
         return int(self.encoder.dim)
 
+    def _slide_group(self, slide_id: str) -> zarr.Group | None:
+        """The group of a slide (None when absent); ``StoreError`` when its metadata is damaged."""
+        where = self.path / "slides" / slide_id
+        with _damage_guard(
+            where, f"delete {where} and rerun python -m engine.extract to re-encode the slide"
+        ):
+            group = self.root["slides"].get(slide_id)  # type: ignore[union-attr]
+            if group is not None and not isinstance(group, zarr.Group):
+                raise ValueError("not a group")
+            return group
+
+    def _slide_names(self) -> list[str]:
+        """Names of the entries under ``slides/`` (complete, incomplete or damaged), from the file system."""
+        root = self.path / "slides"
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and _NAME.match(p.name))
+
+    def damaged_slides(self) -> dict[str, str]:
+        """{slide_id: one-line error} of the slide groups whose metadata cannot be read."""
+        out = {}
+        for name in self._slide_names():
+            try:
+                self._slide_group(name)
+            except StoreError as e:
+                out[name] = str(e)
+        return out
+
     def slide_ids(self) -> list[str]:
-        """Ids of the slides whose groups are complete, sorted."""
-        slides = self.root["slides"]
-        return sorted(
-            name
-            for name, group in slides.groups()
-            if group.attrs.get("complete") is True  # type: ignore[union-attr]
-        )
+        """Ids of the slides whose groups are complete, sorted (damaged groups are left out:
+        see :meth:`damaged_slides`)."""
+        ids = []
+        for name in self._slide_names():
+            try:
+                group = self._slide_group(name)
+            except StoreError:
+                continue
+            if group is not None and group.attrs.get("complete") is True:
+                ids.append(name)
+        return ids
 
     def __contains__(self, slide_id: object) -> bool:
         return isinstance(slide_id, str) and slide_id in self.slide_ids()
 
     def slide(self, slide_id: str) -> SlideFeatures:
         """The features of one slide; ``HistoclusterError`` naming the known slides when absent."""
-        slides = self.root["slides"]
-        group = slides.get(slide_id) if _NAME.match(slide_id) else None  # type: ignore[union-attr]
+        group = self._slide_group(slide_id) if _NAME.match(slide_id) else None
         if group is None or group.attrs.get("complete") is not True:
             known = ", ".join(self.slide_ids()) or "none"
             raise HistoclusterError(
                 f"{self.path}: no slide {slide_id!r} (slides: {known}) — extract it first"
             )
-        return SlideFeatures(group, slide_id, self.tiling.min_tissue)  # type: ignore[arg-type]
+        return SlideFeatures(
+            group, slide_id, self.tiling.min_tissue, self.path / "slides" / slide_id
+        )
 
     def add_slide(self, slide_id: str, grid: TileGrid) -> SlideFeatures:
         """Create ``slides/<slide_id>`` for ``grid`` (tissue, origins, provenance), or reuse it.
@@ -529,7 +599,11 @@ class FeatureStore:
             "dimensions": [int(v) for v in grid.slide.dimensions],
         }
         slides: zarr.Group = self.root["slides"]  # type: ignore[assignment]
-        existing = slides.get(slide_id)
+        try:
+            existing = self._slide_group(slide_id)
+        except StoreError:  # damaged metadata: rebuild the slide's group from the slide
+            shutil.rmtree(self.path / "slides" / slide_id)
+            existing = None
         if existing is not None:
             old = existing.attrs.asdict()
             if old.get("complete") is True:
@@ -684,11 +758,18 @@ class FeatureStore:
 
     def cluster_runs(self) -> list[str]:
         """Names of the complete cluster runs, oldest first."""
-        runs = [
-            (g.attrs.get("created", ""), name)
-            for name, g in self._clusters().groups()
-            if g.attrs.get("complete") is True
-        ]
+        runs = []
+        root = self.path / "clusters"
+        for entry in sorted(root.iterdir()) if root.is_dir() else []:
+            if not (entry.is_dir() and _NAME.match(entry.name)):
+                continue
+            try:
+                with _damage_guard(entry, ""):
+                    g = self._clusters().get(entry.name)
+                    if isinstance(g, zarr.Group) and g.attrs.get("complete") is True:
+                        runs.append((g.attrs.get("created", ""), entry.name))
+            except StoreError:
+                continue  # a damaged run is not listed; reading it by name says what is wrong
         return [name for _, name in sorted(runs)]
 
     def latest_cluster_run(self) -> str | None:
@@ -699,19 +780,26 @@ class FeatureStore:
     def read_cluster_run(self, run: str, slide_ids: Sequence[str] | None = None) -> ClusterRun:
         """(attrs, centroids (k, dim) float32, {slide_id: labels (rows, cols) int16}) of a run."""
         group = self._cluster_group(run)
-        slides: zarr.Group = group["slides"]  # type: ignore[assignment]
-        ids = sorted(slides.group_keys()) if slide_ids is None else list(slide_ids)
+        with _damage_guard(self.path / "clusters" / run, self._run_fix(run)):
+            slides: zarr.Group = group["slides"]  # type: ignore[assignment]
+            ids = sorted(slides.group_keys()) if slide_ids is None else list(slide_ids)
+            centroids = np.asarray(group["centroids"][...])
         labels = {sid: self.read_cluster_labels(run, sid) for sid in ids}
-        return ClusterRun(group.attrs.asdict(), np.asarray(group["centroids"][...]), labels)
+        return ClusterRun(group.attrs.asdict(), centroids, labels)
 
     def read_cluster_labels(self, run: str, slide_id: str) -> np.ndarray:
         """(rows, cols) int16 labels of one slide in a run, -1 outside tissue."""
-        slides: zarr.Group = self._cluster_group(run)["slides"]  # type: ignore[assignment]
-        if slide_id not in slides:
-            raise HistoclusterError(
-                f"{self.path}: cluster run {run!r} has no labels for slide {slide_id!r}"
-            )
-        return np.asarray(slides[slide_id]["labels"][...])  # type: ignore[index]
+        group = self._cluster_group(run)
+        with _damage_guard(self.path / "clusters" / run / "slides" / slide_id, self._run_fix(run)):
+            slides: zarr.Group = group["slides"]  # type: ignore[assignment]
+            if slide_id not in slides:
+                raise HistoclusterError(
+                    f"{self.path}: cluster run {run!r} has no labels for slide {slide_id!r}"
+                )
+            return np.asarray(slides[slide_id]["labels"][...])  # type: ignore[index]
+
+    def _run_fix(self, run: str) -> str:
+        return f"delete {self.path / 'clusters' / run} and rerun python -m engine.cluster"
 
     def write_run_file(self, run: str, name: str, data: bytes) -> Path:
         """Write a file beside cluster run ``run`` (``files/<name>``, e.g. ``exemplars.png``) atomically."""
@@ -751,11 +839,17 @@ class FeatureStore:
             ) from e
 
     def _clusters(self) -> zarr.Group:
-        return self.root["clusters"]  # type: ignore[return-value]
+        group = self.root.get("clusters")
+        if not isinstance(group, zarr.Group):
+            raise HistoclusterError(
+                f"{self.path}: no cluster runs (runs: none) — run python -m engine.cluster first"
+            )
+        return group
 
     def _cluster_group(self, run: str) -> zarr.Group:
         clusters = self._clusters()
-        group = clusters.get(run) if _NAME.match(run) else None
+        with _damage_guard(self.path / "clusters" / run, self._run_fix(run)):
+            group = clusters.get(run) if _NAME.match(run) else None
         if group is None or group.attrs.get("complete") is not True:
             known = ", ".join(self.cluster_runs()) or "none"
             raise HistoclusterError(
