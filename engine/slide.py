@@ -337,6 +337,7 @@ def open_slide(path: str | Path, mpp: MppLike = None) -> Slide:
         raise SlideError(f"{path}: no such file — check the path")
     if path.is_dir() and path.suffix.lower() != ".mrxs":
         raise SlideError(f"{path}: is a directory, not a slide — give the slide file itself")
+    _check_tiff_complete(path)  # before choosing a reader: a truncated SVS is not a plain image
     try:
         fmt = openslide.OpenSlide.detect_format(str(path))
     except (openslide.OpenSlideError, OSError):
@@ -418,13 +419,57 @@ def _tiff_resolution_mpp(path: Path) -> tuple[float, float] | None:
         return None
 
 
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _is_tiff_structured(path: Path) -> bool:
+    """True for a file that starts like a TIFF or BigTIFF (SVS, NDPI, SCN, BIF, pyramidal TIFF, ...)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) in _TIFF_MAGIC
+    except OSError:
+        return False
+
+
+def _ifd_chain_end(path: Path, size: int) -> int | None:
+    """Walk the chain of image file directories; the first offset past ``size`` (a truncation), else None."""
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(16)
+        order = "<" if head[:2] == b"II" else ">"
+        big = head[2:4] in (b"+\x00", b"\x00+")
+        offset = struct.unpack(order + ("Q" if big else "I"), head[8:16] if big else head[4:8])[0]
+        count_fmt, entry_size, next_fmt = ("Q", 20, "Q") if big else ("H", 12, "I")
+        seen: set[int] = set()
+        while offset and offset not in seen and len(seen) < 100_000:
+            seen.add(offset)
+            count_size = struct.calcsize(count_fmt)
+            if offset + count_size > size:
+                return offset
+            f.seek(offset)
+            (count,) = struct.unpack(order + count_fmt, f.read(count_size))
+            end = offset + count_size + count * entry_size + struct.calcsize(next_fmt)
+            if end > size:
+                return end
+            f.seek(end - struct.calcsize(next_fmt))
+            (offset,) = struct.unpack(order + next_fmt, f.read(struct.calcsize(next_fmt)))
+    return None
+
+
 def _check_tiff_complete(path: Path) -> None:
-    """Refuse TIFF-based slides whose tiles point past the end of the file (truncated copies)."""
-    if path.suffix.lower() not in (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".svslide"):
+    """Refuse TIFF-structured files whose directories or image data point past the end of the file
+    (truncated copies), whatever their suffix, before a reader is chosen."""
+    if not path.is_file() or not _is_tiff_structured(path):
         return
     import tifffile
 
     size = path.stat().st_size
+    past = _ifd_chain_end(path, size)
+    if past is not None:
+        raise SlideError(
+            f"{path}: truncated ({size} bytes, its TIFF directories run to {past}) — re-copy or re-download the file"
+        )
     try:
         with tifffile.TiffFile(path) as tif:
             end = 0
