@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from PIL import Image
 from qtpy.QtCore import Qt, Signal
 from qtpy.QtGui import QColor, QImage, QPixmap
 from qtpy.QtWidgets import QAbstractItemView, QHeaderView, QLabel, QTableWidget, QTableWidgetItem
@@ -18,8 +19,6 @@ HEADERS = ("cluster", "class name", "tiles", "share", "nearest the centre")
 
 def exemplar_strip(thumbs: Sequence[np.ndarray], px: int = THUMB_PX, gap: int = 2) -> np.ndarray:
     """Thumbnails (h, w, 3) uint8 resized to ``px`` and laid side by side: (px, n*px+gaps, 3) uint8."""
-    from PIL import Image
-
     n = max(1, len(thumbs))
     strip = np.full((px, n * px + (n - 1) * gap, 3), 255, np.uint8)
     for i, t in enumerate(thumbs):

@@ -1,4 +1,4 @@
-"""Geometry and colours of the cluster overlay: a Labels layer with one pixel per tile (no Qt).
+"""Geometry and colours of the cluster overlay: a Labels layer with one pixel per tile (no Qt widgets).
 
 napari puts the centre of pixel ``j`` of a layer at ``j * scale + translate``. The slide layer has
 scale ``mpp`` and translate 0, so level-0 pixel ``j`` covers world ``[(j - 0.5), (j + 0.5)] * mpp``.
@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from napari.utils.colormaps import DirectLabelColormap
+
+from engine.mosaic import cluster_colors as rgb_colors
 
 TRANSPARENT = np.zeros(4, np.float32)
 
@@ -85,8 +88,6 @@ class GridGeometry:
 
 def cluster_colors(k: int) -> np.ndarray:
     """(k, 4) float32 RGBA in [0, 1]: ``engine.mosaic``'s palette, the one of every overlay PNG."""
-    from engine.mosaic import cluster_colors as rgb_colors
-
     rgb = rgb_colors(k).astype(np.float32) / 255.0
     return np.concatenate([rgb, np.ones((k, 1), np.float32)], axis=1)
 
@@ -96,8 +97,6 @@ def labels_colormap(colors: np.ndarray, visible: Collection[int] | None = None) 
 
     Clusters not in ``visible`` (all when None) and the background are transparent.
     """
-    from napari.utils.colormaps import DirectLabelColormap
-
     color_dict: dict[int | None, np.ndarray] = {None: TRANSPARENT, 0: TRANSPARENT}
     for i, c in enumerate(colors):
         shown = visible is None or i in visible

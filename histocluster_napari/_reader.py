@@ -1,51 +1,19 @@
-"""npe2 reader: whole-slide images as lazy multiscale RGB layers in micrometres; feature stores.
+"""npe2 reader: whole-slide images (``_slide_layers``) and feature stores (``_store_layers``).
 
-A slide becomes a list of dask arrays, one per pyramid level, whose chunks are whole multiples of
-the slide's own tiles; every chunk is one ``Slide.read_region`` call, so nothing ever reads a
-whole level. The layer's scale is the level-0 micrometres per pixel, so the scale bar is right and
-slides scanned at different resolutions overlay. Files that cannot be read give ``None``.
+Files that cannot be read give ``None``, so napari can try another reader. The file patterns of
+``napari.yaml`` are ``engine.slide.SLIDE_SUFFIXES`` and ``*.zarr`` (a test keeps them equal).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
-import dask.array as da
-import numpy as np
-from PIL import Image
+from engine.slide import is_slide_file
+from histocluster_napari._slide_layers import LayerData, open_for_viewing, slide_layer_data
+from histocluster_napari._store_layers import store_reader
 
-from engine.errors import HistoclusterError, MissingMppError
-from engine.slide import Slide, open_slide
-
-LayerData = tuple[Any, dict[str, Any], str]
 ReaderFunction = Callable[[str | Sequence[str]], list[LayerData]]
-
-SLIDE_SUFFIXES = (
-    ".svs",
-    ".tif",
-    ".tiff",
-    ".ndpi",
-    ".mrxs",
-    ".scn",
-    ".vms",
-    ".vmu",
-    ".bif",
-    ".svslide",
-)
-METADATA_KEY = "histocluster"
-"""Key of the layer metadata dict the widget reads: slide path, mpp, whether the mpp is known."""
-
-CHUNK_TARGET_PX = 512
-"""Chunks are the multiple of the slide's tile side nearest this (fewer, larger dask tasks)."""
-DEFAULT_TILE_PX = 256
-"""Tile side assumed for slides that do not declare one (plain images)."""
-MAX_COARSEST_PX = 4096
-"""Levels are added by factor 2 below the slide's own until the coarsest fits this."""
-PLACEHOLDER_MPP = 1.0
-"""Scale shown for slides without resolution metadata until the user enters it in the widget."""
 
 
 def napari_get_reader(path: str | Sequence[str]) -> ReaderFunction | None:
@@ -70,149 +38,11 @@ def napari_get_reader(path: str | Sequence[str]) -> ReaderFunction | None:
 
 
 def _reader_for(path: Path) -> Callable[[], list[LayerData]] | None:
-    suffix = path.suffix.lower()
-    if suffix == ".zarr":
-        from histocluster_napari._store_layers import store_reader
-
+    if path.suffix.lower() == ".zarr":
         return store_reader(path)
-    if suffix not in SLIDE_SUFFIXES or not path.exists():
+    if not is_slide_file(path) or not path.exists():
         return None
     slide, mpp_known = open_for_viewing(path)
     if slide is None:
         return None
     return lambda: [slide_layer_data(slide, mpp_known=mpp_known)]
-
-
-def open_for_viewing(path: str | Path, mpp: float | None = None) -> tuple[Slide | None, bool]:
-    """Open ``path`` for display: (slide, mpp known?); (None, False) when it is not readable.
-
-    A slide without resolution metadata opens at ``PLACEHOLDER_MPP`` with ``mpp known`` False,
-    so it can be viewed while the widget asks for its micrometres per pixel.
-    """
-    try:
-        return open_slide(path, mpp), True
-    except MissingMppError:
-        try:
-            return open_slide(path, PLACEHOLDER_MPP), False
-        except (HistoclusterError, OSError, ValueError):
-            return None, False
-    except (HistoclusterError, OSError, ValueError):
-        return None, False
-
-
-def slide_layer_data(slide: Slide, mpp_known: bool = True, name: str | None = None) -> LayerData:
-    """A napari image LayerDataTuple: multiscale RGB pyramid of ``slide`` with scale in um."""
-    mx, my = slide.mpp
-    meta = {
-        "slide_path": str(slide.path),
-        "mpp": (mx, my),
-        "mpp_known": mpp_known,
-    }
-    kwargs: dict[str, Any] = {
-        "name": name or slide.path.stem,
-        "multiscale": True,
-        "rgb": True,
-        "contrast_limits": (0, 255),
-        "scale": (my, mx),
-        "units": ("um", "um") if mpp_known else ("pixel", "pixel"),
-        "metadata": {METADATA_KEY: meta},
-    }
-    if not mpp_known:
-        from napari.utils.notifications import show_warning
-
-        show_warning(
-            f"{slide.path}: no resolution (microns per pixel) in the metadata — enter the slide's "
-            "um/px in the HistoCluster widget (shown in pixels until then)"
-        )
-    return slide_pyramid(slide), kwargs, "image"
-
-
-def slide_tile_size(slide: Slide, level: int) -> tuple[int, int]:
-    """(w, h) of the slide's own tiles at ``level`` (``DEFAULT_TILE_PX`` when not declared)."""
-    props = getattr(slide, "properties", {}) or {}
-    try:
-        w = int(props[f"openslide.level[{level}].tile-width"])
-        h = int(props[f"openslide.level[{level}].tile-height"])
-        if w > 0 and h > 0:
-            return w, h
-    except (KeyError, ValueError):
-        pass
-    return DEFAULT_TILE_PX, DEFAULT_TILE_PX
-
-
-def _chunk(tile: int) -> int:
-    return tile * max(1, round(CHUNK_TARGET_PX / tile))
-
-
-class LevelArray:
-    """Array-like (h, w, 3) uint8 view of one pyramid level; indexing reads just that region.
-
-    ``extra_downsample`` > 1 makes a synthetic level: regions of ``level`` that many times larger
-    are read and shrunk, for slides whose own coarsest level is too big to show whole.
-    """
-
-    dtype = np.dtype(np.uint8)
-    ndim = 3
-
-    def __init__(self, slide: Slide, level: int, extra_downsample: int = 1) -> None:
-        self.slide, self.level, self.extra = slide, level, int(extra_downsample)
-        w, h = slide.level_dimensions[level]
-        self.shape = (math.ceil(h / self.extra), math.ceil(w / self.extra), 3)
-        self.downsample = slide.level_downsamples[level]
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        key = key if isinstance(key, tuple) else (key,)
-        key = key + (slice(None),) * (3 - len(key))
-        ys, xs, cs = (k if isinstance(k, slice) else slice(k, k + 1) for k in key)
-        y0, y1, ystep = ys.indices(self.shape[0])
-        x0, x1, xstep = xs.indices(self.shape[1])
-        if ystep != 1 or xstep != 1:
-            raise IndexError("LevelArray supports unit-step slices only")
-        if y1 <= y0 or x1 <= x0:
-            return np.empty((max(0, y1 - y0), max(0, x1 - x0), 3), np.uint8)[..., cs]
-        e = self.extra
-        l0_xy = (round(x0 * e * self.downsample), round(y0 * e * self.downsample))
-        region = self.slide.read_region(l0_xy, self.level, ((x1 - x0) * e, (y1 - y0) * e))
-        if e > 1:
-            region = np.asarray(
-                Image.fromarray(region).reduce(e) if region.shape[0] >= e else region[::e, ::e]
-            )[: y1 - y0, : x1 - x0]
-        return region[..., cs]
-
-
-def slide_pyramid(slide: Slide) -> list[da.Array]:
-    """Finest-first dask arrays (h, w, 3) uint8 of every level, chunked on the slide's tiles."""
-    levels: list[da.Array] = []
-    meta = np.empty((0, 0, 0), np.uint8)
-    for level in range(slide.level_count):
-        tw, th = slide_tile_size(slide, level)
-        arr = LevelArray(slide, level)
-        levels.append(
-            da.from_array(
-                arr,
-                chunks=(_chunk(th), _chunk(tw), 3),
-                meta=meta,
-                asarray=False,
-                fancy=False,
-                lock=False,
-                name=f"histocluster-{slide.path.name}-{id(slide)}-{level}",
-            )
-        )
-    coarsest = slide.level_count - 1
-    tw, th = slide_tile_size(slide, coarsest)
-    extra = 2
-    while max(levels[-1].shape[:2]) > MAX_COARSEST_PX:
-        arr = LevelArray(slide, coarsest, extra)
-        levels.append(
-            da.from_array(
-                arr,
-                chunks=(_chunk(th), _chunk(tw), 3),
-                meta=meta,
-                asarray=False,
-                fancy=False,
-                lock=False,
-                name=f"histocluster-{slide.path.name}-{id(slide)}-{coarsest}x{extra}",
-            )
-        )
-        extra *= 2
-    return levels

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine.errors import SlideError
-from histocluster_napari._reader import LayerData, open_for_viewing, slide_layer_data
+from histocluster_napari._slide_layers import LayerData, open_for_viewing, slide_layer_data
 
 SAMPLE_SLIDE = Path(__file__).resolve().parent.parent / "sample_data" / "sample_slide.tiff"
 

@@ -1,56 +1,84 @@
 """What the HistoCluster widget asks of the engine, as plain functions run in a worker thread.
 
-No Qt here: each function takes a ``progress(stage, done, total)`` callback, which may raise
-``Cancelled`` to stop the work at the next report (features encoded so far stay in the store,
-so the next Cluster resumes). Everything heavy is an ``engine`` call.
+No Qt here: each function takes an ``engine.progress`` callback ``progress(stage, done, total)``,
+which may raise ``Cancelled`` to stop the work at the next report (features encoded so far stay
+in the store, so the next Cluster resumes). Everything heavy is an ``engine`` call, and whether a
+store can serve a request is ``FeatureStore.coverage``'s decision, the same as the CLI's.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
+from engine import cluster as engine_cluster
+from engine import export as engine_export
+from engine import extract as engine_extract
+from engine.encoder_id import EncoderId
 from engine.errors import HistoclusterError
+from engine.files import cache_dir
+from engine.models import load_encoder
+from engine.progress import Cancelled, Progress, no_progress
+from engine.query import similar_tiles as query_similar
+from engine.query import tile_vector
 from engine.slide import open_slide, slide_id
+from engine.store import Coverage, FeatureStore
+from engine.tiling import Tiling
 from histocluster_napari._overlay import GridGeometry
-
-Progress = Callable[[str, int, int], None]
-"""progress(stage, done, total); may raise ``Cancelled``."""
 
 RUN_PREFIX = "napari-k"
 """The widget's cluster runs are named ``napari-k<k>`` and replaced when re-run."""
 N_EXEMPLARS = 3
 
 
-class Cancelled(Exception):
-    """The user pressed Cancel."""
+# ---------------------------------------------------------------------- encoder identity
 
 
-def _no_progress(stage: str, done: int, total: int) -> None:
-    pass
-
-
-def cache_dir() -> Path:
-    """``$HISTOCLUSTER_CACHE`` or ``$XDG_CACHE_HOME/histocluster`` (``~/.cache/histocluster``)."""
-    if os.environ.get("HISTOCLUSTER_CACHE"):
-        return Path(os.environ["HISTOCLUSTER_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "histocluster"
-
-
-def encoder_key(spec: str) -> str:
-    """What identifies an encoder without loading it: a name, or a file's path, size and mtime."""
+def _spec_key(spec: str) -> tuple[str, int, int]:
+    """What a spec's identity depends on: a name, or a file's resolved path, size and mtime."""
     path = Path(spec).expanduser()
     if path.is_file():
         st = path.stat()
-        return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    return spec
+        return str(path.resolve()), st.st_size, st.st_mtime_ns
+    return spec, -1, -1
+
+
+class EncoderIds:
+    """The ``EncoderId`` of each encoder spec, loaded once per spec and file state (thread-safe).
+
+    ``load_encoder(spec).identity()`` costs a model load (and, once per file content, a sha256 of
+    the checkpoint, cached by ``engine.files.sha256_file``); a second Cluster click reuses it.
+    """
+
+    def __init__(self) -> None:
+        self._ids: dict[tuple[str, int, int], EncoderId] = {}
+        self._lock = threading.Lock()
+        self.loads = 0
+
+    def get(self, spec: str) -> EncoderId:
+        key = _spec_key(spec)
+        with self._lock:
+            cached = self._ids.get(key)
+        if cached is not None:
+            return cached
+        identity = load_encoder(spec).identity()
+        with self._lock:
+            self._ids[key] = identity
+            self.loads += 1
+        return identity
+
+
+ENCODER_IDS = EncoderIds()
+"""The GUI process's cache of encoder identities."""
+
+
+# ---------------------------------------------------------------------- jobs and views
 
 
 @dataclass(frozen=True)
@@ -60,8 +88,7 @@ class ClusterJob:
     slide_path: Path
     slide_mpp: float | None
     encoder: str
-    tile_px: int
-    target_mpp: float
+    tiling: Tiling
     k: int
     store: Path | None = None
 
@@ -72,22 +99,37 @@ class ClusterJob:
     def slide_id(self) -> str:
         return slide_id(self.slide_path)
 
+    @property
+    def is_cache(self) -> bool:
+        """True when the features live in the widget's cache (no store was given)."""
+        return self.store is None
+
     def store_path(self) -> Path:
-        """The store given, or ``<cache>/stores/<slide_id>-<hash>.zarr`` keyed by slide, encoder, tiling."""
+        """The store given, or ``<cache>/stores/<slide_id>-<hash>.zarr``.
+
+        The hash covers the slide, its given um/px, the encoder spec and the whole tiling
+        (tissue method and minimum tissue fraction included), so different requests get
+        different cache stores; whether one can be reused is ``FeatureStore.coverage``'s call.
+        """
         if self.store is not None:
             return self.store
         key = json.dumps(
             {
                 "slide": str(Path(self.slide_path).resolve()),
                 "slide_mpp": self.slide_mpp,
-                "encoder": encoder_key(self.encoder),
-                "tile_px": self.tile_px,
-                "target_mpp": self.target_mpp,
+                "encoder": _spec_key(self.encoder)[0],
+                "tiling": self.tiling.to_attrs(),
             },
             sort_keys=True,
         )
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
         return cache_dir() / "stores" / f"{self.slide_id}-{digest}.zarr"
+
+    def coverage(self, encoders: EncoderIds = ENCODER_IDS) -> Coverage:
+        """What the job's store holds of its slide, encoder and tiling (``FeatureStore.coverage``)."""
+        return FeatureStore.coverage(
+            self.store_path(), self.slide_path, encoders.get(self.encoder), self.tiling
+        )
 
 
 @dataclass
@@ -126,7 +168,7 @@ class ExportReport:
 # ---------------------------------------------------------------------- clustering
 
 
-def run_clustering(job: ClusterJob, progress: Progress = _no_progress) -> ClusterView:
+def run_clustering(job: ClusterJob, progress: Progress = no_progress) -> ClusterView:
     """Encode the slide's missing tiles into the job's store, then K-means with ``job.k``."""
     n_encoded = ensure_features(job, progress)
     view = recluster_store(job, job.store_path(), progress)
@@ -134,40 +176,65 @@ def run_clustering(job: ClusterJob, progress: Progress = _no_progress) -> Cluste
     return view
 
 
-def recluster(view: ClusterView, k: int, progress: Progress = _no_progress) -> ClusterView:
+def recluster(view: ClusterView, k: int, progress: Progress = no_progress) -> ClusterView:
     """K-means again with another ``k`` from the features already stored (no encoding)."""
     return recluster_store(view.job.with_k(k), view.store_path, progress)
 
 
-def ensure_features(job: ClusterJob, progress: Progress = _no_progress) -> int:
+def ensure_features(job: ClusterJob, progress: Progress = no_progress) -> int:
     """Encode the tissue tiles of ``job``'s slide that its store lacks; returns how many were encoded.
 
-    Nothing is loaded or encoded when the store already holds every tissue tile of the slide
-    for this encoder and tiling (a second Cluster, or a change of k).
+    Nothing is encoded when ``FeatureStore.coverage`` says the store already holds every
+    tissue tile of the slide for this encoder and tiling (a second Cluster, a change of k). A
+    cache store that cannot serve the request (its encoder file or slide changed) is replaced; a
+    store the user named is never replaced: its problem is reported.
     """
-    from engine import extract
-
-    store_path = job.store_path()
-    if features_complete(job, store_path):
+    progress("checking the feature store", 0, 1)
+    coverage = job.coverage()
+    if coverage.complete:
         return 0
-    progress("encoding tiles", 0, 0)
+    overwrite = False
+    if coverage.problem:
+        if not job.is_cache:
+            reason = coverage.problem.split(" — ")[0]
+            raise HistoclusterError(
+                f"{reason} — choose another 'feature store' (or leave it empty for the cache)"
+            )
+        overwrite = True
+    store_path = job.store_path()
     store_path.parent.mkdir(parents=True, exist_ok=True)
-    cfg = extract.ExtractConfig(
+    cfg = engine_extract.ExtractConfig(
         slides=[str(job.slide_path)],
         out=str(store_path),
         encoder=job.encoder,
-        tile_px=job.tile_px,
-        mpp=job.target_mpp,
+        tile_px=job.tiling.tile_px,
+        mpp=job.tiling.target_mpp,
+        stride_px=job.tiling.stride,
+        tissue=job.tiling.tissue_method,
+        min_tissue=job.tiling.min_tissue,
         slide_mpp=None if job.slide_mpp is None else repr(float(job.slide_mpp)),
         workers=0,  # no forked reader processes inside the GUI process
         batch_size=gui_batch_size(),
+        overwrite=overwrite,
         quiet=True,
     )
     # ``progress`` raising Cancelled stops the run once what was encoded is in the store.
-    summary = extract.run(cfg, progress=lambda done, total: progress("encoding tiles", done, total))
+    summary = engine_extract.run(cfg, progress=_stage_progress(progress, "encoding tiles"))
     if summary.failures:
         raise HistoclusterError(summary.failures[0]["error"])
     return int(summary.tiles)
+
+
+def _stage_progress(progress: Progress, default_stage: str):
+    """The engine's progress callback; accepts ``(done, total)`` from runs not yet on the protocol."""
+
+    def report(*args: object) -> None:
+        if len(args) == 2:
+            progress(default_stage, int(args[0]), int(args[1]))  # type: ignore[arg-type]
+        else:
+            progress(str(args[0]), int(args[1]), int(args[2]))  # type: ignore[arg-type]
+
+    return report
 
 
 def gui_batch_size() -> int:
@@ -179,65 +246,19 @@ def gui_batch_size() -> int:
 
 def count_done(store_path: Path, slide: str) -> tuple[int, int]:
     """(encoded, to encode) tissue tiles of ``slide`` in the store at ``store_path``."""
-    from engine.store import FeatureStore
-
     sf = FeatureStore.open(store_path).slide(slide)
     selected = sf.selected
-    return int((selected & np.asarray(sf.done[...])).sum()), int(selected.sum())
-
-
-def features_complete(job: ClusterJob, store_path: Path) -> bool:
-    """True when ``store_path`` holds every tissue tile of the job's slide, encoder and tiling."""
-    from engine.store import FeatureStore, file_fingerprint
-
-    if not (store_path / "zarr.json").is_file():
-        return False
-    try:
-        store = FeatureStore.open(store_path)
-        if job.slide_id not in store:
-            return False
-        tiling = store.tiling
-        if tiling.tile_px != job.tile_px or tiling.stride != job.tile_px:
-            return False
-        if not np.isclose(tiling.target_mpp, job.target_mpp, rtol=1e-9):
-            return False
-        if not _same_encoder(store.encoder.to_attrs(), job.encoder):
-            return False
-        sf = store.slide(job.slide_id)
-        attrs = sf.attrs
-        if attrs.get("fingerprint") != file_fingerprint(job.slide_path):
-            return False
-        if job.slide_mpp is not None and not np.allclose(attrs["mpp"], job.slide_mpp, rtol=1e-9):
-            return False
-        return not sf.pending().any()
-    except (HistoclusterError, OSError, KeyError, ValueError):
-        return False
-
-
-def _same_encoder(stored: dict, spec: str) -> bool:
-    path = Path(spec).expanduser()
-    if path.is_file():
-        if not stored.get("sha256"):
-            return False
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        return digest.hexdigest() == stored["sha256"]
-    return not stored.get("sha256") and stored.get("spec") == spec
+    return int((selected & sf.done).sum()), int(selected.sum())
 
 
 def recluster_store(
-    job: ClusterJob, store_path: Path, progress: Progress = _no_progress
+    job: ClusterJob, store_path: Path, progress: Progress = no_progress
 ) -> ClusterView:
     """Cluster the job's slide in the store at ``store_path`` and gather what the table shows."""
-    from engine.cluster import ClusterConfig, run_clustering
-    from engine.store import FeatureStore
-
     sid = job.slide_id
     progress("clustering", 0, 1)
     store = FeatureStore.open(store_path, mode="r+")
-    cfg = ClusterConfig(
+    cfg = engine_cluster.ClusterConfig(
         store=store_path,
         k=job.k,
         name=f"{RUN_PREFIX}{job.k}",
@@ -247,7 +268,7 @@ def recluster_store(
         overwrite=True,
         quiet=True,
     )
-    result = run_clustering(store, cfg)
+    result = engine_cluster.run_clustering(store, cfg)
     progress("clustering", 1, 1)
     sf = store.slide(sid)
     tiling = store.tiling
@@ -278,12 +299,13 @@ def read_exemplars(
     origins: Sequence[Sequence[tuple[int, int]]],
     target_mpp: float,
     tile_px: int,
-    progress: Progress = _no_progress,
+    progress: Progress = no_progress,
 ) -> list[list[np.ndarray]]:
     """The exemplar tiles (tile_px, tile_px, 3) uint8, per cluster, read from the slide."""
     total = sum(len(row) for row in origins)
     out: list[list[np.ndarray]] = []
     done = 0
+    progress("exemplars", 0, total)
     with open_slide(path, mpp) as slide:
         for row in origins:
             tiles = []
@@ -302,13 +324,9 @@ def similar_tiles(
     view: ClusterView, tile: tuple[int, int], top: int
 ) -> list[tuple[int, int, float]]:
     """(row, col, cosine similarity) of this slide's ``top`` tiles most like ``tile`` (itself excluded)."""
-    from engine.query import similar_tiles as query
-    from engine.query import tile_vector
-    from engine.store import FeatureStore
-
     store = FeatureStore.open(view.store_path)
     vector = tile_vector(store, view.slide_id, int(tile[0]), int(tile[1]))
-    hits = query(store, vector, top, [view.slide_id], exclude=[(view.slide_id, *tile)])
+    hits = query_similar(store, vector, top, [view.slide_id], exclude=[(view.slide_id, *tile)])
     return [(h.row, h.col, h.similarity) for h in hits]
 
 
@@ -317,11 +335,9 @@ def similar_tiles(
 
 def check_names(names: Sequence[str]) -> str | None:
     """Why these class names cannot be exported (None when they can): ``engine.export``'s rules."""
-    from engine.export import check_class_names
-
     try:
-        check_class_names(list(names))
-    except ValueError as e:
+        engine_export.check_class_names(list(names))
+    except (ValueError, HistoclusterError) as e:
         return str(e)
     return None
 
@@ -331,18 +347,15 @@ def export_clusters(
     clusters: Sequence[int],
     names: Sequence[str],
     out_dir: Path,
-    progress: Progress = _no_progress,
+    progress: Progress = no_progress,
 ) -> ExportReport:
     """Export the tiles of ``clusters`` as classes ``names`` into ``out_dir`` via ``engine.export``.
 
     Folders per class, ``manifest.csv``, ``export.json`` and a GeoJSON per slide.
     """
-    from engine.export import ExportConfig, run_export
-    from engine.store import FeatureStore
-
     progress("exporting", 0, 1)
     store = FeatureStore.open(view.store_path)
-    cfg = ExportConfig(
+    cfg = engine_export.ExportConfig(
         store=view.store_path,
         clusters=[int(c) for c in clusters],
         out=Path(out_dir),
@@ -352,18 +365,19 @@ def export_clusters(
         geojson=True,
         quiet=True,
     )
-    result = run_export(store, cfg)
+    result = engine_export.run_export(store, cfg)
     progress("exporting", 1, 1)
     return ExportReport(Path(out_dir), dict(result.per_class), list(result.warnings))
 
 
 __all__ = [
+    "ENCODER_IDS",
     "Cancelled",
     "ClusterJob",
     "ClusterView",
+    "EncoderIds",
     "ExportReport",
     "HistoclusterError",
-    "cache_dir",
     "check_names",
     "export_clusters",
     "recluster",

@@ -11,7 +11,7 @@ import numpy as np
 from engine.errors import HistoclusterError
 from engine.store import FeatureStore
 from histocluster_napari._overlay import GridGeometry, cluster_colors, label_image, labels_colormap
-from histocluster_napari._reader import LayerData, open_for_viewing, slide_layer_data
+from histocluster_napari._slide_layers import LayerData, open_for_viewing, slide_layer_data
 
 CLUSTERS_SUFFIX = " clusters"
 """A slide layer named ``s`` gets its cluster overlay in a labels layer named ``s + CLUSTERS_SUFFIX``."""

@@ -8,6 +8,11 @@ notifications that say what to do.
 
 from __future__ import annotations
 
+# First, before anything imports torch: keep Triton out of the GUI process (see the module).
+from histocluster_napari import _triton_guard  # noqa: F401
+
+# isort: split
+
 import threading
 import traceback
 import weakref
@@ -36,6 +41,9 @@ from superqt.utils import create_worker
 
 from engine.errors import HistoclusterError
 from engine.models import default_encoder_spec
+from engine.progress import Cancelled
+from engine.tiling import Tiling
+from engine.tissue import TISSUE_METHODS
 from histocluster_napari import _session
 from histocluster_napari._cluster_table import ClusterTable
 from histocluster_napari._overlay import (
@@ -43,7 +51,7 @@ from histocluster_napari._overlay import (
     label_image,
     labels_colormap,
 )
-from histocluster_napari._reader import METADATA_KEY
+from histocluster_napari._slide_layers import METADATA_KEY
 from histocluster_napari._store_layers import CLUSTERS_SUFFIX
 
 if TYPE_CHECKING:
@@ -124,6 +132,20 @@ class HistoClusterWidget(Container):
             step=0.25,
             tooltip="Resolution of the tiles.",
         )
+        self.tissue_method = ComboBox(
+            label="tissue",
+            choices=list(TISSUE_METHODS),
+            value="otsu",
+            tooltip="How tissue is told from background on the slide's thumbnail.",
+        )
+        self.min_tissue = FloatSpinBox(
+            label="min tissue",
+            value=0.5,
+            min=0.0,
+            max=1.0,
+            step=0.05,
+            tooltip="A tile is encoded and clustered when at least this share of it is tissue.",
+        )
         self.k = SpinBox(label="k", value=8, min=2, max=64, tooltip="Number of clusters.")
         self.store = FileEdit(
             label="feature store",
@@ -178,6 +200,8 @@ class HistoClusterWidget(Container):
                 self.encoder,
                 self.tile_px,
                 self.target_mpp,
+                self.tissue_method,
+                self.min_tissue,
                 self.k,
                 self.store,
             ]
@@ -202,7 +226,15 @@ class HistoClusterWidget(Container):
         self.slide.changed.connect(self._on_slide_changed)
         self.slide_mpp.changed.connect(self._on_slide_mpp_changed)
         self.k.changed.connect(self._on_k_changed)
-        for w in (self.slide, self.slide_mpp, self.encoder, self.tile_px, self.target_mpp):
+        for w in (
+            self.slide,
+            self.slide_mpp,
+            self.encoder,
+            self.tile_px,
+            self.target_mpp,
+            self.tissue_method,
+            self.min_tissue,
+        ):
             w.changed.connect(self._update_store_hint)
         self.table.selection_changed.connect(self._on_selection_changed)
         self.show_selected_only.changed.connect(lambda _: self._refresh_colors())
@@ -300,10 +332,18 @@ class HistoClusterWidget(Container):
             slide_path=path,
             slide_mpp=mpp,
             encoder=encoder,
-            tile_px=int(self.tile_px.value),
-            target_mpp=float(self.target_mpp.value),
+            tiling=self.tiling(),
             k=int(self.k.value),
             store=Path(store_text).expanduser() if store_text else None,
+        )
+
+    def tiling(self) -> Tiling:
+        """The tiling the inputs describe (tile size, um/px, tissue method, minimum tissue)."""
+        return Tiling(
+            tile_px=int(self.tile_px.value),
+            target_mpp=float(self.target_mpp.value),
+            tissue_method=self.tissue_method.value,
+            min_tissue=float(self.min_tissue.value),
         )
 
     # ================================================================== running
@@ -375,7 +415,7 @@ class HistoClusterWidget(Container):
         """Called in the worker thread: forward progress, stop when cancelled."""
         self._bridge.event.emit(("progress", stage, int(done), int(total)))
         if self._cancel.is_set():
-            raise _session.Cancelled("cancelled by the user")
+            raise Cancelled("cancelled by the user")
 
     def _on_event(self, event: tuple) -> None:
         """Handle worker events in order, even when a handler re-enters the event loop."""
@@ -430,7 +470,7 @@ class HistoClusterWidget(Container):
             self.progress_bar.value = 0
 
     def _on_worker_error(self, error: BaseException) -> None:
-        if isinstance(error, _session.Cancelled):
+        if isinstance(error, Cancelled):
             self.status.value = "Cancelled. Features encoded so far are kept; Cluster resumes."
             show_info("HistoCluster: cancelled")
         elif isinstance(error, HistoclusterError):

@@ -12,6 +12,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from histocluster_napari._reader import napari_get_reader
+from histocluster_napari._triton_guard import block_triton
+
 SAMPLE_SLIDE = Path(__file__).resolve().parent.parent / "sample_data" / "sample_slide.tiff"
 
 
@@ -72,8 +75,6 @@ def open_demo(cfg: DemoConfig, viewer=None):
     """Open ``cfg.slide`` in ``viewer`` (a new one when None) with the widget docked; returns both."""
     import napari
 
-    from histocluster_napari._reader import napari_get_reader
-
     if napari_get_reader(str(cfg.slide)) is None:
         raise SystemExit(
             f"error: {cfg.slide}: cannot be opened as a slide — "
@@ -101,6 +102,7 @@ def open_demo(cfg: DemoConfig, viewer=None):
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
+    block_triton()  # this is a GUI process: Triton and Mesa's OpenGL cannot share it
     os.environ.setdefault("NAPARI_ASYNC", "1")  # load tiles while panning without blocking
     import napari
 

@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 import tifffile
 
-from engine.slide import open_slide
-from histocluster_napari._reader import METADATA_KEY, napari_get_reader, slide_pyramid
+from engine.slide import SLIDE_SUFFIXES, open_slide
+from engine.tiling import Tiling
+from histocluster_napari._reader import napari_get_reader
+from histocluster_napari._session import ClusterJob, run_clustering
+from histocluster_napari._slide_layers import METADATA_KEY, slide_pyramid
+from tests.conftest import REPO
+from tests.napari.conftest import FAST
 
 
 def test_reader_opens_cmu_svs_as_multiscale_layer_in_um(make_napari_viewer, cmu_svs: Path) -> None:
@@ -105,13 +110,9 @@ def test_slide_without_mpp_opens_in_pixels_and_says_so(tmp_path: Path) -> None:
 def test_reader_opens_a_feature_store_with_its_latest_clusters(
     make_napari_viewer, sample_slide: Path, tmp_path: Path
 ) -> None:
-    from histocluster_napari._session import ClusterJob, run_clustering
-    from tests.napari.conftest import FAST
-
     store = tmp_path / "features.zarr"
-    job = ClusterJob(
-        sample_slide, None, FAST["encoder"], FAST["tile_px"], FAST["target_mpp"], FAST["k"], store
-    )
+    tiling = Tiling(tile_px=FAST["tile_px"], target_mpp=FAST["target_mpp"])
+    job = ClusterJob(sample_slide, None, FAST["encoder"], tiling, FAST["k"], store)
     view = run_clustering(job)
     viewer = make_napari_viewer()
     layers = viewer.open(str(store), plugin="histocluster")
@@ -130,3 +131,12 @@ def test_reader_returns_none_for_a_zarr_that_is_not_a_feature_store(tmp_path: Pa
     zarr.create_group(store=str(path), attributes={"format": "something else"})
     assert napari_get_reader(str(path)) is None
     assert napari_get_reader(str(tmp_path / "missing.zarr")) is None
+
+
+def test_manifest_reader_patterns_are_the_engine_slide_suffixes() -> None:
+    import yaml
+
+    manifest = yaml.safe_load((REPO / "histocluster_napari" / "napari.yaml").read_text())
+    [reader] = manifest["contributions"]["readers"]
+    patterns = reader["filename_patterns"]
+    assert sorted(patterns) == sorted(f"*{s}" for s in (*SLIDE_SUFFIXES, ".zarr"))

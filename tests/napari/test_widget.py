@@ -81,6 +81,49 @@ def test_cluster_puts_labels_on_the_tile_grid(
     assert "features from the store" in widget.status.value
 
 
+def test_store_reuse_follows_the_tissue_method_and_minimum_tissue(
+    make_napari_viewer, qtbot, sample_slide, isolated_cache, tmp_path
+):
+    """FeatureStore.coverage decides reuse: another tissue rule re-extracts, never reuses."""
+    from engine.store import FeatureStore
+    from histocluster_napari._session import ENCODER_IDS
+
+    viewer, _, widget = open_with_widget(make_napari_viewer, sample_slide)
+
+    def cluster() -> str:
+        widget.run_cluster()
+        wait_idle(qtbot, widget)
+        return widget.status.value
+
+    assert "encoded" in cluster()
+    first = widget.job().store_path()
+    loads = ENCODER_IDS.loads
+    assert "features from the store" in cluster()
+    assert ENCODER_IDS.loads == loads  # the encoder's identity is computed once per file state
+    selected = {}
+    for method, min_tissue in [("hsv", 0.5), ("otsu", 0.1)]:
+        widget.tissue_method.value, widget.min_tissue.value = method, min_tissue
+        assert widget.job().store_path() != first
+        assert "encoded" in cluster(), (method, min_tissue)  # re-extracted, not reused
+        store = FeatureStore.open(widget.job().store_path())
+        assert (store.tiling.tissue_method, store.tiling.min_tissue) == (method, min_tissue)
+        selected[method, min_tissue] = int(store.slide("sample_slide").selected.sum())
+    assert selected["otsu", 0.1] > int(
+        FeatureStore.open(first).slide("sample_slide").selected.sum()
+    )
+    widget.tissue_method.value, widget.min_tissue.value = "otsu", 0.5
+    assert "features from the store" in cluster()  # the first cache store again
+    # A store the user named, made with another tissue rule: refused with the reason, unchanged.
+    widget.store.value = str(first)
+    for method, min_tissue in [("hsv", 0.5), ("otsu", 0.1)]:
+        widget.tissue_method.value, widget.min_tissue.value = method, min_tissue
+        status = cluster()
+        key = "tissue_method" if method == "hsv" else "min_tissue"
+        assert key in status and "feature store" in status, status
+        assert FeatureStore.open(first).tiling.tissue_method == "otsu"
+        assert FeatureStore.open(first).tiling.min_tissue == 0.5
+
+
 def test_worker_runs_off_the_gui_thread(make_napari_viewer, qtbot, sample_slide, isolated_cache):
     """While extraction + K-means run, the Qt event loop keeps processing timer events."""
     viewer, _, widget = open_with_widget(make_napari_viewer, sample_slide)
