@@ -32,14 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.extract import (
-    ExtractConfig,
-    TileEncoder,
-    auto_workers,
-    cpu_supports_bf16,
-    make_plan,
-    run,
-)
+from engine.encode import TileEncoder, cpu_supports_bf16
+from engine.extract import ExtractConfig, auto_workers, make_plan, run
 from engine.models import default_encoder_spec, load_encoder
 from engine.slide import open_slide, slide_id
 from engine.store import FeatureStore

@@ -11,8 +11,9 @@ How it works:
   (a batch never spans chunks, and a given tile always lands in the same batch, so a resumed or
   multi-process run computes bit-identical features).
 - DataLoader worker processes open each slide once and read + decode tiles; the main process
-  normalises them and runs the encoder (channels_last; bf16 autocast on CPUs with native bf16
-  and fp16/bf16 on CUDA when ``--precision auto``; pinned memory and non-blocking copies on CUDA).
+  normalises them and runs the encoder (:class:`~engine.encode.TileEncoder`: channels_last;
+  bf16 autocast on CPUs with native bf16 and fp16/bf16 on CUDA when ``--precision auto``;
+  pinned memory and non-blocking copies on CUDA).
 - A chunk's features are written as one whole zarr chunk, then its ``done`` flags, when the chunk
   is finished (and every few seconds while a slow chunk is in progress), so a run killed at any
   moment resumes where it stopped, and only whole chunks are ever written.
@@ -21,19 +22,21 @@ How it works:
 - An unreadable slide is reported and skipped; the others finish; the exit status is then 1.
   A JSON summary (tiles, seconds, tiles/s, failures) and the resolved configuration are written
   next to the store as ``<out>.summary.json`` and ``<out>.config.json``.
+
+Progress stages: ``"tissue"`` (slides prepared of this rank's slides) and ``"encode"`` (tiles
+encoded of this rank's tiles); a ``Cancelled`` raised by the callback stops the run after what was
+encoded is written.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
 import math
 import os
 import sys
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,49 +44,118 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset, get_worker_info
-from tqdm import tqdm
+from torch.utils.data import DataLoader, Dataset
 
-from engine.distributed import DistInfo, barrier, cleanup, init_distributed
+from engine import cli
+from engine.cli import option
+from engine.distributed import DistInfo, barrier, init_distributed
 from engine.encode import PRECISIONS, TileEncoder
+from engine.encoder_id import EncoderId
 from engine.errors import HistoclusterError, one_line
+from engine.files import atomic_write_json
 from engine.models import default_encoder_spec, load_encoder
-from engine.slide import Slide, open_slide, slide_id
+from engine.progress import Progress, no_progress
+from engine.slide import SLIDE_SUFFIXES, SlideCache, find_slides, open_slide, slide_id
 from engine.store import Block, FeatureStore, SlideFeatures
 from engine.tiling import TileGrid, Tiling
 from engine.tissue import TISSUE_METHODS
 
+__all__ = [
+    "DEVICES",
+    "ExtractConfig",
+    "ExtractSummary",
+    "auto_workers",
+    "chunk_batches",
+    "expand_inputs",
+    "main",
+    "make_plan",
+    "parse_slide_mpp",
+    "run",
+]
+
 DEVICES = ("auto", "cpu", "cuda")
-SLIDE_SUFFIXES = frozenset(
-    {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif"}
-    | {".png", ".jpg", ".jpeg"}
-)
 _OPEN_SLIDES_PER_WORKER = 4
 
 
-@dataclass
+def auto_workers(local_world_size: int = 1) -> int:
+    """Reader processes per rank: this rank's share of the CPUs minus one for the main process, 1..8."""
+    return max(1, min(8, (os.cpu_count() or 2) // max(1, local_world_size) - 1))
+
+
+@dataclass(frozen=True)
 class ExtractConfig:
     """Everything ``python -m engine.extract`` needs; written as JSON next to the store."""
 
-    slides: list[str]
-    out: str
-    encoder: str = field(default_factory=default_encoder_spec)
-    tile_px: int = 224
-    mpp: float = 0.5
-    stride_px: int | None = None
-    min_tissue: float = 0.5
-    tissue: str = "otsu"
-    batch_size: int = 64
-    workers: int | None = None  # None: auto_workers()
-    device: str = "auto"
-    precision: str = "auto"
-    slide_mpp: str | None = None
-    overwrite: bool = False
-    quiet: bool = False
-    trust_checkpoint: bool = False
-    # not command-line flags: seconds between flushes of an unfinished chunk, memory layout
-    flush_every_s: float = 10.0
-    channels_last: bool = True
+    slides: tuple[str, ...] = option(
+        positional=True,
+        metavar="SLIDE_OR_DIR",
+        help="slide files, or directories whose slide files to encode",
+    )
+    out: str = option(help="the feature store to write (features.zarr); an existing one is resumed")
+    encoder: str = option(
+        default_factory=default_encoder_spec,
+        help="checkpoint path or named encoder, e.g. resnet18-random, ciga-resnet18",
+    )
+    tile_px: int = option(224, help="tile side in pixels at --mpp")
+    mpp: float = option(0.5, help="micrometres per pixel of the tiles")
+    stride_px: int | None = option(
+        None, help="step between tiles in pixels at --mpp (default: --tile-px)"
+    )
+    min_tissue: float = option(0.5, help="encode tiles with at least this tissue fraction")
+    tissue: str = option("otsu", choices=TISSUE_METHODS, help="tissue detection method")
+    batch_size: int = option(64, help="tiles per encoder batch")
+    workers: int | None = option(
+        None,
+        help="tile-reading worker processes per rank; 0 reads in the main process "
+        f"(default: the rank's share of the CPUs minus one, 1 to 8; here {auto_workers()})",
+    )
+    device: str = option(
+        "auto", help="auto, cpu or cuda (default: %(default)s; auto = cuda when available)"
+    )
+    precision: str = option(
+        "auto",
+        choices=PRECISIONS,
+        help="encoder precision; auto = bf16/fp16 on CUDA, bf16 on CPUs with native bf16, else fp32",
+    )
+    slide_mpp: str | None = option(
+        None,
+        metavar="VALUE_OR_CSV",
+        help="micrometres per pixel of slides whose files lack it (overrides the metadata): "
+        "one number for all, or a CSV of slide,mpp rows",
+    )
+    overwrite: bool = option(
+        False, help="replace an existing store made with another encoder or tiling"
+    )
+    quiet: bool = option(False, help="no progress bar or summary line")
+    trust_checkpoint: bool = option(
+        False,
+        help="allow loading a checkpoint that needs pickle (only from a source you trust)",
+    )
+    flush_every_s: float = option(
+        10.0, cli=False, help="seconds between writes of a chunk still in progress"
+    )
+    channels_last: bool = option(True, cli=False, help="run the encoder in channels_last layout")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.slides, str | Path):
+            object.__setattr__(self, "slides", (str(self.slides),))
+        else:
+            object.__setattr__(self, "slides", tuple(str(s) for s in self.slides))
+
+    @property
+    def tiling(self) -> Tiling:
+        """The tiling these flags ask for."""
+        return Tiling(self.tile_px, self.mpp, self.stride_px, self.tissue, self.min_tissue)  # type: ignore[arg-type]
+
+    def summary_path(self) -> Path:
+        """``<out>.summary.json``: what the last run did."""
+        out = Path(self.out)
+        return out.with_name(out.name + ".summary.json")
+
+    def resolved_config_path(self) -> Path:
+        """``<out>.config.json``: this configuration with its resolved values (written by ``run``)."""
+        out = Path(self.out)
+        return out.with_name(out.name + ".config.json")
 
 
 @dataclass
@@ -111,9 +183,7 @@ def expand_inputs(paths: Sequence[str | Path]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir() and p.suffix.lower() != ".mrxs":
-            found = sorted(
-                f for f in p.iterdir() if f.is_file() and f.suffix.lower() in SLIDE_SUFFIXES
-            )
+            found = find_slides(p)
             if not found:
                 raise HistoclusterError(
                     f"{p}: no slide files in this directory ({', '.join(sorted(SLIDE_SUFFIXES))}) — "
@@ -186,9 +256,6 @@ def _mpp_for(path: Path, slide_mpp: dict[str, float] | float | None) -> float | 
     if isinstance(slide_mpp, dict):
         return slide_mpp.get(slide_id(path))
     return slide_mpp
-
-
-# ----------------------------------------------------------------------------- encoding
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -324,26 +391,16 @@ class TileBatches(Dataset):
     """Batch i of a :class:`Plan` -> {"index": i, "tiles": (B,H,W,3) uint8, "error": ""}.
 
     Read in DataLoader workers: each worker opens a slide the first time it needs it and keeps
-    a few open. A read that fails gives an empty ``tiles`` and the one-line ``error``.
+    a few open (a :class:`~engine.slide.SlideCache`, empty in each worker). A read that fails
+    gives an empty ``tiles`` and the one-line ``error``.
     """
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
-        self._open: OrderedDict[int, Slide] = OrderedDict()
+        self.slides = SlideCache(_OPEN_SLIDES_PER_WORKER)
 
     def __len__(self) -> int:
         return len(self.plan)
-
-    def _slide(self, i: int) -> Slide:
-        if i in self._open:
-            self._open.move_to_end(i)
-            return self._open[i]
-        job = self.plan.jobs[i]
-        slide = open_slide(job.path, mpp=job.mpp)
-        self._open[i] = slide
-        while len(self._open) > _OPEN_SLIDES_PER_WORKER:
-            self._open.popitem(last=False)[1].close()
-        return slide
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         p = self.plan
@@ -352,7 +409,7 @@ class TileBatches(Dataset):
         cols = p.cols[p.start[i] : p.stop[i]]
         tiles = np.empty((len(rows), job.tile_px, job.tile_px, 3), dtype=np.uint8)
         try:
-            slide = self._slide(int(p.slide[i]))
+            slide = self.slides.get(job.path, job.mpp)
             for k, (r, c) in enumerate(zip(rows, cols, strict=True)):
                 tiles[k] = slide.read_tile_at_mpp(
                     (int(job.xs[c]), int(job.ys[r])), job.target_mpp, job.tile_px
@@ -365,16 +422,8 @@ class TileBatches(Dataset):
         return {"index": i, "tiles": torch.from_numpy(tiles), "error": ""}
 
 
-def auto_workers(local_world_size: int = 1) -> int:
-    """Reader processes per rank: this rank's share of the CPUs minus one for the main process, 1..8."""
-    return max(1, min(8, (os.cpu_count() or 2) // max(1, local_world_size) - 1))
-
-
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
-    info = get_worker_info()
-    if info is not None:
-        info.dataset._open = OrderedDict()  # type: ignore[attr-defined]
 
 
 # ----------------------------------------------------------------------------- writing
@@ -446,23 +495,56 @@ def _broadcast(obj: Any, info: DistInfo) -> Any:
     return box[0]
 
 
-def _prepare_slide(store: FeatureStore, path: Path, cfg: ExtractConfig, slide_mpp: Any) -> None:
-    """Open ``path``, tile it and create (or reuse) its group in the store."""
-    with open_slide(path, mpp=_mpp_for(path, slide_mpp)) as slide:
-        grid = TileGrid(slide, cfg.mpp, cfg.tile_px, cfg.stride_px, cfg.min_tissue, cfg.tissue)  # type: ignore[arg-type]
-        store.add_slide(slide_id(path), grid)
+def _prepare_slide(store: FeatureStore, path: Path, tiling: Tiling, slide_mpp: Any) -> str | None:
+    """Open ``path``, tile it and create (or reuse) its group in the store.
+
+    Returns the one-line error when the slide cannot be read (the slide fails, the run goes
+    on); an ``OSError`` writing the store is raised (the whole run stops).
+    """
+    try:
+        with open_slide(path, mpp=_mpp_for(path, slide_mpp)) as slide:
+            grid = TileGrid.from_tiling(slide, tiling)
+            grid.tissue  # noqa: B018 - read the slide here, so a read error is the slide's
+    except HistoclusterError as e:
+        return str(e)
+    except OSError as e:
+        return cli.describe_os_error(e)
+    except Exception as e:  # a codec error deep in a reader
+        return f"{path}: failed to read ({type(e).__name__}: {one_line(e)}) — the file may be corrupt; re-copy it"
+    store.add_slide(slide_id(path), grid)
+    return None
+
+
+def _open_store(
+    out: Path, encoder: EncoderId, tiling: Tiling, overwrite: bool, info: DistInfo
+) -> None:
+    """Rank 0 creates (or checks) the store; the others learn whether it said yes."""
+    if not info.distributed:
+        FeatureStore.create_or_open(out, encoder, tiling, overwrite=overwrite)
+        return
+    error = None
+    if info.is_main:
+        try:
+            FeatureStore.create_or_open(out, encoder, tiling, overwrite=overwrite)
+        except HistoclusterError as e:
+            error = str(e)
+        except OSError as e:
+            error = cli.describe_os_error(e)
+    error = _broadcast(error, info)
+    if error:
+        raise HistoclusterError(error)
 
 
 def run(
-    cfg: ExtractConfig,
-    info: DistInfo | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    cfg: ExtractConfig, *, progress: Progress = no_progress, info: DistInfo | None = None
 ) -> ExtractSummary:
-    """Extract features as ``cfg`` says. Per-slide problems end up in ``summary.failures``;
-    problems with the whole run (bad flags, encoder, store) raise ``HistoclusterError``.
+    """Extract features as ``cfg`` says.
 
-    ``progress(done, total)`` is called with this rank's tile counts after every batch; an
-    exception it raises stops the run after what was encoded is written (a GUI's cancel).
+    Per-slide problems end up in ``summary.failures``; problems with the whole run raise
+    ``HistoclusterError`` (bad flags, encoder, store) or ``OSError`` (a full disk, a file-size
+    limit, a read-only store: what was written stays resumable). ``progress("tissue", slides,
+    total)`` after each slide prepared, then ``progress("encode", tiles, total)`` after every batch
+    (this rank's counts); a ``Cancelled`` it raises stops the run after what was encoded is written.
     """
     t0 = time.perf_counter()
     _validate(cfg)
@@ -480,53 +562,112 @@ def run(
     slide_mpp = parse_slide_mpp(cfg.slide_mpp)
     encoder = load_encoder(cfg.encoder, trust_checkpoint=cfg.trust_checkpoint)
     tile_encoder = TileEncoder(encoder, device, cfg.precision, cfg.channels_last)
-    tiling = Tiling(cfg.tile_px, cfg.mpp, cfg.stride_px, cfg.tissue, cfg.min_tissue)  # type: ignore[arg-type]
     out = Path(cfg.out)
+    tiling = cfg.tiling
+    with _naming_os_errors(out):
+        _open_store(out, encoder.identity(), tiling, cfg.overwrite, info)
+        store = FeatureStore.open(out, mode="r+")
+        if info.is_main:
+            cli.write_config(
+                cfg.resolved_config_path(),
+                cfg,
+                encoder=encoder.info(),
+                tiling=tiling.to_attrs(),
+                precision=tile_encoder.precision,
+                device=str(device),
+                world_size=info.world_size,
+                workers=workers,
+            )
 
-    # rank 0 creates (or checks) the store; the others open it after it said yes
-    error = None
-    if info.is_main:
-        try:
-            FeatureStore.create_or_open(out, encoder.identity(), tiling, overwrite=cfg.overwrite)
-        except HistoclusterError as e:
-            error = str(e)
-    error = _broadcast(error, info)
-    if error:
-        raise HistoclusterError(error)
-    store = FeatureStore.open(out, mode="r+")
-    if info.is_main:
-        resolved = {
-            "encoder": encoder.info(),
-            "tiling": tiling.to_attrs(),
-            "precision": tile_encoder.precision,
-            "device": str(device),
-            "world_size": info.world_size,
-            "workers": workers,
-        }
-        _write_json(out.with_name(out.name + ".config.json"), {**asdict(cfg), "resolved": resolved})
+        failures = _prepare_slides(store, paths, tiling, slide_mpp, info, progress)
+        ready = [slide_id(p) for p in paths if str(p) not in failures]
+        plan = make_plan(store, ready, cfg.batch_size, info.rank, info.world_size)
+        path_of = {slide_id(p): str(p) for p in paths}
 
-    # slides are prepared round-robin over ranks (tissue masks are the slow part)
+        t_enc = time.perf_counter()
+        tiles_done, failed_here = _encode(plan, store, tile_encoder, workers, cfg, progress)
+        encode_s = time.perf_counter() - t_enc
+
+        # gather and summarise
+        for sid, msg in failed_here.items():
+            failures[path_of[sid]] = msg
+        parts = _gather((tiles_done, encode_s, failures), info)
+        barrier()
+        all_failures: dict[str, str] = {}
+        for _, _, f in parts:
+            all_failures.update(f)
+        tiles = sum(p[0] for p in parts)
+        encode_s = max(p[1] for p in parts)
+        seconds = time.perf_counter() - t0
+        summary = ExtractSummary(
+            tiles=tiles,
+            seconds=round(seconds, 3),
+            tiles_per_s=round(tiles / seconds, 3) if seconds > 0 else 0.0,
+            encode_seconds=round(encode_s, 3),
+            encode_tiles_per_s=round(tiles / encode_s, 3) if encode_s > 0 else 0.0,
+            slides=len(paths) - len(all_failures),
+            tiles_already_done=plan.already_done,  # counted over all slides on every rank
+            failures=[{"slide": s, "error": m} for s, m in sorted(all_failures.items())],
+            precision=tile_encoder.precision,
+            device=str(device),
+            world_size=info.world_size,
+        )
+        if info.is_main:
+            atomic_write_json(cfg.summary_path(), asdict(summary))
+    return summary
+
+
+@contextmanager
+def _naming_os_errors(path: Path) -> Iterator[None]:
+    """An ``OSError`` without a file name (zarr's chunk writes) gets ``path`` (the store) as its file."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror or one_line(e), str(path)) from e
+        raise
+
+
+def _prepare_slides(
+    store: FeatureStore,
+    paths: list[Path],
+    tiling: Tiling,
+    slide_mpp: dict[str, float] | float | None,
+    info: DistInfo,
+    progress: Progress,
+) -> dict[str, str]:
+    """Tile every slide and add it to the store, round-robin over ranks (tissue masks are the
+    slow part); returns {path: error} of the slides that could not be opened, from every rank."""
     failures: dict[str, str] = {}
-    for i, path in enumerate(paths):
-        if i % info.world_size == info.rank:
-            try:
-                _prepare_slide(store, path, cfg, slide_mpp)
-            except HistoclusterError as e:
-                failures[str(path)] = str(e)
+    mine = [p for i, p in enumerate(paths) if i % info.world_size == info.rank]
+    progress("tissue", 0, len(mine))
+    for n, path in enumerate(mine, start=1):
+        error = _prepare_slide(store, path, tiling, slide_mpp)
+        if error is not None:
+            failures[str(path)] = error
+        progress("tissue", n, len(mine))
     for part in _gather(failures, info):
         failures.update(part)
     barrier()
-    ready = [slide_id(p) for p in paths if str(p) not in failures]
-    plan = make_plan(store, ready, cfg.batch_size, info.rank, info.world_size)
-    path_of = {slide_id(p): str(p) for p in paths}
+    return failures
 
-    # encode
-    t_enc = time.perf_counter()
+
+def _encode(
+    plan: Plan,
+    store: FeatureStore,
+    tile_encoder: TileEncoder,
+    workers: int,
+    cfg: ExtractConfig,
+    progress: Progress,
+) -> tuple[int, dict[str, str]]:
+    """Read, encode and write every batch of ``plan``; returns (tiles encoded, {slide id: error})."""
+    device = tile_encoder.device
     writer = ChunkWriter(store, cfg.flush_every_s)
-    failed_here: dict[str, str] = {}
+    failed: dict[str, str] = {}
     tiles_done = 0
+    dataset = TileBatches(plan)
     loader = DataLoader(
-        TileBatches(plan),
+        dataset,
         batch_size=None,
         shuffle=False,
         num_workers=workers,
@@ -535,13 +676,6 @@ def run(
         prefetch_factor=2 if workers > 0 else None,
         persistent_workers=False,
     )
-    bar = tqdm(
-        total=plan.n_tiles,
-        unit="tile",
-        desc=f"extract (rank {info.rank})" if info.distributed else "extract",
-        disable=cfg.quiet or not info.is_main or not sys.stderr.isatty(),
-        smoothing=0.1,
-    )
     pending: tuple[int, torch.Tensor, Any] | None = None
 
     def finish(i: int, feats: torch.Tensor, event: Any) -> None:
@@ -549,30 +683,27 @@ def run(
         if event is not None:
             event.synchronize()
         sid = plan.jobs[int(plan.slide[i])].slide_id
-        if sid in failed_here:
+        if sid in failed:
             return
         rows = plan.rows[plan.start[i] : plan.stop[i]]
         cols = plan.cols[plan.start[i] : plan.stop[i]]
         writer.add(sid, tuple(plan.chunk[i]), rows, cols, feats.numpy(), bool(plan.last[i]))
         tiles_done += len(rows)
-        bar.update(len(rows))
-        if progress is not None:
-            progress(tiles_done, plan.n_tiles)
+        progress("encode", tiles_done, plan.n_tiles)
 
-    if progress is not None:
-        progress(0, plan.n_tiles)
+    progress("encode", 0, plan.n_tiles)
     try:
         with torch.inference_mode():  # the CUDA host copies too
             for item in loader:
                 i = int(item["index"])
                 sid = plan.jobs[int(plan.slide[i])].slide_id
-                if sid in failed_here:
+                if sid in failed:
                     continue
                 if item["error"]:
                     if pending is not None:
                         finish(*pending)
                         pending = None
-                    failed_here[sid] = item["error"]
+                    failed[sid] = item["error"]
                     writer.flush(sid)  # what was encoded is valid
                     continue
                 feats = tile_encoder(item["tiles"])
@@ -590,42 +721,8 @@ def run(
                 finish(*pending)
     finally:
         writer.flush()
-        bar.close()
-    encode_s = time.perf_counter() - t_enc
-
-    # gather and summarise
-    for sid, msg in failed_here.items():
-        failures[path_of[sid]] = msg
-    parts = _gather((tiles_done, encode_s, failures), info)
-    barrier()
-    all_failures: dict[str, str] = {}
-    for _, _, f in parts:
-        all_failures.update(f)
-    tiles = sum(p[0] for p in parts)
-    encode_s = max(p[1] for p in parts)
-    seconds = time.perf_counter() - t0
-    summary = ExtractSummary(
-        tiles=tiles,
-        seconds=round(seconds, 3),
-        tiles_per_s=round(tiles / seconds, 3) if seconds > 0 else 0.0,
-        encode_seconds=round(encode_s, 3),
-        encode_tiles_per_s=round(tiles / encode_s, 3) if encode_s > 0 else 0.0,
-        slides=len(paths) - len(all_failures),
-        tiles_already_done=plan.already_done,  # counted over all slides on every rank
-        failures=[{"slide": s, "error": m} for s, m in sorted(all_failures.items())],
-        precision=tile_encoder.precision,
-        device=str(device),
-        world_size=info.world_size,
-    )
-    if info.is_main:
-        _write_json(out.with_name(out.name + ".summary.json"), asdict(summary))
-    return summary
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+        dataset.slides.close()
+    return tiles_done, failed
 
 
 def _validate(cfg: ExtractConfig) -> None:
@@ -663,153 +760,36 @@ def _validate(cfg: ExtractConfig) -> None:
 
 # ----------------------------------------------------------------------------- command line
 
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m engine.extract",
-        description="Encode the tissue tiles of whole-slide images into a zarr feature store "
-        "(resumable; run under torchrun to split the tiles over processes / GPUs).",
-    )
-    p.add_argument(
-        "slides",
-        nargs="+",
-        metavar="SLIDE_OR_DIR",
-        help="slide files, or directories whose slide files to encode",
-    )
-    p.add_argument(
-        "--out",
-        required=True,
-        help="the feature store to write (features.zarr); an existing one is resumed",
-    )
-    p.add_argument(
-        "--encoder",
-        default=default_encoder_spec(),
-        help="checkpoint path or named encoder, e.g. resnet18-random, ciga-resnet18 (default: %(default)s)",
-    )
-    p.add_argument(
-        "--tile-px",
-        type=int,
-        default=224,
-        help="tile side in pixels at --mpp (default: %(default)s)",
-    )
-    p.add_argument(
-        "--mpp",
-        type=float,
-        default=0.5,
-        help="micrometres per pixel of the tiles (default: %(default)s)",
-    )
-    p.add_argument(
-        "--stride-px",
-        type=int,
-        default=None,
-        help="step between tiles in pixels at --mpp (default: --tile-px)",
-    )
-    p.add_argument(
-        "--min-tissue",
-        type=float,
-        default=0.5,
-        help="encode tiles with at least this tissue fraction (default: %(default)s)",
-    )
-    p.add_argument(
-        "--tissue",
-        choices=TISSUE_METHODS,
-        default="otsu",
-        help="tissue detection method (default: %(default)s)",
-    )
-    p.add_argument(
-        "--batch-size", type=int, default=64, help="tiles per encoder batch (default: %(default)s)"
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="tile-reading worker processes per rank; 0 reads in the main process "
-        f"(default: the rank's share of the CPUs minus one, 1 to 8; here {auto_workers()})",
-    )
-    p.add_argument(
-        "--device",
-        default="auto",
-        help="auto, cpu or cuda (default: %(default)s; auto = cuda when available)",
-    )
-    p.add_argument(
-        "--precision",
-        choices=PRECISIONS,
-        default="auto",
-        help="encoder precision; auto = bf16/fp16 on CUDA, bf16 on CPUs with native bf16, else fp32 (default: %(default)s)",
-    )
-    p.add_argument(
-        "--slide-mpp",
-        default=None,
-        metavar="VALUE_OR_CSV",
-        help="micrometres per pixel of slides whose files lack it (overrides the metadata): one number for all, or a CSV of slide,mpp rows",
-    )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace an existing store made with another encoder or tiling",
-    )
-    p.add_argument(
-        "--trust-checkpoint",
-        action="store_true",
-        help="allow loading a checkpoint that needs pickle (only from a source you trust)",
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
-    return p
+_PROG = "python -m engine.extract"
+_DESCRIPTION = (
+    "Encode the tissue tiles of whole-slide images into a zarr feature store "
+    "(resumable; run under torchrun to split the tiles over processes / GPUs)."
+)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> ExtractConfig:
-    a = build_parser().parse_args(argv)
-    return ExtractConfig(
-        slides=list(a.slides),
-        out=a.out,
-        encoder=a.encoder,
-        tile_px=a.tile_px,
-        mpp=a.mpp,
-        stride_px=a.stride_px,
-        min_tissue=a.min_tissue,
-        tissue=a.tissue,
-        batch_size=a.batch_size,
-        workers=a.workers,
-        device=a.device,
-        precision=a.precision,
-        slide_mpp=a.slide_mpp,
-        overwrite=a.overwrite,
-        quiet=a.quiet,
-        trust_checkpoint=a.trust_checkpoint,
+def report(cfg: ExtractConfig, summary: ExtractSummary) -> str:
+    """The one summary line printed after a run."""
+    failed = (
+        f"; {len(summary.failures)} failed: "
+        + ", ".join(Path(f["slide"]).name for f in summary.failures)
+        if summary.failures
+        else ""
     )
+    return (
+        f"extracted {summary.tiles} tiles ({summary.tiles_already_done} already done) from "
+        f"{summary.slides} slide(s) in {summary.seconds:.1f} s ({summary.tiles_per_s:.1f} tiles/s, "
+        f"{summary.precision} on {summary.device}){failed} -> {cfg.out}"
+    )
+
+
+def build_parser() -> Any:
+    """The command's ``argparse`` parser (generated from :class:`ExtractConfig`)."""
+    return cli.build_parser(ExtractConfig, prog=_PROG, description=_DESCRIPTION)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the exit status (0 ok, 1 some slides failed, 2 the run could not start)."""
-    cfg = parse_args(argv)
-    try:
-        try:
-            summary = run(cfg)
-        finally:
-            cleanup()
-    except HistoclusterError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted — run the same command again to resume", file=sys.stderr)
-        return 130
-    if int(os.environ.get("RANK", "0")) != 0:
-        return 1 if summary.failures else 0
-    for f in summary.failures:
-        print(f"error: {f['error']}", file=sys.stderr)
-    if not cfg.quiet:
-        failed = (
-            f"; {len(summary.failures)} failed: {', '.join(Path(f['slide']).name for f in summary.failures)}"
-            if summary.failures
-            else ""
-        )
-        print(
-            f"extracted {summary.tiles} tiles ({summary.tiles_already_done} already done) from "
-            f"{summary.slides} slide(s) in {summary.seconds:.1f} s ({summary.tiles_per_s:.1f} tiles/s, "
-            f"{summary.precision} on {summary.device}){failed} -> {cfg.out}",
-            file=sys.stderr,
-        )
-    return 1 if summary.failures else 0
+    """Entry point; returns the exit status (0 ok, 1 some slides failed, 2 bad input, 130 interrupted)."""
+    return cli.main(ExtractConfig, run, argv, prog=_PROG, description=_DESCRIPTION, report=report)
 
 
 if __name__ == "__main__":

@@ -22,17 +22,11 @@ import tifffile
 import torch
 from PIL import Image
 
+from engine.encode import TileEncoder
 from engine.errors import HistoclusterError
-from engine.extract import (
-    ExtractConfig,
-    TileEncoder,
-    build_parser,
-    chunk_batches,
-    main,
-    parse_slide_mpp,
-    run,
-)
+from engine.extract import ExtractConfig, build_parser, chunk_batches, main, parse_slide_mpp, run
 from engine.models import IMAGENET_MEAN, IMAGENET_STD, build_backbone, load_encoder, save_encoder
+from engine.progress import Cancelled
 from engine.slide import open_slide
 from engine.store import CHUNK, FeatureStore
 from engine.tiling import TileGrid
@@ -295,11 +289,8 @@ def test_progress_callback_and_cancel_keep_what_was_encoded(
     cfg = ExtractConfig(slides=[str(png)], out=str(out), encoder=str(tiny_encoder), tile_px=TILE_PX,
                         mpp=MPP, batch_size=8, workers=0, quiet=True)  # fmt: skip
 
-    class Cancelled(Exception):
-        pass
-
-    def cancel_after_two(done: int, total: int) -> None:
-        if done >= 16:
+    def cancel_after_two(stage: str, done: int, total: int) -> None:
+        if stage == "encode" and done >= 16:
             raise Cancelled
 
     with pytest.raises(Cancelled):
@@ -307,11 +298,64 @@ def test_progress_callback_and_cancel_keep_what_was_encoded(
     sf = FeatureStore.open(out).slide("crop")
     assert np.asarray(sf.done[...]).sum() == 16 < sf.selected.sum()
 
-    calls: list[tuple[int, int]] = []
-    summary = run(cfg, progress=lambda done, total: calls.append((done, total)))
+    calls: list[tuple[str, int, int]] = []
+    summary = run(cfg, progress=lambda *call: calls.append(call))
     left = int(sf.selected.sum()) - 16
-    assert summary.tiles == left and calls[0] == (0, left) and calls[-1] == (left, left)
+    assert calls[0] == ("tissue", 0, 1) and calls[1] == ("tissue", 1, 1)
+    encode = [c for c in calls if c[0] == "encode"]
+    assert summary.tiles == left and encode[0] == ("encode", 0, left)
+    assert encode[-1] == ("encode", left, left) and len(encode) == 2 + (left - 1) // 8
     assert np.array_equal(np.asarray(sf.done[...]), sf.selected)
+
+
+def test_cancel_through_the_command_line_runner_exits_130(
+    cmu_svs: Path, tiny_encoder: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C (KeyboardInterrupt) during encoding: status 130, one line, encoded tiles kept."""
+    png = _crop_png(cmu_svs, tmp_path / "crop.png", dpi=True)
+    out = tmp_path / "features.zarr"
+    script = (
+        "import sys\n"
+        "from engine import cli, extract\n"
+        "def run(cfg, *, progress):\n"
+        "    def interrupt(stage, done, total):\n"
+        "        if stage == 'encode' and done >= 16:\n"
+        "            raise KeyboardInterrupt\n"
+        "    return extract.run(cfg, progress=interrupt)\n"
+        "sys.exit(cli.main(extract.ExtractConfig, run, sys.argv[1:], prog='python -m engine.extract', description=''))\n"
+    )
+    args = _args([png], out, tiny_encoder, "--batch-size", "8", "--workers", "0")
+    proc = subprocess.run([sys.executable, "-c", script, *args], env=_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert proc.stderr.count("\n") == 1 and "interrupted" in proc.stderr
+    assert FeatureStore.open(out).slide("crop").n_encoded() == 16
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_precision_asked_is_the_precision_run(
+    precision: str, cmu_svs: Path, tiny_encoder: Path, tmp_path: Path
+) -> None:
+    """Each precision explicitly, whatever the CPU (``auto`` picks bf16 on CPUs with native bf16):
+    the summary and config say it, and the features are those of an fp32 reference."""
+    png = _crop_png(cmu_svs, tmp_path / "crop.png", dpi=True)
+    out = tmp_path / f"{precision}.zarr"
+    assert main(_args([png], out, tiny_encoder, "--precision", precision, "--workers", "0")) == 0
+    summary = json.loads(out.with_name(out.name + ".summary.json").read_text())
+    config = json.loads(out.with_name(out.name + ".config.json").read_text())
+    assert summary["precision"] == precision and config["resolved"]["precision"] == precision
+    assert config["precision"] == precision
+
+    sf = FeatureStore.open(out).slide("crop")
+    rows, cols = np.nonzero(sf.done)
+    grid = TileGrid(open_slide(png), target_mpp=MPP, tile_px=TILE_PX)
+    tiles = np.stack([grid.read_tile(int(r), int(c)) for r, c in zip(rows, cols, strict=True)])
+    fp32 = TileEncoder(load_encoder(tiny_encoder), torch.device("cpu"), "fp32")(
+        torch.from_numpy(tiles)
+    )
+    stored = torch.from_numpy(sf.read_tiles(rows, cols))
+    cosine = torch.nn.functional.cosine_similarity(stored, fp32, dim=1)
+    assert len(rows) > 16 and cosine.min() >= (0.9999 if precision == "fp32" else 0.99), cosine
 
 
 def test_command_line_errors_are_one_line(
@@ -364,16 +408,23 @@ def test_chunk_batches_do_not_depend_on_what_is_done() -> None:
     assert [b.tolist() for b in chunk_batches(selected, done, 4)] == [[4, 10], [15]]
 
 
-def test_bf16_features_match_fp32(cmu_svs: Path) -> None:
-    """bf16 autocast on CPU (what --precision auto picks on CPUs with native bf16) vs fp32."""
-    grid = TileGrid(open_slide(cmu_svs), target_mpp=0.5, tile_px=224)
-    rows, cols = np.nonzero(grid.selected)
-    tiles = torch.from_numpy(
-        np.stack([grid.read_tile(int(r), int(c)) for r, c in zip(rows[:4], cols[:4], strict=True)])
+def test_file_size_limit_is_one_line_and_the_store_resumes(
+    reference: Path, cmu_svs: Path, tiny_encoder: Path, tmp_path: Path
+) -> None:
+    """``ulimit -f`` (EFBIG on the first features chunk): status 2, one line naming the store and
+    the fix, no traceback; the same command without the limit then finishes the same store."""
+    out = tmp_path / "features.zarr"
+    args = " ".join(f"'{a}'" for a in _args([cmu_svs], out, tiny_encoder, "--workers", "0"))
+    proc = subprocess.run(
+        ["bash", "-c", f"ulimit -f 100; exec '{sys.executable}' -m engine.extract {args}"],
+        env=_env(), cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr.strip()
+    assert err == (
+        f"error: {out}: File too large — raise the file-size limit (ulimit -f) or choose another "
+        "location, then rerun to resume"
     )
-    encoder = load_encoder("resnet18-random")
-    fp32 = TileEncoder(encoder, torch.device("cpu"), "fp32", channels_last=False)(tiles)
-    bf16 = TileEncoder(encoder, torch.device("cpu"), "bf16")(tiles)
-    cosine = torch.nn.functional.cosine_similarity(fp32, bf16, dim=1)
-    assert cosine.min() >= 0.99, cosine
-    assert not torch.equal(fp32, bf16)  # bf16 really ran
+    assert FeatureStore.open(out).slide("CMU-1-Small-Region").n_encoded() < 565
+    assert main(_args([cmu_svs], out, tiny_encoder)) == 0
+    _assert_same_store(reference, out)
