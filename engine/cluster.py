@@ -3,56 +3,131 @@
 Fits centroids on (a sample of) the tissue tiles of the chosen slides, streamed chunk by chunk
 from ``features.zarr`` (``engine.kmeans``), assigns every tissue tile of those slides, and
 writes ``clusters/<run>/`` through ``FeatureStore.write_cluster_run``: centroids, per-slide
-label maps (-1 outside tissue) and attrs (k, seed, algorithm, tiles used, the configuration,
-per-slide tile counts and shares per cluster, the exemplar tiles). Beside them it draws
-``clusters/<run>/exemplars.png`` (the tiles nearest each centroid, read back from the slides,
-as in the paper's Figure 3) and ``clusters/<run>/overlays/<slide_id>.png``.
+label maps (-1 outside tissue) and attrs (k, seed, algorithm, the encoder of the features, tiles
+used, the configuration, per-slide tile counts and shares per cluster, the exemplar tiles).
+Beside them, through the same call, the files ``exemplars.png`` (the tiles nearest each
+centroid, read back from the slides, as in the paper's Figure 3) and ``overlays/<slide_id>.png``
+(``FeatureStore.run_file``). The run is marked complete only once all of it is written, so a
+cancelled or killed run is never listed and the same command run again replaces it.
+
+Progress stages: ``kmeans`` (rows), ``assign`` (tiles), ``exemplars`` (tiles read),
+``overlays`` (slides).
 
     python -m engine.cluster features.zarr --k 8 --name k8 --exemplars 3
 """
 
 from __future__ import annotations
 
-import argparse
+import io
 import re
 import sys
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from engine.errors import HistoclusterError
+from engine import cli
+from engine.cli import option
+from engine.errors import HistoclusterError, SlideError, one_line
 from engine.kmeans import assign, fit_streamed_kmeans, l2_normalize
+from engine.mosaic import cluster_colors, exemplar_mosaic, label_overlay
+from engine.progress import Progress, Throttle, no_progress
+from engine.slide import SlideCache
+from engine.store import FeatureStore
+
+__all__ = [
+    "ALGORITHM",
+    "ClusterConfig",
+    "ClusterResult",
+    "Exemplar",
+    "default_run_name",
+    "format_summary",
+    "main",
+    "normalizer",
+    "run",
+    "run_clustering",
+]
 
 Normalize = Literal["l2", "none"]
 ALGORITHM = "minibatch-kmeans"
 DEFAULT_SAMPLE = 200_000
+EXEMPLARS_FILE = "exemplars.png"
 _RUN_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+_GREY = 200  # exemplar cells of a slide that cannot be read
 
 
-@dataclass
+@dataclass(frozen=True)
 class ClusterConfig:
     """Everything that decides a clustering run (see ``--help``)."""
 
-    store: Path
-    k: int = 8
-    name: str | None = None
-    slides: list[str] = field(default_factory=list)
-    sample: int = DEFAULT_SAMPLE
-    normalize: Normalize = "l2"
-    seed: int = 0
-    exemplars: int = 3
-    batch_size: int = 2048
-    max_passes: int = 3
-    overlays: bool = True
-    thumbnail_px: int = 1024
-    overwrite: bool = False
-    quiet: bool = False
+    store: Path = option(
+        positional=True, parse=Path, help="the features.zarr written by python -m engine.extract"
+    )
+    k: int = option(8, help="number of clusters")
+    name: str | None = option(
+        None, help="run name, letters/digits/._- (default: k<K>, k<K>-2... when taken)"
+    )
+    slides: tuple[str, ...] = option(
+        default_factory=tuple,
+        metavar="ID",
+        show_default=False,
+        help="slide ids to cluster (default: all in the store)",
+    )
+    sample: int = option(
+        DEFAULT_SAMPLE,
+        help="at most this many tissue tiles, drawn at random, fit the centroids; 0 = all "
+        "(default: %(default)s); every tile is assigned regardless",
+    )
+    normalize: Normalize = option(
+        "l2", help="feature transform before clustering; l2 gives cosine geometry"
+    )
+    seed: int = option(
+        0,
+        help="seed of sampling, k-means++ and batch order; same seed, same clusters "
+        "(default: %(default)s)",
+    )
+    exemplars: int = option(
+        3, help="tiles nearest each centroid shown in exemplars.png; 0 = no mosaic"
+    )
+    batch_size: int = option(2048, help="tiles per mini-batch update")
+    max_passes: int = option(3, help="passes over the fitting tiles, fewer when centroids settle")
+    overlays: bool = option(True, help="draw the overlay PNG per slide; --no-overlays skips them")
+    thumbnail_px: int = option(1024, help="longest side of the overlay PNGs")
+    overwrite: bool = option(False, help="replace an existing run of the same --name")
+    quiet: bool = option(False, help="no progress bars and no summary table")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "store", Path(self.store))
+        object.__setattr__(self, "slides", tuple(self.slides))
+
+    def problem(self) -> str | None:
+        """One line saying which value is out of range (None when all are usable)."""
+        where = str(self.store)
+        if self.k < 1:
+            return f"{where}: --k must be at least 1, got {self.k} — pass --k 1 or more"
+        for flag, value in (("--sample", self.sample), ("--exemplars", self.exemplars)):
+            if value < 0:
+                return f"{where}: {flag} must be 0 or more, got {value} — fix the value"
+        if self.max_passes < 0:
+            return f"{where}: --max-passes must be 0 or more, got {self.max_passes} — fix the value"
+        if self.batch_size < 1:
+            return f"{where}: --batch-size must be at least 1, got {self.batch_size} — pass --batch-size 2048"
+        if self.thumbnail_px < 1:
+            return f"{where}: --thumbnail-px must be at least 1, got {self.thumbnail_px} — pass --thumbnail-px 1024"
+        if self.name is not None and (not _RUN_NAME.match(self.name) or set(self.name) == {"."}):
+            return (
+                f"{where}: run name {self.name!r} may use only letters, digits, '.', '_' and '-' "
+                "(and not only dots) — pass another --name"
+            )
+        return None
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
+        """The configuration as JSON values (the run's ``config`` attrs)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["store"] = str(Path(self.store).resolve())
+        d["slides"] = list(self.slides)
         return d
 
 
@@ -71,7 +146,14 @@ class Exemplar:
 
 @dataclass
 class ClusterResult:
-    """What ``run_clustering`` wrote: run name, centroids (k, dim), labels per slide, summary."""
+    """What a clustering wrote.
+
+    run: its name. centroids: (k, dim) float32. labels: {slide_id: (rows, cols) int16, -1
+    outside tissue}. counts: {slide_id: [tiles per cluster]}. exemplars: per cluster, the
+    nearest tiles. exemplar_tiles: per cluster, those tiles' pixels (tile_px, tile_px, 3) uint8
+    (grey when the slide cannot be read; empty lists with ``--exemplars 0``). pictures: the
+    files written beside the run. warnings: one line each (tiles not encoded, unreadable slides).
+    """
 
     run: str
     centroids: np.ndarray
@@ -80,6 +162,7 @@ class ClusterResult:
     exemplars: list[list[Exemplar]]
     n_fit: int
     n_tiles: int
+    exemplar_tiles: list[list[np.ndarray]] = field(default_factory=list)
     pictures: list[Path] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -93,15 +176,7 @@ def normalizer(kind: Normalize):
     raise ValueError(f"--normalize must be l2 or none, got {kind!r}")
 
 
-def run_dir(store: Any, run: str) -> Path:
-    """Directory of ``clusters/<run>`` inside the store, for the PNGs drawn beside the arrays.
-
-    Private adapter: ``FeatureStore`` has no method for files beside a run's arrays yet.
-    """
-    return Path(store.path) / "clusters" / run
-
-
-def default_run_name(store: Any, k: int) -> str:
+def default_run_name(store: FeatureStore, k: int) -> str:
     """``k<k>``, or ``k<k>-2``, ``k<k>-3``... when taken."""
     taken = set(store.cluster_runs())
     name, i = f"k{k}", 2
@@ -110,12 +185,9 @@ def default_run_name(store: Any, k: int) -> str:
     return name
 
 
-def _progress(total: int, desc: str, quiet: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total, desc=desc, unit="tile", disable=quiet or not sys.stderr.isatty(), leave=False
-    )
+def overlay_file(slide_id: str) -> str:
+    """The run-file name of a slide's overlay (``FeatureStore.run_file(run, overlay_file(sid))``)."""
+    return f"overlays/{slide_id}.png"
 
 
 def _keep_nearest(
@@ -132,16 +204,11 @@ def _keep_nearest(
     best_d[c], best_id[c] = all_d[order], all_id[order]
 
 
-def run_clustering(store: Any, cfg: ClusterConfig) -> ClusterResult:
-    """Cluster ``store`` (an open, writable ``FeatureStore``) as ``cfg`` says; see the module doc."""
-    if cfg.k < 1:
-        raise HistoclusterError(
-            f"{store.path}: --k must be at least 1, got {cfg.k} — pass --k 2 or more"
-        )
-    if cfg.sample < 0 or cfg.exemplars < 0:
-        raise HistoclusterError(
-            f"{store.path}: --sample and --exemplars must be >= 0 — fix the value"
-        )
+def _check(store: FeatureStore, cfg: ClusterConfig) -> tuple[list[str], str]:
+    """The slides to cluster and the run name, or ``HistoclusterError`` with one line."""
+    problem = cfg.problem()
+    if problem:
+        raise HistoclusterError(problem)
     slides = sorted(set(cfg.slides)) if cfg.slides else store.slide_ids()
     if not slides:
         raise HistoclusterError(
@@ -153,16 +220,24 @@ def run_clustering(store: Any, cfg: ClusterConfig) -> ClusterResult:
         raise HistoclusterError(
             f"{store.path}: no slide {', '.join(map(repr, missing))} (slides: {', '.join(sorted(known))}) — check --slides"
         )
-    if cfg.name is not None and (not _RUN_NAME.match(cfg.name) or set(cfg.name) == {"."}):
+    name = cfg.name or default_run_name(store, cfg.k)
+    if name in store.cluster_runs() and not cfg.overwrite:
         raise HistoclusterError(
-            f"{store.path}: run name {cfg.name!r} may use only letters, digits, '.', '_' and '-' "
-            "(and not only dots) — pass another --name"
+            f"{store.path}: cluster run {name!r} exists — pass --overwrite or another --name"
         )
-    run = cfg.name or default_run_name(store, cfg.k)
-    if run in store.cluster_runs() and not cfg.overwrite:
-        raise HistoclusterError(
-            f"{store.path}: cluster run {run!r} exists — pass --overwrite or another --name"
-        )
+    return slides, name
+
+
+def run_clustering(
+    store: FeatureStore, cfg: ClusterConfig, *, progress: Progress = no_progress
+) -> ClusterResult:
+    """Cluster ``store`` (open for writing) as ``cfg`` says; see the module doc.
+
+    A ``Cancelled`` raised by ``progress`` stops the run at that report; the store then holds
+    no new complete run (an existing run of the same name is kept when the cancel came before
+    the writing started, i.e. in ``kmeans`` or ``assign``).
+    """
+    slides, run_name = _check(store, cfg)
     norm = normalizer(cfg.normalize)
     warnings: list[str] = []
     pending = {s: int(store.slide(s).pending().sum()) for s in slides}
@@ -177,12 +252,10 @@ def run_clustering(store: Any, cfg: ClusterConfig) -> ClusterResult:
             f"{store.path}: {n_tiles} encoded tissue tiles in {', '.join(slides)}, fewer than k={cfg.k} — lower --k or add slides"
         )
 
-    def source():
+    def source() -> Iterator[np.ndarray]:
         for tf in store.iter_tissue_features(slides):
             yield norm(tf.features)
 
-    n_fit = n_tiles if not cfg.sample else min(cfg.sample, n_tiles)
-    bar = _progress(n_fit * cfg.max_passes, "fitting", cfg.quiet)
     fit = fit_streamed_kmeans(
         source,
         cfg.k,
@@ -191,9 +264,8 @@ def run_clustering(store: Any, cfg: ClusterConfig) -> ClusterResult:
         seed=cfg.seed,
         batch_size=cfg.batch_size,
         max_passes=cfg.max_passes,
-        on_batch=bar.update,
+        progress=progress,
     )
-    bar.close()
 
     # Assignment of every tissue tile, nearest exemplars per cluster.
     k, m = cfg.k, cfg.exemplars
@@ -201,7 +273,9 @@ def run_clustering(store: Any, cfg: ClusterConfig) -> ClusterResult:
     counts = {s: np.zeros(k, dtype=np.int64) for s in slides}
     best_d = np.full((k, m), np.inf)
     best_id = np.full((k, m, 3), -1, dtype=np.int64)  # (slide index, row, col)
-    bar = _progress(n_tiles, "assigning", cfg.quiet)
+    report = Throttle(progress)
+    done = 0
+    report("assign", 0, n_tiles)
     for tf in store.iter_tissue_features(slides):
         lab, dist = assign(norm(tf.features), fit.centroids)
         labels[tf.slide_id][tf.rows, tf.cols] = lab
@@ -212,8 +286,8 @@ def run_clustering(store: Any, cfg: ClusterConfig) -> ClusterResult:
             for c in np.unique(lab):
                 sel = lab == c
                 _keep_nearest(best_d, best_id, int(c), dist[sel].astype(np.float64), ids[sel])
-        bar.update(len(lab))
-    bar.close()
+        done += len(lab)
+        report("assign", done, n_tiles)
 
     exemplars: list[list[Exemplar]] = []
     for c in range(k):
@@ -228,10 +302,12 @@ def run_clustering(store: Any, cfg: ClusterConfig) -> ClusterResult:
 
     counts_json = {s: [int(v) for v in counts[s]] for s in slides}
     totals = np.sum([counts[s] for s in slides], axis=0)
+    colors = cluster_colors(k)
     attrs = {
         "algorithm": ALGORITHM,
         "seed": cfg.seed,
         "normalize": cfg.normalize,
+        "encoder": store.encoder.to_attrs(),
         "n_fit_tiles": int(fit.n_fit),
         "n_tiles": int(n_tiles),
         "passes": fit.passes,
@@ -243,184 +319,121 @@ def run_clustering(store: Any, cfg: ClusterConfig) -> ClusterResult:
         },
         "cluster_tiles": [int(v) for v in totals],
         "exemplars": [[asdict(e) for e in row] for row in exemplars],
-        "colors": [[int(v) for v in c] for c in _colors(k)],
-        "config": {**cfg.to_json(), "name": run},
+        "colors": [[int(v) for v in c] for c in colors],
+        "config": {**cfg.to_json(), "name": run_name},
     }
-    # overwrite also clears a group a killed run left incomplete (cluster_runs() lists complete ones)
-    store.write_cluster_run(run, fit.centroids, labels, attrs, overwrite=True)
     result = ClusterResult(
-        run, fit.centroids, labels, counts_json, exemplars, fit.n_fit, n_tiles, warnings=warnings
+        run_name, fit.centroids, labels, counts_json, exemplars, fit.n_fit, n_tiles,
+        warnings=warnings,
+    )  # fmt: skip
+    with SlideCache(capacity=4) as slides_open:
+        # overwrite also clears a group a killed run left incomplete (cluster_runs() lists complete ones)
+        store.write_cluster_run(
+            run_name,
+            fit.centroids,
+            labels,
+            attrs,
+            overwrite=True,
+            files=_pictures(store, cfg, result, colors, slides_open, progress),
+        )
+    names = ([EXEMPLARS_FILE] if m else []) + (
+        [overlay_file(s) for s in slides] if cfg.overlays else []
     )
-    if m or cfg.overlays:
-        draw_pictures(store, run, result, cfg)
+    result.pictures = [p for p in (store.run_file(run_name, n) for n in names) if p is not None]
     return result
 
 
-def _colors(k: int) -> np.ndarray:
-    from engine.mosaic import cluster_colors
+def _pictures(
+    store: FeatureStore,
+    cfg: ClusterConfig,
+    result: ClusterResult,
+    colors: np.ndarray,
+    slides_open: SlideCache,
+    progress: Progress,
+) -> Iterator[tuple[str, bytes]]:
+    """(name, PNG bytes) of ``exemplars.png`` and of each ``overlays/<slide_id>.png``, one at a time.
 
-    return cluster_colors(k)
-
-
-def _open_source(store: Any, slide_id: str):
-    """The slide a store's features came from, opened with the mpp used at extraction."""
-    from engine.slide import open_slide
-
-    sf = store.slide(slide_id)
-    return open_slide(sf.source_path, mpp=tuple(sf.attrs["mpp"]))
-
-
-def draw_pictures(store: Any, run: str, result: ClusterResult, cfg: ClusterConfig) -> None:
-    """Write ``exemplars.png`` and ``overlays/<slide_id>.png`` under ``clusters/<run>``.
-
-    A slide that cannot be read any more leaves grey exemplar cells / no overlay and a warning.
+    Fills ``result.exemplar_tiles``. A slide that cannot be read leaves grey exemplar cells, no
+    overlay and a warning.
     """
-    from PIL import Image
-
-    from engine.errors import SlideError
-    from engine.mosaic import exemplar_mosaic, label_overlay
-
-    out = run_dir(store, run)
-    colors = _colors(len(result.centroids))
     tiling = store.tiling
-    tile_px, target_mpp = tiling.tile_px, tiling.target_mpp
-    opened: dict[str, Any] = {}
+    unreadable: set[str] = set()
 
     def slide_of(sid: str):
-        if sid not in opened:
-            try:
-                opened[sid] = _open_source(store, sid)
-            except SlideError as e:
-                opened[sid] = None
-                result.warnings.append(f"{e} (pictures of slide {sid!r} left blank)")
-        return opened[sid]
+        if sid in unreadable:
+            return None
+        sf = store.slide(sid)
+        try:
+            return slides_open.get(sf.source_path, mpp=tuple(sf.attrs["mpp"]))
+        except SlideError as e:
+            unreadable.add(sid)
+            result.warnings.append(f"{one_line(e)} (pictures of slide {sid!r} left blank)")
+            return None
 
-    try:
-        if cfg.exemplars:
-            tiles = []
-            for row in result.exemplars:
-                cells = []
-                for e in row:
-                    slide = slide_of(e.slide_id)
-                    cells.append(
-                        slide.read_tile_at_mpp((e.l0_x, e.l0_y), target_mpp, tile_px)
-                        if slide is not None
-                        else np.full((tile_px, tile_px, 3), 200, np.uint8)
-                    )
-                tiles.append(cells)
-            counts = [int(sum(c[i] for c in result.counts.values())) for i in range(len(colors))]
-            path = out / "exemplars.png"
-            Image.fromarray(exemplar_mosaic(tiles, colors, counts)).save(path)
-            result.pictures.append(path)
-        if cfg.overlays:
-            (out / "overlays").mkdir(exist_ok=True)
-            for sid, lab in result.labels.items():
-                slide = slide_of(sid)
-                if slide is None:
-                    continue
-                attrs = store.slide(sid).attrs
-                thumb = slide.thumbnail(cfg.thumbnail_px)
-                img = label_overlay(thumb, lab, attrs["stride_l0"], attrs["dimensions"], colors)
-                path = out / "overlays" / f"{sid}.png"
-                Image.fromarray(img).save(path)
-                result.pictures.append(path)
-    finally:
-        for slide in opened.values():
+    if cfg.exemplars:
+        grey = np.full((tiling.tile_px, tiling.tile_px, 3), _GREY, np.uint8)
+        tiles = [[grey] * len(row) for row in result.exemplars]
+        cells = sorted(
+            (
+                (e.slide_id, c, j)
+                for c, row in enumerate(result.exemplars)
+                for j, e in enumerate(row)
+            )
+        )  # slide by slide: each slide is opened once
+        report = Throttle(progress)
+        report("exemplars", 0, len(cells))
+        for n, (sid, c, j) in enumerate(cells, 1):
+            slide = slide_of(sid)
             if slide is not None:
-                slide.close()
+                e = result.exemplars[c][j]
+                try:
+                    tiles[c][j] = slide.read_tile_at_mpp(
+                        (e.l0_x, e.l0_y), tiling.target_mpp, tiling.tile_px
+                    )
+                except SlideError as err:
+                    unreadable.add(sid)
+                    slides_open.forget(store.slide(sid).source_path)
+                    result.warnings.append(
+                        f"{one_line(err)} (pictures of slide {sid!r} left blank)"
+                    )
+            report("exemplars", n, len(cells))
+        result.exemplar_tiles = tiles
+        counts = [int(sum(c[i] for c in result.counts.values())) for i in range(len(colors))]
+        yield EXEMPLARS_FILE, _png(exemplar_mosaic(tiles, colors, counts))
+    if cfg.overlays:
+        ids = list(result.labels)
+        progress("overlays", 0, len(ids))
+        for n, sid in enumerate(ids, 1):
+            slide = slide_of(sid)
+            if slide is not None:
+                attrs = store.slide(sid).attrs
+                try:
+                    thumb = slide.thumbnail(cfg.thumbnail_px)
+                except SlideError as err:
+                    unreadable.add(sid)
+                    slides_open.forget(store.slide(sid).source_path)
+                    result.warnings.append(f"{one_line(err)} (overlay of slide {sid!r} skipped)")
+                    thumb = None
+                if thumb is not None:
+                    img = label_overlay(
+                        thumb, result.labels[sid], attrs["stride_l0"], attrs["dimensions"], colors
+                    )
+                    yield overlay_file(sid), _png(img)
+            progress("overlays", n, len(ids))
 
 
-_EPILOG = """\
-outputs, in STORE/clusters/<RUN>/: centroids (k, dim), slides/<id>/labels (rows, cols; -1
-outside tissue), attrs (k, seed, algorithm, tiles fitted/assigned, per-slide tile counts and
-shares per cluster, exemplar tiles, colours, the configuration), exemplars.png (the tiles
-nearest each centroid, read from the slides) and overlays/<slide_id>.png.
+def _png(image: np.ndarray) -> bytes:
+    """PNG bytes of an (h, w, 3) uint8 image."""
+    from PIL import Image
 
-the centroids are fitted on at most --sample tiles drawn at random from all chosen slides,
-streamed chunk by chunk (memory stays bounded); every tissue tile is then assigned.
-
-example:
-  python -m engine.cluster features.zarr --k 8 --name k8 --exemplars 3
-"""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m engine.cluster",
-        description="Mini-batch K-means over the tissue tiles of a feature store (paper section 4.4); "
-        "writes clusters/<RUN>/ in the store with exemplars.png and overlays/<slide>.png.",
-        epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("store", type=Path, help="the features.zarr written by python -m engine.extract")
-    p.add_argument("--k", type=int, default=8, help="number of clusters (default: 8)")
-    p.add_argument(
-        "--name",
-        default=None,
-        help="run name, letters/digits/._- (default: k<K>, k<K>-2... when taken)",
-    )
-    p.add_argument(
-        "--slides",
-        nargs="+",
-        default=[],
-        metavar="ID",
-        help="slide ids to cluster (default: all in the store)",
-    )
-    p.add_argument(
-        "--sample",
-        type=int,
-        default=DEFAULT_SAMPLE,
-        help=f"at most this many tissue tiles, drawn at random, fit the centroids; 0 = all (default: {DEFAULT_SAMPLE}); every tile is assigned regardless",
-    )
-    p.add_argument(
-        "--normalize",
-        choices=["l2", "none"],
-        default="l2",
-        help="feature transform before clustering (default: l2, i.e. cosine geometry)",
-    )
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seed of sampling, k-means++ and batch order; same seed, same clusters (default: 0)",
-    )
-    p.add_argument(
-        "--exemplars",
-        type=int,
-        default=3,
-        help="tiles nearest each centroid shown in exemplars.png; 0 = no mosaic (default: 3)",
-    )
-    p.add_argument(
-        "--batch-size", type=int, default=2048, help="tiles per mini-batch update (default: 2048)"
-    )
-    p.add_argument(
-        "--max-passes",
-        type=int,
-        default=3,
-        help="passes over the fitting tiles, fewer when centroids settle (default: 3)",
-    )
-    p.add_argument(
-        "--no-overlays",
-        dest="overlays",
-        action="store_false",
-        help="skip the overlay PNG per slide",
-    )
-    p.add_argument(
-        "--thumbnail-px",
-        type=int,
-        default=1024,
-        help="longest side of the overlay PNGs (default: 1024)",
-    )
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace an existing run of the same --name"
-    )
-    p.add_argument("--quiet", action="store_true", help="no progress bars and no summary table")
-    return p
-
-
-def parse_config(argv: list[str] | None = None) -> ClusterConfig:
-    ns = build_parser().parse_args(argv)
-    return ClusterConfig(**vars(ns))
+def run(cfg: ClusterConfig, *, progress: Progress = no_progress) -> ClusterResult:
+    """Open ``cfg.store`` for writing and cluster it (:func:`run_clustering`): the library entry."""
+    return run_clustering(FeatureStore.open(cfg.store, mode="r+"), cfg, progress=progress)
 
 
 def format_summary(result: ClusterResult) -> str:
@@ -437,27 +450,58 @@ def format_summary(result: ClusterResult) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; 0 on success, 1 with a one-line ``error: ...`` on stderr."""
-    from engine.store import FeatureStore
+def report(cfg: ClusterConfig, result: ClusterResult) -> str:
+    """The summary printed on stdout: the run, the table, the pictures written.
 
-    cfg = parse_config(argv)
-    try:
-        store = FeatureStore.open(cfg.store, mode="r+")
-        result = run_clustering(store, cfg)
-    except HistoclusterError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    Warnings go to stderr here (cli.main prints the report only without ``--quiet``).
+    """
     for w in result.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    if not cfg.quiet:
-        print(
-            f"{cfg.store}: cluster run {result.run!r}: k={len(result.centroids)}, fitted on {result.n_fit} of {result.n_tiles} tissue tiles"
-        )
-        print(format_summary(result))
-        for p in result.pictures:
-            print(f"wrote {p}")
-    return 0
+    lines = [
+        f"{cfg.store}: cluster run {result.run!r}: k={len(result.centroids)}, "
+        f"fitted on {result.n_fit} of {result.n_tiles} tissue tiles",
+        format_summary(result),
+        *(f"wrote {p}" for p in result.pictures),
+    ]
+    return "\n".join(lines)
+
+
+_DESCRIPTION = (
+    "Mini-batch K-means over the tissue tiles of a feature store (paper section 4.4); writes "
+    "clusters/<RUN>/ in the store with exemplars.png and overlays/<slide>.png."
+)
+
+_EPILOG = """\
+outputs, in STORE/clusters/<RUN>/: centroids (k, dim), slides/<id>/labels (rows, cols; -1
+outside tissue), attrs (k, seed, algorithm, the encoder, tiles fitted/assigned, per-slide tile
+counts and shares per cluster, exemplar tiles, colours, the configuration), and in files/:
+exemplars.png (the tiles nearest each centroid, read from the slides) and
+overlays/<slide_id>.png. The run is listed only once all of it is written: an interrupted run
+is replaced by the same command run again.
+
+the centroids are fitted on at most --sample tiles drawn at random from all chosen slides,
+streamed chunk by chunk (memory stays bounded); every tissue tile is then assigned.
+
+exit status: 0 done, 2 bad input (one line on stderr), 130 interrupted.
+
+example:
+  python -m engine.cluster features.zarr --k 8 --name k8 --exemplars 3
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: the summary on stdout; exit status as ``engine.cli`` says."""
+    return cli.main(
+        ClusterConfig,
+        run,
+        argv,
+        prog="python -m engine.cluster",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        report=report,
+        report_stream="stdout",
+        interrupted_hint="the interrupted run is not listed; run the same command again",
+    )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ store, chunk by chunk). ``fit_streamed_kmeans``
 
 Memory is bounded by the buffer and ``cache_bytes`` whatever the number of tiles; every tile is
 assigned afterwards with ``assign`` chunk by chunk. Everything random derives from ``seed``.
+Progress is reported as stage ``"kmeans"`` (rows read, fed to mini-batches and to Lloyd passes)
+at least every 0.2 s; a ``Cancelled`` raised by the callback stops the fit (nothing is written).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import sparse
 
+from engine.progress import Progress, Throttle, no_progress
+
 ChunkSource = Callable[[], Iterable[np.ndarray]]
 """Each call starts the stream again; it yields (n_i, dim) float arrays in the same order every time."""
 
@@ -33,6 +37,7 @@ DEFAULT_BATCH_SIZE = 2048
 DEFAULT_BUFFER_ROWS = 65_536
 DEFAULT_CACHE_BYTES = 1 << 30
 _REFINE_BLOCK = 4096  # rows per BLAS call in the Lloyd passes (stays in cache)
+STAGE = "kmeans"
 
 
 @dataclass
@@ -178,7 +183,7 @@ def fit_streamed_kmeans(
     reassignment_ratio: float = 0.01,
     refine_passes: int = 10,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
-    on_batch: Callable[[int], None] | None = None,
+    progress: Progress = no_progress,
 ) -> KMeansFit:
     """Fit ``k`` centroids by mini-batch K-means on (a random subset of) the rows of ``source``.
 
@@ -204,7 +209,10 @@ def fit_streamed_kmeans(
             total squared centre shift is below ``tol`` x the mean feature variance.
         cache_bytes: the fitting rows are kept in memory after the first pass when they take
             at most this many bytes (float32); otherwise every pass streams the source again.
-        on_batch: called with the number of rows of each batch fed (progress).
+        progress: ``progress("kmeans", done, total)`` with ``total`` = fitting rows x (1 +
+            ``max_passes`` + ``refine_passes``): the seeding pass, the mini-batch passes, then
+            the Lloyd passes; ``done`` jumps ahead when a phase stops early. Called at least
+            every 0.2 s; a ``Cancelled`` it raises propagates (the fit is abandoned).
     Returns:
         ``KMeansFit`` with (k, dim) float32 centroids.
     """
@@ -221,6 +229,9 @@ def fit_streamed_kmeans(
     rng = np.random.default_rng(seed)
     chosen = None if n_fit == n_total else _choose(rng, n_total, n_fit)
     init_idx = _choose(rng, n_fit, min(n_fit, init_size or max(3 * batch_size, 10 * k)))
+    report = Throttle(progress)
+    total = n_fit * (1 + max_passes + refine_passes)
+    report(STAGE, 0, total)
 
     # One pass: the k-means++ seed sample, and the fitting rows kept in memory when they fit
     # in ``cache_bytes`` (then no later pass reads the source again).
@@ -237,6 +248,7 @@ def fit_streamed_kmeans(
         if cache is not None:
             cache[seen : seen + len(part)] = part
         seen += len(part)
+        report(STAGE, seen, total)
     init_x = np.concatenate(init_parts, axis=0)
     del init_parts
     centers, _ = kmeans_plusplus(init_x.astype(np.float64), k, random_state=seed)
@@ -257,6 +269,7 @@ def fit_streamed_kmeans(
         # Mini-batch passes: shuffle each block of buffer_rows, cut it into batches.
         model = MiniBatchKMeans(centers, seed=seed, reassignment_ratio=reassignment_ratio)
         steps, passes, shift = 0, 0, math.inf
+        done = n_fit
         for _ in range(max_passes):
             before = model.centers.copy()
             for block in blocks(buffer_rows):
@@ -268,14 +281,16 @@ def fit_streamed_kmeans(
                     end = starts[i + 1] if i + 1 < len(starts) else len(rows)
                     model.partial_fit(rows[start:end])
                     steps += 1
-                    if on_batch is not None:
-                        on_batch(end - start)
+                    done += end - start
+                    report(STAGE, done, total)
             passes += 1
             shift = float(((model.centers - before) ** 2).sum()) / variance
             if passes > 1 and shift <= tol:
                 break
 
         # Lloyd passes: every centre becomes the mean of the fitting rows nearest to it.
+        done = n_fit * (1 + max_passes)
+        report(STAGE, done, total)
         centers = model.centers.copy()
         for _ in range(refine_passes):
             sums = np.zeros(centers.shape, dtype=np.float64)
@@ -288,6 +303,8 @@ def fit_streamed_kmeans(
                 )
                 sums += members @ block
                 counts += np.bincount(lab, minlength=k)
+                done += len(block)
+                report(STAGE, done, total)
             before = centers
             centers = np.where(
                 counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], before
@@ -298,6 +315,7 @@ def fit_streamed_kmeans(
                 break
     finally:
         blas.restore_original_limits()
+    report(STAGE, total, total)
     return KMeansFit(
         centroids=centers,
         n_fit=n_fit,

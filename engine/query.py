@@ -1,24 +1,29 @@
 """Similar tiles: exact cosine top-k over every tissue tile of a feature store, chunk by chunk.
 
 ``similar_tiles(store, vector, top)`` is the API (the napari widget's "find similar");
-``python -m engine.query features.zarr --slide ID --row R --col C --top 20`` the command.
-Memory holds one chunk of features and the current top-k, whatever the store's size.
+``run(QueryConfig(...))`` / ``python -m engine.query features.zarr --slide ID --row R --col C
+--top 20`` the command. Memory holds one chunk of features and the current top-k, whatever the
+store's size. Progress stage: ``query`` (tiles compared).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from engine import cli
+from engine.cli import option
 from engine.errors import HistoclusterError
+from engine.files import atomic_write_json
 from engine.kmeans import l2_normalize
+from engine.progress import Progress, Throttle, no_progress
+from engine.store import FeatureStore
+
+__all__ = ["Hit", "QueryConfig", "QueryResult", "main", "run", "similar_tiles", "tile_vector"]
 
 
 @dataclass(frozen=True)
@@ -34,11 +39,13 @@ class Hit:
 
 
 def similar_tiles(
-    store: Any,
+    store: FeatureStore,
     vector: np.ndarray,
     top: int = 20,
     slide_ids: Sequence[str] | None = None,
     exclude: Sequence[tuple[str, int, int]] = (),
+    *,
+    progress: Progress = no_progress,
 ) -> list[Hit]:
     """The ``top`` tissue tiles most similar to ``vector`` by cosine similarity, most similar first.
 
@@ -48,6 +55,8 @@ def similar_tiles(
         top: number of hits.
         slide_ids: slides to search (default: all in the store).
         exclude: (slide_id, row, col) tiles to leave out (e.g. the query tile itself).
+        progress: ``progress("query", tiles compared, tiles to compare)``, at least every 0.2 s;
+            a ``Cancelled`` it raises stops the search.
     Returns:
         Up to ``top`` hits; ties keep store order (slide, then chunk, then row-major).
     """
@@ -65,6 +74,9 @@ def similar_tiles(
     best_sim = np.zeros(0, dtype=np.float32)
     best_key = np.zeros((0, 4), dtype=np.int64)  # (order, slide index, row, col)
     ids = list(slide_ids) if slide_ids is not None else store.slide_ids()
+    total = store.n_tissue_tiles(ids)
+    report = Throttle(progress)
+    report("query", 0, total)
     order = 0
     for tf in store.iter_tissue_features(ids):
         sims = l2_normalize(tf.features) @ q
@@ -87,6 +99,7 @@ def similar_tiles(
         if len(best_sim) > top:
             sel = np.lexsort((best_key[:, 0], -best_sim))[:top]
             best_sim, best_key = best_sim[sel], best_key[sel]
+        report("query", order, total)
     sel = np.lexsort((best_key[:, 0], -best_sim))[:top]
     hits = []
     for s, (_, si, r, c) in zip(best_sim[sel], best_key[sel], strict=True):
@@ -96,7 +109,7 @@ def similar_tiles(
     return hits
 
 
-def tile_vector(store: Any, slide_id: str, row: int, col: int) -> np.ndarray:
+def tile_vector(store: FeatureStore, slide_id: str, row: int, col: int) -> np.ndarray:
     """(dim,) float32 feature of one encoded tissue tile; ``HistoclusterError`` otherwise."""
     sf = store.slide(slide_id)
     rows, cols = sf.shape
@@ -111,84 +124,91 @@ def tile_vector(store: Any, slide_id: str, row: int, col: int) -> np.ndarray:
     return sf.read_tiles(np.array([row]), np.array([col]))[0]
 
 
-@dataclass
+@dataclass(frozen=True)
 class QueryConfig:
     """``python -m engine.query`` arguments (see ``--help``)."""
 
-    store: Path
-    slide: str
-    row: int
-    col: int
-    top: int = 20
-    slides: list[str] = field(default_factory=list)
-    include_self: bool = False
-    out: Path | None = None
-    quiet: bool = False
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m engine.query",
-        description="The tissue tiles most similar (cosine, exact) to one tile, across the slides of a feature store.",
+    store: Path = option(
+        positional=True, parse=Path, help="the features.zarr written by python -m engine.extract"
     )
-    p.add_argument("store", type=Path, help="the features.zarr written by python -m engine.extract")
-    p.add_argument("--slide", required=True, help="slide id of the query tile")
-    p.add_argument("--row", type=int, required=True, help="tile-grid row of the query tile")
-    p.add_argument("--col", type=int, required=True, help="tile-grid column of the query tile")
-    p.add_argument("--top", type=int, default=20, help="number of similar tiles (default: 20)")
-    p.add_argument(
-        "--slides",
-        nargs="+",
-        default=[],
+    slide: str = option(help="slide id of the query tile")
+    row: int = option(help="tile-grid row of the query tile")
+    col: int = option(help="tile-grid column of the query tile")
+    top: int = option(20, help="number of similar tiles")
+    slides: tuple[str, ...] = option(
+        default_factory=tuple,
         metavar="ID",
+        show_default=False,
         help="search only these slides (default: all)",
     )
-    p.add_argument(
-        "--include-self", action="store_true", help="keep the query tile itself among the hits"
+    include_self: bool = option(False, help="keep the query tile itself among the hits")
+    out: Path | None = option(
+        None, parse=Path, help="also write the configuration and hits as JSON to this file"
     )
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="also write the configuration and hits as JSON to this file",
+    quiet: bool = option(False, help="print nothing (use with --out)")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "store", Path(self.store))
+        object.__setattr__(self, "slides", tuple(self.slides))
+        if self.out is not None:
+            object.__setattr__(self, "out", Path(self.out))
+
+
+@dataclass
+class QueryResult:
+    """The hits, most similar first, and the file they were written to (``--out``), if any."""
+
+    hits: list[Hit]
+    out: Path | None = None
+
+
+def run(cfg: QueryConfig, *, progress: Progress = no_progress) -> QueryResult:
+    """The ``cfg.top`` tiles most similar to tile (``cfg.row``, ``cfg.col``) of ``cfg.slide``."""
+    if cfg.top < 1:
+        raise HistoclusterError(f"{cfg.store}: --top must be at least 1 — pass --top 20")
+    store = FeatureStore.open(cfg.store)
+    vec = tile_vector(store, cfg.slide, cfg.row, cfg.col)
+    exclude = [] if cfg.include_self else [(cfg.slide, cfg.row, cfg.col)]
+    hits = similar_tiles(store, vec, cfg.top, cfg.slides or None, exclude, progress=progress)
+    if cfg.out is not None:
+        record = {
+            **{f.name: getattr(cfg, f.name) for f in fields(cfg)},
+            "store": str(Path(cfg.store).resolve()),
+            "slides": list(cfg.slides),
+            "out": str(cfg.out),
+            "hits": [asdict(h) for h in hits],
+        }
+        try:
+            atomic_write_json(cfg.out, record)
+        except OSError as e:
+            raise HistoclusterError(
+                f"{cfg.out}: cannot write ({e.strerror or e}) — choose a writable --out"
+            ) from e
+    return QueryResult(hits, cfg.out)
+
+
+def report(cfg: QueryConfig, result: QueryResult) -> str:
+    """The hits as a tab-separated table (stdout)."""
+    lines = ["rank\tslide_id\trow\tcol\tl0_x\tl0_y\tsimilarity"]
+    for i, h in enumerate(result.hits, 1):
+        lines.append(f"{i}\t{h.slide_id}\t{h.row}\t{h.col}\t{h.l0_x}\t{h.l0_y}\t{h.similarity:.4f}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: a table of hits on stdout; exit status as ``engine.cli`` says."""
+    return cli.main(
+        QueryConfig,
+        run,
+        argv,
+        prog="python -m engine.query",
+        description="The tissue tiles most similar (cosine, exact) to one tile, across the "
+        "slides of a feature store.",
+        epilog="exit status: 0 done, 2 bad input (one line on stderr), 130 interrupted.",
+        report=report,
+        report_stream="stdout",
+        interrupted_hint="nothing was written; run the same command again",
     )
-    p.add_argument("--quiet", action="store_true", help="print nothing (use with --out)")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; prints a table of hits (tab-separated); 1 with ``error: ...`` on bad input."""
-    from engine.store import FeatureStore
-
-    cfg = QueryConfig(**vars(build_parser().parse_args(argv)))
-    try:
-        if cfg.top < 1:
-            raise HistoclusterError(f"{cfg.store}: --top must be at least 1 — pass --top 20")
-        store = FeatureStore.open(cfg.store)
-        vec = tile_vector(store, cfg.slide, cfg.row, cfg.col)
-        exclude = [] if cfg.include_self else [(cfg.slide, cfg.row, cfg.col)]
-        hits = similar_tiles(store, vec, cfg.top, cfg.slides or None, exclude)
-        if cfg.out is not None:
-            record = {
-                **asdict(cfg),
-                "store": str(Path(cfg.store).resolve()),
-                "out": str(cfg.out),
-                "hits": [asdict(h) for h in hits],
-            }
-            try:
-                cfg.out.write_text(json.dumps(record, indent=2) + "\n")
-            except OSError as e:
-                raise HistoclusterError(
-                    f"{cfg.out}: cannot write ({e.strerror or e}) — choose a writable --out"
-                ) from e
-    except HistoclusterError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if not cfg.quiet:
-        print("rank\tslide_id\trow\tcol\tl0_x\tl0_y\tsimilarity")
-        for i, h in enumerate(hits, 1):
-            print(f"{i}\t{h.slide_id}\t{h.row}\t{h.col}\t{h.l0_x}\t{h.l0_y}\t{h.similarity:.4f}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import json
 import math
 import re
 import shutil
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -710,14 +710,19 @@ class FeatureStore:
         labels_by_slide: Mapping[str, np.ndarray],
         attrs: Mapping[str, Any],
         overwrite: bool = False,
+        files: Iterable[tuple[str, bytes]] = (),
     ) -> None:
-        """Store a clustering under ``clusters/<run>``.
+        """Store a clustering under ``clusters/<run>``; the run is listed only once all is written.
 
         Args:
             centroids: (k, dim) cluster centres (stored float32).
             labels_by_slide: {slide_id: (rows, cols) labels, -1 outside tissue} (stored int16).
             attrs: k, algorithm, seed, slides, n_fit_tiles, ... (JSON values); ``created`` is added.
             overwrite: replace an existing run of that name (else ``HistoclusterError``).
+            files: (name, bytes) of the files beside the run (as :meth:`write_run_file`), written
+                atomically after the arrays and before the ``complete`` flag. May be a generator:
+                it is consumed one file at a time, and an exception it raises (a ``Cancelled``)
+                leaves the run incomplete, i.e. unlisted and replaced by the next write.
         """
         _check_name("cluster run", run)
         centroids = np.asarray(centroids, dtype=np.float32)
@@ -747,6 +752,12 @@ class FeatureStore:
             slides.create_group(sid).create_array(
                 "labels", data=labels, chunks=chunks, fill_value=-1
             )
+        for name, data in files:
+            for part in name.split("/"):
+                _check_name("run file", part)
+            path = self.path / "clusters" / run / _RUN_FILES / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, data)
         meta = {
             "k": int(len(centroids)),
             "slides": sorted(checked),
@@ -755,6 +766,39 @@ class FeatureStore:
             "complete": True,
         }
         group.attrs.update(meta)
+
+    def cluster_run_problem(self, run: str) -> str | None:
+        """None when run ``run``'s centroids were fitted on this store's features; else one line why not.
+
+        A run records the :class:`EncoderId` of the features it clustered (``attrs["encoder"]``);
+        another encoder is refused even when the dimensions agree. A run without that record
+        (written before it existed) is accepted when its centroids have the store's dimension.
+        """
+        group = self._cluster_group(run)
+        recorded = group.attrs.get("encoder")
+        if recorded is None:
+            dim = int(group["centroids"].shape[1])  # type: ignore[union-attr]
+            if dim == self.dim:
+                return None
+            return (
+                f"{self.path}: cluster run {run!r} has {dim}-d centroids, the store's features are "
+                f"{self.dim}-d — recluster with python -m engine.cluster --name {run} --overwrite"
+            )
+        theirs = EncoderId.from_attrs(recorded)  # type: ignore[arg-type]
+        if theirs.same_features(self.encoder):
+            return None
+        return (
+            f"{self.path}: cluster run {run!r} was fitted on features of encoder "
+            f"{theirs.describe()}, the store holds {self.encoder.describe()} (differ in "
+            f"{', '.join(theirs.differences(self.encoder))}) — recluster with "
+            f"python -m engine.cluster --name {run} --overwrite"
+        )
+
+    def check_cluster_run(self, run: str) -> None:
+        """Raise ``StoreError`` with :meth:`cluster_run_problem`'s line when the run does not fit."""
+        problem = self.cluster_run_problem(run)
+        if problem:
+            raise StoreError(problem)
 
     def cluster_runs(self) -> list[str]:
         """Names of the complete cluster runs, oldest first."""

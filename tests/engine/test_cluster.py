@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from engine.cluster import main as cluster_main
+from engine.encoder_id import EncoderId
 from engine.kmeans import MiniBatchKMeans, _choose, _select, assign, fit_streamed_kmeans
 from engine.store import FeatureStore
 from tests.engine.clustering_fixtures import copy_store, real_store, synthetic_store
@@ -162,10 +163,10 @@ def test_cluster_cli_on_the_cmu_slide(
             assert labels[e["row"], e["col"]] == cl
             assert [e["l0_x"], e["l0_y"]] == sf.origins[e["row"], e["col"]].tolist()
 
-    run_dir = path / "clusters" / "r4"
-    mosaic = Image.open(run_dir / "exemplars.png")
+    assert FeatureStore(store.root, path).encoder == EncoderId.from_attrs(a["encoder"])
+    mosaic = Image.open(store.run_file("r4", "exemplars.png"))
     assert mosaic.height >= 4 * 128 and mosaic.width >= 2 * 128
-    overlay = np.asarray(Image.open(run_dir / "overlays" / f"{sid}.png").convert("RGB"))
+    overlay = np.asarray(Image.open(store.run_file("r4", f"overlays/{sid}.png")).convert("RGB"))
     assert overlay.shape[0] >= 512 and len(np.unique(overlay.reshape(-1, 3), axis=0)) > 100
 
 
@@ -182,7 +183,7 @@ def test_cluster_is_deterministic_and_sample_caps_fitting(cmu_store: Path, tmp_p
         np.testing.assert_array_equal(a.labels[sid], b.labels[sid])
         np.testing.assert_array_equal(s.labels[sid] >= 0, a.labels[sid] >= 0)  # all still assigned
     assert s.attrs["n_fit_tiles"] == 10 and s.attrs["n_tiles"] == a.attrs["n_tiles"] > 10
-    assert not (path / "clusters" / "a" / "exemplars.png").exists()
+    assert store.run_file("a", "exemplars.png") is None
     assert store.latest_cluster_run() == "s"
 
 
@@ -226,9 +227,13 @@ def test_cluster_over_several_slides_and_chunks(cmu_svs: Path, tmp_path: Path) -
     [
         (["--slides", "nope"], "no slide 'nope'"),
         (["--k", "100000"], "fewer than k=100000"),
-        (["--k", "0"], "--k must be at least 1"),
+        (["--k", "0"], "--k must be at least 1, got 0 — pass --k 1 or more"),
         (["--name", "bad/name"], "pass another --name"),
         (["--name", "taken"], "exists — pass --overwrite"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--thumbnail-px", "0"], "--thumbnail-px must be at least 1"),
+        (["--sample", "-1"], "--sample must be 0 or more"),
+        (["--exemplars", "-2"], "--exemplars must be 0 or more"),
     ],
 )
 def test_cluster_cli_errors_are_one_line(
@@ -252,13 +257,14 @@ def test_cluster_cli_errors_are_one_line(
         == 0
     )
     capsys.readouterr()
-    assert cluster_main([str(path), "--k", "2", *args, "--quiet"]) == 1
+    assert cluster_main([str(path), "--k", "2", *args, "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert FeatureStore.open(path).cluster_runs() == ["taken"]
 
 
 def test_cluster_cli_on_a_missing_store(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert cluster_main([str(tmp_path / "none.zarr")]) == 1
+    assert cluster_main([str(tmp_path / "none.zarr")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "engine.extract" in err
 

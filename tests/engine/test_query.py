@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from engine.errors import HistoclusterError
+from engine.progress import Cancelled
+from engine.query import QueryConfig, run, similar_tiles, tile_vector
 from engine.query import main as query_main
-from engine.query import similar_tiles, tile_vector
 from engine.store import FeatureStore
 from tests.engine.clustering_fixtures import real_store, synthetic_store
 
@@ -130,6 +131,40 @@ def test_query_cli_errors_are_one_line(
     path = real_store(cmu_svs, tmp_path_factory)
     sid = FeatureStore.open(path).slide_ids()[0]
     argv = [str(path), *args] if "--slide" in args else [str(path), "--slide", sid, *args]
-    assert query_main(argv) == 1
+    assert query_main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_query_run_reports_progress_and_stops_on_cancel(multi_store: FeatureStore) -> None:
+    sf = multi_store.slide("a")
+    r, c = (int(v[0]) for v in np.nonzero(sf.selected))
+    calls: list[tuple[str, int, int]] = []
+    cfg = QueryConfig(store=multi_store.path, slide="a", row=r, col=c, top=3)
+    result = run(cfg, progress=lambda *a: calls.append(a))
+    total = multi_store.n_tissue_tiles()
+    assert {s for s, _, _ in calls} == {"query"} and calls[0] == ("query", 0, total)
+    assert calls[-1] == ("query", total, total) and len(result.hits) == 3
+
+    seen: list[int] = []
+
+    def cancel(stage: str, done: int, total: int) -> None:
+        seen.append(done)
+        if done > 0:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        run(cfg, progress=cancel)
+    assert len(seen) == 2 and seen[0] == 0  # stopped at the first report after the start
+
+
+def test_query_out_is_written_whole(multi_store: FeatureStore, tmp_path: Path) -> None:
+    sf = multi_store.slide("b")
+    r, c = (int(v[0]) for v in np.nonzero(sf.selected))
+    out = tmp_path / "hits.json"
+    cfg = QueryConfig(store=multi_store.path, slide="b", row=r, col=c, top=4, slides=["b"], out=out)
+    result = run(cfg)
+    record = json.loads(out.read_text())
+    assert record["slides"] == ["b"] and record["out"] == str(out) and result.out == out
+    assert [h["row"] for h in record["hits"]] == [h.row for h in result.hits]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hits.json"]  # no temporary left
