@@ -82,6 +82,7 @@ def option(
     parse: Callable[[str], Any] | None = None,
     cli: bool = True,
     show_default: bool = True,
+    sep: str | None = None,
 ) -> Any:
     """A ``Config`` field with its command-line flag described once.
 
@@ -96,6 +97,9 @@ def option(
         nargs / metavar: as in argparse (list annotations default to ``nargs="+"``).
         parse: converts the command-line string (default: from the annotation).
         cli: False for fields that are not command-line flags (library-only knobs).
+        sep: for list/tuple fields, the flag takes ONE token split on ``sep`` (``--clusters 3,5``)
+            instead of several tokens; each part is converted by ``parse`` or the item type, and
+            blank parts are dropped unless the item type is ``str``.
     """
     meta = {
         "help": help,
@@ -108,6 +112,7 @@ def option(
         "parse": parse,
         "cli": cli,
         "show_default": show_default,
+        "sep": sep,
     }
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
@@ -128,6 +133,23 @@ def _unwrap_optional(tp: Any) -> Any:
 
 def _flag_name(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _splitter(
+    sep: str, convert: Callable[[str], Any], keep_blank: bool
+) -> Callable[[str], list[Any]]:
+    """An argparse ``type`` turning ``"a,b"`` into ``[convert("a"), convert("b")]``."""
+
+    def split(text: str) -> list[Any]:
+        parts = text.split(sep) if keep_blank else [p for p in text.split(sep) if p.strip()]
+        try:
+            return [convert(p if keep_blank else p.strip()) for p in parts]
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(
+                f"expected {sep!r}-separated values, got {text!r}"
+            ) from None
+
+    return split
 
 
 def build_parser(
@@ -167,18 +189,26 @@ def build_parser(
         else:
             container = typing.get_origin(tp) in (list, tuple, Sequence)
             item = typing.get_args(tp)[0] if container and typing.get_args(tp) else tp
-            if container:
+            convert = meta.get("parse") or (item if item in (int, float, str) else str)
+            if container and meta.get("sep") is not None:
+                convert = _splitter(meta["sep"], convert, keep_blank=item is str)
+            elif container:
                 kwargs["nargs"] = meta.get("nargs") or "+"
             elif meta.get("nargs") is not None:
                 kwargs["nargs"] = meta["nargs"]
-            kwargs["type"] = meta.get("parse") or (item if item in (int, float, str) else str)
+            kwargs["type"] = convert
             if choices:
                 kwargs["choices"] = list(choices)
             if meta.get("metavar"):
                 kwargs["metavar"] = meta["metavar"]
             if has_default:
                 kwargs["default"] = list(default) if isinstance(default, tuple) else default
-        show = meta.get("show_default", True) and default not in (None, False) and has_default
+        show = (
+            meta.get("show_default", True)
+            and default is not None
+            and default is not False
+            and has_default
+        )
         if show and "%(default)" not in kwargs["help"]:
             kwargs["help"] += " (default: %(default)s)"
         if meta.get("positional"):

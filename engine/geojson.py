@@ -12,12 +12,13 @@ each Feature has QuPath's annotation properties::
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from engine.files import atomic_write_text
 
 
 def merge_row_runs(boxes: np.ndarray) -> np.ndarray:
@@ -113,10 +114,7 @@ def feature_collection(classes: Mapping[str, tuple[Sequence[int], np.ndarray]]) 
 
 def write_geojson(path: str | Path, collection: Mapping[str, Any]) -> None:
     """Write ``collection`` as JSON atomically (a temporary file renamed over ``path``)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(collection, separators=(",", ":")) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(collection, separators=(",", ":")) + "\n")
 
 
 def read_multipolygons(path: str | Path) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import shapely
 
-from engine.export import tile_boxes
+from engine.export_plan import tile_boxes
 from engine.geojson import (
     boxes_to_multipolygon,
     class_feature,
