@@ -240,7 +240,8 @@ def run_clustering(
     slides, run_name = _check(store, cfg)
     norm = normalizer(cfg.normalize)
     warnings: list[str] = []
-    pending = {s: int(store.slide(s).pending().sum()) for s in slides}
+    sfs = {s: store.slide(s) for s in slides}  # one each: origins are read once per instance
+    pending = {s: int(sf.pending().sum()) for s, sf in sfs.items()}
     for s, n in pending.items():
         if n:
             warnings.append(
@@ -269,7 +270,7 @@ def run_clustering(
 
     # Assignment of every tissue tile, nearest exemplars per cluster.
     k, m = cfg.k, cfg.exemplars
-    labels = {s: np.full(store.slide(s).shape, -1, dtype=np.int16) for s in slides}
+    labels = {s: np.full(sfs[s].shape, -1, dtype=np.int16) for s in slides}
     counts = {s: np.zeros(k, dtype=np.int64) for s in slides}
     best_d = np.full((k, m), np.inf)
     best_id = np.full((k, m, 3), -1, dtype=np.int64)  # (slide index, row, col)
@@ -296,7 +297,7 @@ def run_clustering(
             si, r, col = (int(v) for v in best_id[c, j])
             if si < 0:
                 continue
-            ox, oy = (int(v) for v in store.slide(slides[si]).origins[r, col])
+            ox, oy = (int(v) for v in sfs[slides[si]].origins[r, col])
             row.append(Exemplar(c, slides[si], r, col, ox, oy, float(best_d[c, j])))
         exemplars.append(row)
 
