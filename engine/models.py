@@ -6,7 +6,10 @@ A spec given to :func:`load_encoder` is one of
   same weights; ImageNet normalization, 224 px. Baselines.
 - ``resnet18-imagenet`` (or 34/50/101): torchvision's ``DEFAULT`` ImageNet weights, downloaded by
   torchvision into its hub cache; offline this fails with a one-line :class:`CheckpointError`.
-- ``ciga-resnet18``: the paper's released ResNet-18 in the cache of ``python -m engine.fetch_weights``.
+- a registry name of :mod:`engine.encoders` (``ciga-resnet18``, ``sample``, ``uni``, ``virchow2``,
+  ``h-optimus-0``, ``phikon``, ...): the cached download (fetched on first use when online, see
+  ``python -m engine.fetch_weights NAME``), or ``NAME:PATH`` for a local copy in the released
+  format (a file, a directory, ``.safetensors``); the transformers are built by :mod:`engine.vit`.
 - a path to a checkpoint file, any of
   * the ``histocluster-encoder`` format written by :func:`save_encoder` (``engine.pretrain``);
   * a released checkpoint of Ciga et al.: ``{"state_dict": {"model.resnet.<torchvision name>": ...,
@@ -21,12 +24,11 @@ loads only with ``trust_checkpoint=True`` and a warning. Keys that do not fit th
 from __future__ import annotations
 
 import json
+import math
 import os
-import pickle
 import re
 import sys
 import warnings
-import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -38,9 +40,14 @@ from torch import nn
 from torchvision.models import ResNet
 from torchvision.transforms.v2 import functional as TF
 
+from engine import hub, vit
+from engine.checkpoint_file import fit_problems, read_checkpoint, strip_wrappers
 from engine.encoder_id import EncoderId
-from engine.errors import CheckpointError
+from engine.encoders import CIGA, EncoderEntry, registry_names, weights_path
+from engine.encoders import entry as registry_entry
+from engine.errors import CheckpointError, HistoclusterError, one_line
 from engine.files import sha256_file
+from engine.sample_data import SAMPLE_ENCODER, sample_encoder_path
 
 __all__ = [
     "ARCHS",
@@ -89,7 +96,7 @@ DEFAULT_INPUT_PX = 224
 ENCODER_FORMAT = "histocluster-encoder"
 ENCODER_FORMAT_VERSION = 1
 CIGA_PREFIX = "model.resnet."
-CIGA_SPEC = "ciga-resnet18"
+CIGA_SPEC = CIGA.name
 RANDOM_SEED = 0
 
 
@@ -116,15 +123,19 @@ class ProjectionHead(nn.Sequential):
 
 
 class Encoder(nn.Module):
-    """A ResNet backbone with the input size and normalization it expects.
+    """A backbone (ResNet or registry transformer) with the input size and normalization it expects.
 
-    ``forward``: (B,3,H,W) float, already normalised -> (B, dim) float pre-activation features.
+    ``forward``: (B,3,H,W) float, already normalised -> (B, dim) float features (a ResNet's pooled
+    pre-activation features, or a transformer's embedding by ``embedding``).
     ``preprocess``: (B,H,W,3) uint8 RGB -> (B,3,input_px,input_px) float normalised.
+
+    ``dim`` defaults to the ResNet width of ``arch``; other backbones pass it. ``source`` says
+    where the weights came from (a hub id, a release URL, a file) for provenance.
     """
 
     def __init__(
         self,
-        backbone: ResNet,
+        backbone: nn.Module,
         arch: str,
         mean: tuple[float, float, float],
         std: tuple[float, float, float],
@@ -132,17 +143,26 @@ class Encoder(nn.Module):
         spec: str,
         sha256: str | None = None,
         config: dict[str, Any] | None = None,
+        *,
+        dim: int | None = None,
+        embedding: str = "pooled",
+        source: str | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
-        self.arch = _check_arch(arch)
-        self.dim = feature_dim(arch)
+        self.arch = _check_arch(arch) if dim is None else arch
+        self.dim = feature_dim(arch) if dim is None else int(dim)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.input_px = int(input_px)
+        problem = normalisation_problem(self.mean, self.std, self.input_px)
+        if problem:
+            raise ValueError(problem)
         self.spec = spec
         self.sha256 = sha256
         self.config = dict(config or {})
+        self.embedding = embedding
+        self.source = source
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B,3,H,W) normalised float -> (B, dim) float."""
@@ -178,7 +198,7 @@ class Encoder(nn.Module):
             mean=self.mean,  # type: ignore[arg-type]
             std=self.std,  # type: ignore[arg-type]
             sha256=self.sha256,
-            embedding="pooled",
+            embedding=self.embedding,
         )
 
     def info(self) -> dict[str, Any]:
@@ -191,6 +211,8 @@ class Encoder(nn.Module):
             "std": list(self.std),
             "spec": self.spec,
             "sha256": self.sha256,
+            "embedding": self.embedding,
+            "source": self.source,
         }
 
     def extra_repr(self) -> str:
@@ -198,21 +220,51 @@ class Encoder(nn.Module):
 
 
 def named_specs() -> list[str]:
-    """Every spec :func:`load_encoder` accepts besides a file path."""
-    return [f"{a}-{kind}" for kind in ("random", "imagenet") for a in ARCHS] + [CIGA_SPEC]
+    """Every spec :func:`load_encoder` accepts besides a file path (registry names take ``:PATH``)."""
+    return [f"{a}-{kind}" for kind in ("random", "imagenet") for a in ARCHS] + registry_names()
+
+
+FALLBACK_SPEC = "resnet18-random"
 
 
 def default_encoder_spec() -> str:
-    """``sample_data/sample_encoder.pt`` when the repository has one, else ``resnet18-random``."""
-    sample = Path(__file__).resolve().parent.parent / "sample_data" / "sample_encoder.pt"
-    return str(sample) if sample.is_file() else "resnet18-random"
+    """The installed sample encoder's path; ``resnet18-random`` with a warning when it is missing."""
+    sample = sample_encoder_path()
+    if sample is not None:
+        return str(sample)
+    warnings.warn(
+        f"the sample encoder ({SAMPLE_ENCODER} of the histocluster_sample_data package) is not "
+        f"installed — using {FALLBACK_SPEC} (random weights); reinstall histocluster or pass --encoder",
+        UserWarning,
+        stacklevel=2,
+    )
+    return FALLBACK_SPEC
 
 
-def load_encoder(spec: str | Path, trust_checkpoint: bool = False) -> Encoder:
+def normalisation_problem(
+    mean: tuple[float, ...], std: tuple[float, ...], input_px: int
+) -> str | None:
+    """Why ``mean``/``std``/``input_px`` cannot normalise tiles, or None when they can."""
+    if len(mean) != 3 or len(std) != 3:
+        return f"mean/std need 3 values each (got {len(mean)} and {len(std)})"
+    if not all(math.isfinite(m) for m in mean):
+        return f"mean {list(mean)} is not finite"
+    if not all(math.isfinite(s) and s > 0 for s in std):
+        return f"std {list(std)} must be positive and finite"
+    if not 8 <= input_px <= 8192:
+        return f"input_px {input_px} is outside 8..8192"
+    return None
+
+
+def load_encoder(
+    spec: str | Path, trust_checkpoint: bool = False, *, blocks: int | None = None
+) -> Encoder:
     """Load the encoder a spec names (see the module docstring); returned on CPU, fp32, eval mode.
 
-    Raises :class:`CheckpointError` (one line) for unknown specs, missing or unreadable files,
-    files that need pickle without ``trust_checkpoint``, and state_dicts that do not fit.
+    ``blocks`` (library-only, for tests): build a registry transformer with this many blocks, so
+    a small file in the released layout loads. Raises :class:`CheckpointError` (one line) for
+    unknown specs, missing or unreadable files, files that need pickle without
+    ``trust_checkpoint``, and state_dicts that do not fit.
     """
     text = str(spec).strip()
     if not isinstance(spec, Path):
@@ -223,16 +275,10 @@ def load_encoder(spec: str | Path, trust_checkpoint: bool = False) -> Encoder:
                 _random_encoder(arch, text) if kind == "random" else _imagenet_encoder(arch, text)
             )
             return encoder.eval()
-        if text == CIGA_SPEC:
-            from engine.fetch_weights import cached_weights_path
-
-            path = cached_weights_path()
-            if not path.is_file():
-                raise CheckpointError(
-                    f"{path}: {CIGA_SPEC} is not downloaded — run `python -m engine.fetch_weights` "
-                    "(needs internet) or pass the checkpoint's path"
-                )
-            return _load_file(path, trust_checkpoint, spec_text=CIGA_SPEC).eval()
+        name, sep, rest = text.partition(":")
+        e = registry_entry(name if sep else text)
+        if e is not None:
+            return _load_registry(e, rest.strip() if sep else "", trust_checkpoint, blocks).eval()
     path = Path(text).expanduser()
     if not path.exists():
         raise CheckpointError(
@@ -242,6 +288,63 @@ def load_encoder(spec: str | Path, trust_checkpoint: bool = False) -> Encoder:
     if not path.is_file():
         raise CheckpointError(f"{path}: is a directory, not a checkpoint — pass a checkpoint file")
     return _load_file(path, trust_checkpoint, spec_text=str(path.resolve())).eval()
+
+
+def _load_registry(e: EncoderEntry, path_text: str, trust: bool, blocks: int | None) -> Encoder:
+    """A registry entry from ``path_text`` (``name:PATH``), else from the cache / the package,
+    downloading a hub or release entry when it is not cached yet."""
+    spec = f"{e.name}:{path_text}" if path_text else e.name
+    if path_text:
+        path = Path(path_text).expanduser()
+        if not path.exists():
+            raise CheckpointError(
+                f"{path_text}: no such file or directory — pass {e.name}:/path/to/{e.filename or 'weights'}"
+            )
+        spec = f"{e.name}:{path.resolve()}"
+    elif e.family == "sample":
+        found = sample_encoder_path()
+        if found is None:
+            raise CheckpointError(
+                f"{e.name}: the sample encoder ({SAMPLE_ENCODER} of histocluster_sample_data) is not "
+                "installed — reinstall histocluster or pass a checkpoint path"
+            )
+        path = found
+    else:
+        cached = weights_path(e)
+        if cached is None:
+            raise CheckpointError(f"{e.name}: has no weights file — pass {e.name}:/path/to/weights")
+        path = cached if cached.is_file() else _download(e, cached)
+    if e.family in ("ciga", "sample"):
+        if path.is_dir():
+            raise CheckpointError(f"{path}: is a directory — pass the checkpoint file of {e.name}")
+        return _load_file(path, trust, spec_text=spec)
+    model, file = vit.load_weights(e, path, blocks=blocks)
+    return Encoder(
+        model,
+        e.arch,
+        e.mean,
+        e.std,
+        e.input_px,
+        spec,
+        sha256_file(file),
+        dim=e.dim,
+        embedding=e.embedding,
+        source=e.source,
+    )
+
+
+def _download(e: EncoderEntry, cached: Path) -> Path:
+    """Fetch an uncached entry on first use; offline -> one line naming the source and the way out."""
+    try:
+        return hub.download(e)
+    except CheckpointError:
+        raise
+    except HistoclusterError as err:
+        raise CheckpointError(
+            f"{e.name}: not in the cache ({cached}) and {one_line(err).split(' — ')[0]} — run "
+            f"`python -m engine.fetch_weights {e.name}` on a machine with internet, or pass "
+            f"--encoder {e.name}:/path/to/{e.filename}"
+        ) from err
 
 
 def save_encoder(
@@ -264,10 +367,10 @@ def save_encoder(
     arch = _check_arch(arch)
     if isinstance(backbone, Encoder):
         backbone = backbone.backbone
-    state = {k: v for k, v in _strip_wrappers(backbone.state_dict()).items() if not _is_fc(k)}
+    state = {k: v for k, v in strip_wrappers(backbone.state_dict()).items() if not _is_fc(k)}
     with torch.device("meta"):
         reference = build_backbone(arch).state_dict()
-    problems = _fit_problems(state, reference)
+    problems = fit_problems(state, reference)
     if problems:
         raise ValueError(f"backbone does not fit {arch}: {problems}")
     if len(mean) != 3 or len(std) != 3:
@@ -328,16 +431,6 @@ def _is_fc(key: str) -> bool:
     return key == "fc" or key.startswith("fc.")
 
 
-def _strip_wrappers(state: Mapping[str, Any]) -> dict[str, Any]:
-    """Drop the ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes shared by every key."""
-    state = dict(state)
-    # Both orders occur: DDP around a compiled model and torch.compile around DDP.
-    for prefix in ("module.", "_orig_mod.", "module."):
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
-    return state
-
-
 def _seeded_backbone(arch: str) -> ResNet:
     """``build_backbone(arch)`` with torch's RNG seeded to RANDOM_SEED, leaving the global RNG as it was."""
     with torch.random.fork_rng(devices=[]):
@@ -379,71 +472,8 @@ def _imagenet_encoder(arch: str, spec: str) -> Encoder:
     )
 
 
-def _read_checkpoint(path: Path, trust: bool) -> Any:
-    """``torch.load`` on CPU, weights_only unless ``trust`` (then pickle, with a warning)."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-    # torch.save writes a zip archive (a pickle, protocol 2+, before PyTorch 1.6): refuse anything else.
-    if not head.startswith((b"\x80", b"PK\x03\x04")):
-        what = "an empty file" if not head else f"starts with {head!r}"
-        raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint ({what}) — the file is corrupt or of "
-            "another kind (an interrupted download?); pass a .pt/.pth/.ckpt saved with torch.save"
-        )
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        safe_error = e
-    except (RuntimeError, EOFError, KeyError, ValueError, OSError, zipfile.BadZipFile) as e:
-        raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint ({_short(e)}) — the file is corrupt, "
-            "truncated or of another kind; pass a .pt/.pth/.ckpt saved with torch.save"
-        ) from e
-    needed = re.search(r"GLOBAL ([\w.]+)", str(safe_error))
-    if not trust:
-        if needed:
-            raise CheckpointError(
-                f"{path}: needs pickle to load (it contains {needed.group(1)}, e.g. a PyTorch "
-                "Lightning checkpoint) — pass --trust-checkpoint (trust_checkpoint=True) only if "
-                "you trust its source"
-            ) from safe_error
-        raise CheckpointError(
-            f"{path}: cannot be read as a weights-only PyTorch checkpoint ({_short(safe_error)}) — "
-            "check the file; if it is a pickled checkpoint from a source you trust, pass --trust-checkpoint"
-        ) from safe_error
-    warnings.warn(
-        f"{path}: loading with pickle (weights_only=False) because trust_checkpoint is set; "
-        "this can run arbitrary code from the file",
-        UserWarning,
-        stacklevel=4,
-    )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except ModuleNotFoundError as e:
-        raise CheckpointError(
-            f"{path}: unpickling needs the Python module {e.name!r} — install it, or re-save "
-            "the checkpoint's state_dict with torch.save on a machine that has it"
-        ) from e
-    except Exception as e:  # arbitrary pickle payloads fail in arbitrary ways
-        raise CheckpointError(
-            f"{path}: not a readable checkpoint even with pickle ({_short(e)}) — the file is "
-            "corrupt or of another kind"
-        ) from e
-
-
-def _short(e: BaseException) -> str:
-    """The informative part of an exception as one short line."""
-    text = str(e)
-    if "WeightsUnpickler error:" in text:  # torch's long weights_only message: keep the cause
-        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
-    text = " ".join(text.split()) or type(e).__name__
-    return text if len(text) <= 160 else text[:157] + "..."
-
-
 def _load_file(path: Path, trust: bool, spec_text: str) -> Encoder:
-    obj = _read_checkpoint(path, trust)
+    obj = read_checkpoint(path, trust)
     sha = sha256_file(path)
     if not isinstance(obj, Mapping):
         raise CheckpointError(
@@ -483,13 +513,21 @@ def _from_histocluster(path: Path, obj: Mapping[str, Any], spec: str, sha: str) 
         )
     if not isinstance(obj["state_dict"], Mapping):
         raise CheckpointError(f"{path}: encoder checkpoint's state_dict is not a dict — re-save it")
-    mean, std = tuple(obj["mean"]), tuple(obj["std"])
-    if len(mean) != 3 or len(std) != 3:
-        raise CheckpointError(f"{path}: mean/std need 3 values each — re-save the encoder")
+    try:
+        mean = tuple(float(v) for v in obj["mean"])
+        std = tuple(float(v) for v in obj["std"])
+        input_px = int(obj["input_px"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"{path}: mean/std/input_px are not numbers — re-save the encoder"
+        ) from e
+    problem = normalisation_problem(mean, std, input_px)
+    if problem:
+        raise CheckpointError(f"{path}: {problem} — re-save the encoder with valid values")
     backbone = build_backbone(arch)
     _load_fitting(backbone, dict(obj["state_dict"]), str(path), arch)
     config = obj.get("config") if isinstance(obj.get("config"), dict) else {}
-    return Encoder(backbone, arch, mean, std, int(obj["input_px"]), spec, sha, config)
+    return Encoder(backbone, arch, mean, std, input_px, spec, sha, config)
 
 
 def _from_ciga(path: Path, inner: Mapping[str, Any], spec: str, sha: str) -> Encoder:
@@ -504,7 +542,7 @@ def _from_ciga(path: Path, inner: Mapping[str, Any], spec: str, sha: str) -> Enc
 
 
 def _from_plain(path: Path, inner: Mapping[str, Any], spec: str, sha: str) -> Encoder:
-    state = {k: v for k, v in _strip_wrappers(inner).items() if not _is_fc(k)}
+    state = {k: v for k, v in strip_wrappers(inner).items() if not _is_fc(k)}
     arch = _infer_arch_of(path, state)
     backbone = build_backbone(arch)
     _load_fitting(backbone, state, str(path), arch)
@@ -518,38 +556,10 @@ def _infer_arch_of(path: Path, state: Mapping[str, Any]) -> str:
         raise CheckpointError(f"{path}: {e} — pass a ResNet-18/34/50/101 checkpoint") from None
 
 
-def _fit_problems(state: Mapping[str, Any], reference: Mapping[str, torch.Tensor]) -> str:
-    """'' when ``state`` fits ``reference`` exactly (num_batches_tracked may be absent), else a summary."""
-
-    def listing(label: str, items: list[str]) -> str:
-        more = f" … (+{len(items) - 8} more)" if len(items) > 8 else ""
-        return f"{label} ({len(items)}): {', '.join(items[:8])}{more}"
-
-    missing = [k for k in reference if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in reference]
-    wrong = [
-        f"{k} {tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}"
-        f"≠{tuple(reference[k].shape)}"
-        for k, v in state.items()
-        if k in reference
-        and (not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(reference[k].shape))
-    ]
-    parts = [
-        listing(label, items)
-        for label, items in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("wrong shape", wrong),
-        )
-        if items
-    ]
-    return "; ".join(parts)
-
-
 def _load_fitting(backbone: ResNet, state: dict[str, Any], origin: str, arch: str) -> None:
     """Load ``state`` into ``backbone`` in fp32 or raise CheckpointError listing what does not fit."""
     reference = backbone.state_dict()
-    problems = _fit_problems(state, reference)
+    problems = fit_problems(state, reference)
     if problems:
         raise CheckpointError(
             f"{origin}: keys do not fit {arch} ({problems}) — not a {arch} backbone checkpoint; "

@@ -14,6 +14,7 @@ import torch
 import torchvision
 from torch import nn
 
+from engine import models
 from engine.errors import CheckpointError
 from engine.models import (
     CIGA_MEAN,
@@ -29,6 +30,7 @@ from engine.models import (
     named_specs,
     save_encoder,
 )
+from engine.sample_data import sample_encoder_path
 
 torch.set_num_threads(1)
 
@@ -188,10 +190,46 @@ def test_imagenet_offline_fails_with_one_line(
     assert not list((tmp_path / "torch").rglob("*.pth"))
 
 
-def test_default_encoder_spec() -> None:
-    sample = Path(__file__).resolve().parents[2] / "sample_data" / "sample_encoder.pt"
-    expected = str(sample) if sample.is_file() else "resnet18-random"
-    assert default_encoder_spec() == expected
+def test_default_encoder_spec_is_the_packaged_sample_encoder() -> None:
+    sample = sample_encoder_path()
+    assert sample is not None and sample.name == "sample_encoder.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # found: no warning
+        assert default_encoder_spec() == str(sample)
+    assert load_encoder("sample").sha256 == load_encoder(default_encoder_spec()).sha256
+
+
+def test_default_encoder_spec_warns_naming_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(models, "sample_encoder_path", lambda: None)
+    with pytest.warns(UserWarning, match="sample_encoder.pt of the histocluster_sample_data"):
+        assert default_encoder_spec() == "resnet18-random"
+    with pytest.raises(CheckpointError) as err:
+        load_encoder("sample")
+    assert "histocluster_sample_data" in assert_one_line(err)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("input_px", 0, "input_px 0"),
+        ("std", [0.5, 0.0, 0.5], "std"),
+        ("mean", [float("nan"), 0.5, 0.5], "mean"),
+        ("input_px", "big", "not numbers"),
+    ],
+)
+def test_bad_normalisation_in_a_checkpoint_is_one_line(
+    tmp_path: Path, resnet18, field: str, value, words: str
+) -> None:
+    path = save_encoder(
+        tmp_path / "enc.pt", resnet18, "resnet18", IMAGENET_MEAN, IMAGENET_STD, 224, {}
+    )
+    payload = torch.load(path, weights_only=True)
+    payload[field] = value
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError) as err:
+        load_encoder(path)
+    message = assert_one_line(err)
+    assert str(path) in message and words in message
 
 
 # ----------------------------------------------------------------------------- engine.pretrain format
@@ -304,9 +342,17 @@ def test_ciga_spec_reads_the_fetch_weights_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, resnet18, images
 ) -> None:
     monkeypatch.setenv("HISTOCLUSTER_CACHE", str(tmp_path))
+    for var in ("https_proxy", "HTTPS_PROXY"):  # a proxy that refuses: never downloads
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
     with pytest.raises(CheckpointError) as err:
         load_encoder("ciga-resnet18")
-    assert "python -m engine.fetch_weights" in assert_one_line(err)
+    message = assert_one_line(err)
+    assert "python -m engine.fetch_weights ciga-resnet18" in message
+    assert "ciga-resnet18:/path/to/pytorchnative_tenpercent_resnet18.ckpt" in message
+    assert "releases/download/nativetenpercent" in message  # names the URL
+    assert not list(tmp_path.glob("*.part"))
     torch.save(
         {"state_dict": ciga_state_dict(resnet18)},
         tmp_path / "pytorchnative_tenpercent_resnet18.ckpt",
@@ -456,4 +502,6 @@ def test_encoder_info_is_json_ready() -> None:
         "std": list(IMAGENET_STD),
         "spec": "resnet18-random",
         "sha256": None,
+        "embedding": "pooled",
+        "source": None,
     }

@@ -1,0 +1,423 @@
+"""The encoder registry: one entry per named model, with where its weights live and how it embeds.
+
+Light on purpose (no torch): the GUI lists names, dims and licences and ``fetch_weights --list``
+says what is cached without loading a model. :mod:`engine.models` builds and loads an entry;
+:mod:`engine.fetch_weights` downloads one into :func:`weights_path`.
+
+Each pathology foundation model's settings come from its model card (cited beside the entry).
+Embedding rules (``EncoderEntry.embedding``):
+
+- ``pooled``: a ResNet's global average pool, (B, C).
+- ``cls``: the class token of the final (normed) token sequence, (B, C).
+- ``cls+mean_patch``: the class token concatenated with the mean of the patch tokens, register
+  tokens excluded, (B, 2C) (Virchow2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+from engine.files import cache_dir
+
+__all__ = [
+    "CIGA",
+    "EMBEDDINGS",
+    "REGISTRY",
+    "EncoderEntry",
+    "entry",
+    "registry_names",
+    "weights_path",
+]
+
+Family = Literal["torchvision", "ciga", "sample", "timm", "transformers"]
+EMBEDDINGS = ("pooled", "cls", "cls+mean_patch")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class EncoderEntry:
+    """One named encoder.
+
+    Attributes:
+        name: the spec users type (``--encoder uni``).
+        family: how it is built: ``timm`` (``timm.create_model(arch, **kwargs)``), ``transformers``
+            (a Hugging Face ``ViTModel`` / ``Dinov2Model``), ``ciga`` / ``sample`` / ``torchvision``
+            (the ResNets of :mod:`engine.models`).
+        arch: timm model name, transformers model class, or torchvision ResNet name.
+        kwargs: the exact keyword arguments of the model card (timm) or the ``config.json``
+            values (transformers). Classes are named as strings (``"timm.layers.SwiGLUPacked"``).
+        dim: length of one tile's embedding.
+        input_px: side of the square image the model was trained on.
+        mean, std: normalisation of [0, 1] RGB.
+        embedding: one of :data:`EMBEDDINGS`.
+        mpp: microns per pixel it was trained at (None when the card does not say).
+        licence: the weights' licence as the card states it.
+        hub_id / filename: the Hugging Face repository and the weights file in it.
+        url: a direct release URL (GitHub releases) instead of a hub id.
+        sha256: the published hash of the weights file, where there is one.
+        gated: the hub repository needs an accepted licence and the user's token.
+        card: the model card the settings come from.
+    """
+
+    name: str
+    family: Family
+    arch: str
+    dim: int
+    input_px: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    embedding: str
+    licence: str
+    mpp: float | None = None
+    hub_id: str | None = None
+    filename: str | None = None
+    url: str | None = None
+    sha256: str | None = None
+    gated: bool = False
+    card: str = ""
+    kwargs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def source(self) -> str:
+        """Where the weights come from: ``hf:<hub id>/<file>``, the release URL, or how they are made."""
+        if self.hub_id:
+            return f"hf:{self.hub_id}/{self.filename}"
+        if self.url:
+            return self.url
+        return {"torchvision": "torchvision", "sample": "shipped with histocluster"}.get(
+            self.family, self.family
+        )
+
+    @property
+    def downloadable(self) -> bool:
+        """True when ``python -m engine.fetch_weights NAME`` can fetch the weights."""
+        return bool(self.hub_id or self.url)
+
+
+def _kw(**kwargs: Any) -> Mapping[str, Any]:
+    return MappingProxyType(dict(kwargs))
+
+
+CIGA_URL = (
+    "https://github.com/ozanciga/self-supervised-histopathology/releases/download/"
+    "nativetenpercent/pytorchnative_tenpercent_resnet18.ckpt"
+)
+
+CIGA = EncoderEntry(
+    # Ciga, Xu and Martel 2022 (the paper this project reproduces); README of
+    # github.com/ozanciga/self-supervised-histopathology: ResNet-18, 224 px, mean/std 0.5.
+    name="ciga-resnet18",
+    family="ciga",
+    arch="resnet18",
+    dim=512,
+    input_px=224,
+    mean=HALF,
+    std=HALF,
+    embedding="pooled",
+    licence="MIT (code); weights released with the paper",
+    mpp=None,
+    url=CIGA_URL,
+    filename="pytorchnative_tenpercent_resnet18.ckpt",
+    card="https://github.com/ozanciga/self-supervised-histopathology",
+)
+
+_SWIGLU = "timm.layers.SwiGLUPacked"
+_SILU = "torch.nn.SiLU"
+
+_ENTRIES: tuple[EncoderEntry, ...] = (
+    EncoderEntry(
+        name="sample",
+        family="sample",
+        arch="resnet18",
+        dim=512,
+        input_px=224,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        embedding="pooled",
+        licence="MIT (histocluster)",
+        mpp=0.5,
+        card="sample_data/README.md",
+    ),
+    CIGA,
+    *(
+        EncoderEntry(
+            # torchvision's ImageNet releases (downloaded by torchvision into its hub cache).
+            name=f"{arch}-imagenet",
+            family="torchvision",
+            arch=arch,
+            dim=dim,
+            input_px=224,
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            embedding="pooled",
+            licence="BSD-3-Clause (torchvision)",
+            card="https://pytorch.org/vision/stable/models.html",
+        )
+        for arch, dim in (("resnet18", 512), ("resnet50", 2048))
+    ),
+    EncoderEntry(
+        # https://huggingface.co/MahmoodLab/UNI (gated): timm.create_model("vit_large_patch16_224",
+        # img_size=224, patch_size=16, init_values=1e-5, num_classes=0, dynamic_img_size=True);
+        # ImageNet normalisation; config.json: global_pool "token", 1024 features; trained at 20x.
+        name="uni",
+        family="timm",
+        arch="vit_large_patch16_224",
+        kwargs=_kw(
+            img_size=224, patch_size=16, init_values=1e-5, num_classes=0, dynamic_img_size=True
+        ),
+        dim=1024,
+        input_px=224,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        embedding="cls",
+        mpp=0.5,
+        licence="CC-BY-NC-ND-4.0",
+        hub_id="MahmoodLab/UNI",
+        filename="pytorch_model.bin",
+        gated=True,
+        card="https://huggingface.co/MahmoodLab/UNI",
+    ),
+    EncoderEntry(
+        # https://huggingface.co/MahmoodLab/UNI2-h (gated): timm_kwargs of the card —
+        # vit_giant_patch14_224, img_size 224, patch 14, depth 24, 24 heads, init_values 1e-5,
+        # embed_dim 1536, mlp_ratio 2.66667*2, num_classes 0, no_embed_class, SwiGLUPacked, SiLU,
+        # reg_tokens 8, dynamic_img_size; class token, 1536-d; ImageNet normalisation.
+        name="uni2-h",
+        family="timm",
+        arch="vit_giant_patch14_224",
+        kwargs=_kw(
+            img_size=224,
+            patch_size=14,
+            depth=24,
+            num_heads=24,
+            init_values=1e-5,
+            embed_dim=1536,
+            mlp_ratio=2.66667 * 2,
+            num_classes=0,
+            no_embed_class=True,
+            mlp_layer=_SWIGLU,
+            act_layer=_SILU,
+            reg_tokens=8,
+            dynamic_img_size=True,
+        ),
+        dim=1536,
+        input_px=224,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        embedding="cls",
+        mpp=0.5,
+        licence="CC-BY-NC-ND-4.0",
+        hub_id="MahmoodLab/UNI2-h",
+        filename="pytorch_model.bin",
+        gated=True,
+        card="https://huggingface.co/MahmoodLab/UNI2-h",
+    ),
+    EncoderEntry(
+        # https://huggingface.co/paige-ai/Virchow2 (gated): timm "hf-hub:paige-ai/Virchow2" with
+        # mlp_layer=SwiGLUPacked, act_layer=SiLU; config.json: vit_huge_patch14_224, img_size 224,
+        # init_values 1e-5, mlp_ratio 5.3375, reg_tokens 4, global_pool "", dynamic_img_size;
+        # embedding = cat(class token, mean of patch tokens output[:, 5:]) = 2560-d; 0.5 um/px.
+        name="virchow2",
+        family="timm",
+        arch="vit_huge_patch14_224",
+        kwargs=_kw(
+            img_size=224,
+            init_values=1e-5,
+            num_classes=0,
+            mlp_ratio=5.3375,
+            reg_tokens=4,
+            global_pool="",
+            dynamic_img_size=True,
+            mlp_layer=_SWIGLU,
+            act_layer=_SILU,
+        ),
+        dim=2560,
+        input_px=224,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        embedding="cls+mean_patch",
+        mpp=0.5,
+        licence="CC-BY-NC-ND-4.0",
+        hub_id="paige-ai/Virchow2",
+        filename="pytorch_model.bin",
+        gated=True,
+        card="https://huggingface.co/paige-ai/Virchow2",
+    ),
+    EncoderEntry(
+        # https://huggingface.co/bioptimus/H-optimus-0: timm "hf-hub:bioptimus/H-optimus-0" with
+        # init_values=1e-5, dynamic_img_size=False; config.json: vit_giant_patch14_reg4_dinov2,
+        # global_pool "token", 1536 features, input 224, mean (0.707223, 0.578729, 0.703617),
+        # std (0.211883, 0.230117, 0.177517), Apache 2.0; tiles of 224 px at 0.5 um/px.
+        name="h-optimus-0",
+        family="timm",
+        arch="vit_giant_patch14_reg4_dinov2",
+        kwargs=_kw(img_size=224, init_values=1e-5, dynamic_img_size=False, num_classes=0),
+        dim=1536,
+        input_px=224,
+        mean=(0.707223, 0.578729, 0.703617),
+        std=(0.211883, 0.230117, 0.177517),
+        embedding="cls",
+        mpp=0.5,
+        licence="Apache-2.0",
+        hub_id="bioptimus/H-optimus-0",
+        filename="pytorch_model.bin",
+        gated=False,
+        card="https://huggingface.co/bioptimus/H-optimus-0",
+    ),
+    EncoderEntry(
+        # https://huggingface.co/bioptimus/H-optimus-1 (gated): same architecture and
+        # normalisation constants as H-optimus-0 (vit_giant_patch14_reg4_dinov2, 1536-d class token).
+        name="h-optimus-1",
+        family="timm",
+        arch="vit_giant_patch14_reg4_dinov2",
+        kwargs=_kw(img_size=224, init_values=1e-5, dynamic_img_size=False, num_classes=0),
+        dim=1536,
+        input_px=224,
+        mean=(0.707223, 0.578729, 0.703617),
+        std=(0.211883, 0.230117, 0.177517),
+        embedding="cls",
+        mpp=0.5,
+        licence="other (Bioptimus non-commercial)",
+        hub_id="bioptimus/H-optimus-1",
+        filename="pytorch_model.bin",
+        gated=True,
+        card="https://huggingface.co/bioptimus/H-optimus-1",
+    ),
+    EncoderEntry(
+        # https://huggingface.co/prov-gigapath/prov-gigapath (gated): tile encoder
+        # timm "hf_hub:prov-gigapath/prov-gigapath"; config.json: vit_giant_patch14_dinov2 with
+        # img_size 224, patch_size 16, embed_dim 1536, depth 40, 24 heads, init_values 1e-5,
+        # mlp_ratio 5.33334, num_classes 0; class token 1536-d; ImageNet normalisation.
+        name="prov-gigapath",
+        family="timm",
+        arch="vit_giant_patch14_dinov2",
+        kwargs=_kw(
+            img_size=224,
+            in_chans=3,
+            patch_size=16,
+            embed_dim=1536,
+            depth=40,
+            num_heads=24,
+            init_values=1e-5,
+            mlp_ratio=5.33334,
+            num_classes=0,
+        ),
+        dim=1536,
+        input_px=224,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        embedding="cls",
+        mpp=0.5,
+        licence="Apache-2.0 (research use)",
+        hub_id="prov-gigapath/prov-gigapath",
+        filename="pytorch_model.bin",
+        gated=True,
+        card="https://huggingface.co/prov-gigapath/prov-gigapath",
+    ),
+    EncoderEntry(
+        # https://huggingface.co/owkin/phikon: ViTModel (iBOT ViT-B/16); config.json: hidden 768,
+        # 12 layers, 12 heads, intermediate 3072, patch 16, image 224, layer_norm_eps 1e-12;
+        # features = last_hidden_state[:, 0, :] (768-d); ImageNet normalisation; 20x.
+        name="phikon",
+        family="transformers",
+        arch="ViTModel",
+        kwargs=_kw(
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            patch_size=16,
+            image_size=224,
+            layer_norm_eps=1e-12,
+            qkv_bias=True,
+        ),
+        dim=768,
+        input_px=224,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        embedding="cls",
+        mpp=0.5,
+        licence="other (Owkin non-commercial)",
+        hub_id="owkin/phikon",
+        filename="model.safetensors",
+        card="https://huggingface.co/owkin/phikon",
+    ),
+    EncoderEntry(
+        # https://huggingface.co/owkin/phikon-v2: Dinov2Model ViT-L/16 (AutoModel), features =
+        # last_hidden_state[:, 0, :] (1024-d); ImageNet normalisation; model.safetensors.
+        name="phikon-v2",
+        family="transformers",
+        arch="Dinov2Model",
+        kwargs=_kw(
+            hidden_size=1024,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            mlp_ratio=4,
+            patch_size=16,
+            image_size=224,
+            layer_norm_eps=1e-6,
+            layerscale_value=1e-5,
+        ),
+        dim=1024,
+        input_px=224,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        embedding="cls",
+        mpp=0.5,
+        licence="other (Owkin non-commercial)",
+        hub_id="owkin/phikon-v2",
+        filename="model.safetensors",
+        card="https://huggingface.co/owkin/phikon-v2",
+    ),
+    EncoderEntry(
+        # Lunit, "Benchmarking self-supervised learning on diverse pathology datasets" (CVPR 2023),
+        # github.com/lunit-io/benchmark-ssl-pathology release "pretrained-weights": DINO ViT-S/16,
+        # timm VisionTransformer(patch 16, embed 384, 6 heads, num_classes 0); normalisation
+        # mean (0.70322989, 0.53606487, 0.66096631), std (0.21716536, 0.26081574, 0.20723464).
+        name="lunit-dino-vits16",
+        family="timm",
+        arch="vit_small_patch16_224",
+        kwargs=_kw(img_size=224, num_classes=0),
+        dim=384,
+        input_px=224,
+        mean=(0.70322989, 0.53606487, 0.66096631),
+        std=(0.21716536, 0.26081574, 0.20723464),
+        embedding="cls",
+        mpp=0.5,
+        licence="other (Lunit non-commercial)",
+        url=(
+            "https://github.com/lunit-io/benchmark-ssl-pathology/releases/download/"
+            "pretrained-weights/dino_vit_small_patch16_ep200.torch"
+        ),
+        filename="dino_vit_small_patch16_ep200.torch",
+        card="https://github.com/lunit-io/benchmark-ssl-pathology",
+    ),
+)
+
+REGISTRY: Mapping[str, EncoderEntry] = MappingProxyType({e.name: e for e in _ENTRIES})
+
+
+def registry_names() -> list[str]:
+    """Every registry name, in registry order."""
+    return list(REGISTRY)
+
+
+def entry(name: str) -> EncoderEntry | None:
+    """The entry called ``name`` (case-insensitive), or None."""
+    return REGISTRY.get(name.strip().lower())
+
+
+def weights_path(e: EncoderEntry, cache: str | Path | None = None) -> Path | None:
+    """Where ``fetch_weights`` keeps the entry's file: ``<cache>/<filename>`` for the paper's release
+    (its historical place), ``<cache>/<name>/<filename>`` otherwise; None when nothing downloads."""
+    if not e.filename or not e.downloadable:
+        return None
+    root = Path(cache).expanduser() if cache else cache_dir()
+    return root / e.filename if e.family == "ciga" else root / e.name / e.filename
