@@ -15,7 +15,9 @@ Regression
 Segmentation
     ``ROOT/images/*`` and ``ROOT/masks/*`` matched by file stem (a mask may also be named
     ``<stem>_mask``); or ``ROOT/{train,val,test}/{images,masks}``. Masks hold an integer class
-    per pixel; masks whose values are only {0, 255} are read as binary 0/1.
+    per pixel, the size of their image; masks whose values are only {0, 255} are read as binary
+    0/1. ``ROOT/classes.txt`` (optional) names the classes, one a line (value i = line i+1);
+    without it the classes are 0..max, and a value beyond a gap (0, 1, 200) is refused.
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ import numpy as np
 from engine.errors import HistoclusterError
 from engine.evaluate.images import find_undecodable, is_image_file
 from engine.evaluate.sources import FileImages, H5Images, ImageSource
+from engine.progress import Progress, no_progress
 
 __all__ = [
+    "CLASSES_FILE",
     "SPLIT_NAMES",
     "TASKS",
     "DatasetError",
@@ -56,6 +60,8 @@ _SPLIT_ALIASES = {
     "testing": "test",
 }
 _H5_SUFFIXES = (".h5", ".hdf5", ".hdf")
+#: optional segmentation class names, one a line, beside images/ and masks/
+CLASSES_FILE = "classes.txt"
 
 
 class DatasetError(HistoclusterError):
@@ -140,10 +146,11 @@ def load_samples(path: str | Path, task: Task) -> Samples:
 
 
 def drop_undecodable(
-    samples: Samples, workers: int = 2, progress: bool = False
+    samples: Samples, workers: int = 2, progress: Progress = no_progress
 ) -> tuple[Samples, dict[str, str]]:
     """Decode every image (and mask) file once; drop the samples that fail.
 
+    Reports ``progress("check", files decoded, files)``.
     Returns the remaining samples and ``{file: reason}`` for each skipped file. HDF5 sources
     are not scanned (their rows are arrays, not encoded files). Raises :class:`DatasetError`
     if dropping leaves a class empty or nothing at all.
@@ -445,11 +452,27 @@ def _image_mask_pairs(folder: Path) -> tuple[list[Path], list[Path]]:
     return pairs_i, pairs_m
 
 
-def _mask_values(paths: Sequence[Path]) -> set[int]:
+def _image_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from the file's header, or None when it cannot be read."""
     from PIL import Image
 
-    values: set[int] = set()
-    for p in paths:
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception:  # noqa: BLE001 - reported by drop_undecodable
+        return None
+
+
+def _mask_values(images: Sequence[Path], masks: Sequence[Path]) -> dict[int, Path]:
+    """``{mask value: first mask file holding it}`` over every mask.
+
+    Raises :class:`DatasetError` naming the mask for a mask that is not single-channel or not
+    the size of its image (a mask is never stretched to fit: it would mislabel the pixels).
+    """
+    from PIL import Image
+
+    values: dict[int, Path] = {}
+    for img, p in zip(images, masks, strict=True):
         try:
             with Image.open(p) as im:
                 arr = np.asarray(im)
@@ -459,8 +482,72 @@ def _mask_values(paths: Sequence[Path]) -> set[int]:
             raise DatasetError(
                 f"{p}: mask has shape {arr.shape} — masks must be single-channel, one class per pixel"
             )
-        values.update(int(v) for v in np.unique(arr))
+        size = _image_size(img)
+        if size is not None and size != (arr.shape[1], arr.shape[0]):
+            raise DatasetError(
+                f"{p}: mask is {arr.shape[1]}x{arr.shape[0]} px but its image {img.name} is "
+                f"{size[0]}x{size[1]} — give every image a mask of its own size"
+            )
+        for v in np.unique(arr).tolist():
+            values.setdefault(int(v), p)
     return values
+
+
+def _declared_classes(root: Path) -> list[str] | None:
+    """The class names of ``root/classes.txt`` (one a line; mask value i is line i), if any."""
+    path = root / CLASSES_FILE
+    if not path.is_file():
+        return None
+    names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
+    names = [n for n in names if n]
+    if len(names) < 2:
+        raise DatasetError(
+            f"{path}: {len(names)} class name(s) — list at least two, one a line "
+            "(mask value i is the class on line i+1)"
+        )
+    return names
+
+
+def _segmentation_classes(root: Path, values: dict[int, Path]) -> tuple[list[str], bool]:
+    """(class names, masks_255_as_1) from the mask values seen and ``classes.txt`` if present.
+
+    Masks holding only 0 and 255 are binary. Otherwise a mask value is a class index, and one
+    outside the declared classes (or, undeclared, beyond a gap in the values seen: 0, 1, 200)
+    is refused with the file named, rather than silently adding empty classes.
+    """
+    declared = _declared_classes(root)
+    seen = sorted(values)
+    negative = [v for v in seen if v < 0]
+    if negative:
+        v = negative[0]
+        raise DatasetError(f"{values[v]}: mask value {v} — class indices start at 0")
+    if (
+        seen
+        and set(seen) <= {0, 255}
+        and 255 in values
+        and (declared is None or len(declared) == 2)
+    ):
+        return (declared or ["0", "1"]), True
+    if declared is not None:
+        outside = [v for v in seen if v >= len(declared)]
+        if outside:
+            v = outside[0]
+            raise DatasetError(
+                f"{values[v]}: mask value {v} is not a class of {root / CLASSES_FILE} "
+                f"(values 0-{len(declared) - 1}) — fix the mask or add the class there"
+            )
+        return declared, False
+    n_classes = max(max(seen, default=0) + 1, 2)
+    gaps = [c for c in range(n_classes) if c not in values]
+    if gaps and n_classes > 2:
+        beyond = [v for v in seen if v > gaps[0]]
+        v = beyond[0]
+        raise DatasetError(
+            f"{values[v]}: mask value {v}, but no mask holds class {gaps[0]} — mask values are "
+            "class indices 0..C-1 (0/255 masks are read as binary); fix the mask, or name the "
+            f"classes in {root / CLASSES_FILE} (one a line, value i = line i+1)"
+        )
+    return [str(c) for c in range(n_classes)], False
 
 
 def _segmentation(root: Path) -> Samples:
@@ -476,19 +563,13 @@ def _segmentation(root: Path) -> Samples:
         images += i
         masks += m
         split += [name] * len(i)
-    values = _mask_values(masks)
-    as_binary = values == {0, 255} or values == {255}
-    if as_binary:
-        n_classes = 2
-    else:
-        n_classes = max(values, default=0) + 1
-    n_classes = max(n_classes, 2)
+    classes, as_binary = _segmentation_classes(root, _mask_values(images, masks))
     return Samples(
         task="segmentation",
         root=root,
         images=FileImages(images),
         targets=None,
-        classes=[str(c) for c in range(n_classes)],
+        classes=classes,
         masks=masks,
         split=np.asarray(split) if split_dirs else None,
         masks_255_as_1=as_binary,

@@ -1,32 +1,40 @@
 """Frozen-encoder features for the linear and kNN protocols: computed once per
-(encoder weights, dataset, input size, fit mode) and cached on disk as ``.npy``.
+(encoder weights, dataset, input size, fit mode, precision) and cached on disk as ``.npy``.
 
-The cache key hashes the encoder's weights themselves (not its name), so two random
-initialisations never share a cache entry and a retrained checkpoint at the same path is
-recomputed.
+The cache key hashes the encoder's weights themselves (not its name or file), so an encoder
+changed in memory, or a retrained checkpoint at the same path, is never served stale features.
+Tiles are encoded by :class:`engine.encode.TileEncoder`, the code path extraction uses.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+from engine.encode import TileEncoder, resolve_precision
 from engine.evaluate.datasets import Samples
 from engine.evaluate.images import FitMode
-from engine.evaluate.loaders import ImageDataset, make_loader
+from engine.evaluate.loaders import FittedTiles, make_loader
+from engine.files import atomic_write
+from engine.models import Encoder
+from engine.progress import Progress, Throttle, no_progress
 
-__all__ = ["cached_features", "compute_features", "feature_cache_key", "weights_digest"]
+__all__ = [
+    "at_input_px",
+    "cached_features",
+    "compute_features",
+    "feature_cache_key",
+    "weights_digest",
+]
 
 
 def weights_digest(module: torch.nn.Module) -> str:
-    """sha256 over the names, shapes and bytes of ``module``'s state_dict."""
+    """sha256 over the names, shapes and bytes of ``module``'s state_dict (in memory)."""
     h = hashlib.sha256()
     for name, t in module.state_dict().items():
         t = t.detach().to("cpu").contiguous()
@@ -35,8 +43,13 @@ def weights_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def feature_cache_key(encoder: torch.nn.Module, samples: Samples, px: int, fit: FitMode) -> str:
-    """A 24-hex-digit key for the features of ``encoder`` on ``samples`` at ``px`` / ``fit``."""
+def feature_cache_key(
+    encoder: Encoder, samples: Samples, px: int, fit: FitMode, precision: str = "fp32"
+) -> str:
+    """A 24-hex-digit key for the features of ``encoder`` on ``samples`` at ``px`` / ``fit``.
+
+    ``precision`` is the resolved one (fp32, bf16, fp16); fp32 keys are those of earlier runs.
+    """
     payload = {
         "weights": weights_digest(encoder),
         "arch": getattr(encoder, "arch", type(encoder).__name__),
@@ -47,64 +60,93 @@ def feature_cache_key(encoder: torch.nn.Module, samples: Samples, px: int, fit: 
         "data": samples.images.fingerprint(),
         "version": 1,
     }
+    if precision != "fp32":
+        payload["precision"] = precision
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
-@torch.inference_mode()
+def at_input_px(encoder: Encoder, px: int) -> Encoder:
+    """``encoder`` fed ``px`` x ``px`` images (sharing its backbone), so that
+    :meth:`Encoder.preprocess` does not resize the fitted images to the encoder's own size."""
+    if encoder.input_px == px:
+        return encoder
+    return Encoder(
+        encoder.backbone, encoder.arch, encoder.mean, encoder.std, px, encoder.spec,
+        sha256=encoder.sha256, config=encoder.config,
+    )  # fmt: skip
+
+
 def compute_features(
-    encoder: torch.nn.Module,
+    encoder: Encoder,
     samples: Samples,
     px: int,
     fit: FitMode = "resize",
     device: torch.device | str = "cpu",
     batch_size: int = 64,
     workers: int = 0,
-    progress: bool = False,
+    progress: Progress = no_progress,
+    precision: str = "fp32",
 ) -> np.ndarray:
-    """``encoder`` over every sample -> ``(N, dim)`` float32, in sample order."""
+    """``encoder`` over every sample -> ``(N, dim)`` float32, in sample order.
+
+    Reports ``progress("features", images encoded, N)``; a ``Cancelled`` it raises stops here.
+    """
     device = torch.device(device)
     was_training = encoder.training
-    encoder.eval().to(device)
-    ds = ImageDataset(samples, px, encoder.mean, encoder.std, fit=fit)
+    tiles = TileEncoder(at_input_px(encoder, px), device, precision)
     loader = make_loader(
-        ds, batch_size, shuffle=False, workers=workers, pin_memory=device.type == "cuda"
-    )
+        FittedTiles(samples, px, fit), batch_size, shuffle=False, workers=workers,
+        pin_memory=device.type == "cuda",
+    )  # fmt: skip
+    report = Throttle(progress)
     out: list[np.ndarray] = []
-    for x, _ in tqdm(loader, desc="features", disable=not progress, leave=False):
-        f = encoder(x.to(device, non_blocking=True))
-        out.append(f.float().reshape(len(x), -1).cpu().numpy())
-    encoder.train(was_training)
+    done = 0
+    try:
+        report("features", 0, len(samples))
+        for x in loader:
+            f = tiles(x)
+            out.append(f.reshape(len(x), -1).cpu().numpy())
+            done += len(x)
+            report("features", done, len(samples))
+    finally:
+        # leave the caller's encoder as it was (TileEncoder switched it to eval, channels_last)
+        encoder.train(was_training).to(memory_format=torch.contiguous_format)
     return np.concatenate(out, axis=0)
 
 
 def cached_features(
     cache_dir: str | Path,
-    encoder: torch.nn.Module,
+    encoder: Encoder,
     samples: Samples,
     px: int,
     fit: FitMode = "resize",
     device: torch.device | str = "cpu",
     batch_size: int = 64,
     workers: int = 0,
-    progress: bool = False,
+    progress: Progress = no_progress,
     label: str = "",
+    precision: str = "fp32",
 ) -> tuple[np.ndarray, Path, bool]:
     """Features of ``encoder`` on ``samples``, from ``cache_dir`` when present.
 
-    Returns ``(features (N, dim) float32, cache file, True if it was read from the cache)``.
-    The file is written atomically (temp file + rename), so an interrupted run leaves no
-    half-written cache entry.
+    ``precision``: as ``--precision`` (``auto`` resolved for ``device``). Returns
+    ``(features (N, dim) float32, cache file, True if it was read from the cache)``. The file is
+    written atomically, so an interrupted run leaves no half-written cache entry.
     """
+    resolved = resolve_precision(precision, torch.device(device))
     cache_dir = Path(cache_dir)
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", label)[:60].strip("_") or "features"
-    path = cache_dir / f"{stem}-{feature_cache_key(encoder, samples, px, fit)}.npy"
+    path = cache_dir / f"{stem}-{feature_cache_key(encoder, samples, px, fit, resolved)}.npy"
     if path.is_file():
-        feats = np.load(path)
-        if feats.shape[0] == len(samples):
+        try:
+            feats = np.load(path)
+        except (OSError, ValueError):
+            feats = None  # damaged cache entry: compute it again
+        if feats is not None and feats.shape[0] == len(samples):
             return feats, path, True
-    feats = compute_features(encoder, samples, px, fit, device, batch_size, workers, progress)
+    feats = compute_features(
+        encoder, samples, px, fit, device, batch_size, workers, progress, resolved
+    )
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-    np.save(tmp, feats)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.save(f, feats))
     return feats, path, False

@@ -15,6 +15,7 @@ from engine.evaluate.datasets import Samples
 from engine.evaluate.images import FitMode
 from engine.evaluate.loaders import ImageDataset, make_loader
 from engine.evaluate.training import Selected, TargetScale, fit_select, predict_metrics
+from engine.progress import Progress, no_progress
 
 __all__ = ["build_classifier", "finetune", "paper_weight_decay"]
 
@@ -47,7 +48,7 @@ def finetune(
     seed: int = 0,
     device: torch.device | str = "cpu",
     workers: int = 0,
-    progress: bool = False,
+    progress: Progress = no_progress,
 ) -> Selected:
     """Fine-tune ``encoder`` (a :class:`engine.models.Encoder`) for classification or regression
     on ``samples[train_idx]``; select the epoch on ``val_idx``; report ``test_idx``."""
@@ -91,5 +92,4 @@ def finetune(
         epochs,
         device,
         progress=progress,
-        desc="finetune",
     )

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from tqdm.auto import tqdm
+
+from engine.progress import Progress, Throttle, no_progress
 
 __all__ = [
     "FIT_MODES",
@@ -66,24 +67,26 @@ def _try_decode(path: Path) -> str | None:
 
 
 def find_undecodable(
-    paths: Sequence[Path], workers: int = 2, progress: bool = False
+    paths: Sequence[Path], workers: int = 2, progress: Progress = no_progress
 ) -> dict[Path, str]:
     """Decode every file once; return ``{path: reason}`` for those that fail.
 
-    Decoding runs in ``workers`` threads (PIL releases the GIL while decoding).
+    Decoding runs in ``workers`` threads (PIL releases the GIL while decoding). Reports
+    ``progress("check", files decoded, files)``; a ``Cancelled`` it raises stops the scan.
     """
     bad: dict[Path, str] = {}
+    report = Throttle(progress)
+    report("check", 0, len(paths))
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         reasons = pool.map(_try_decode, paths, chunksize=16)
-        for path, reason in tqdm(
-            zip(paths, reasons, strict=True),
-            total=len(paths),
-            desc="checking images",
-            disable=not progress,
-            leave=False,
-        ):
-            if reason is not None:
-                bad[path] = reason
+        try:
+            for done, (path, reason) in enumerate(zip(paths, reasons, strict=True), start=1):
+                if reason is not None:
+                    bad[path] = reason
+                report("check", done, len(paths))
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     return bad
 
 

@@ -6,12 +6,15 @@ similarity of each class's voters. Regression: mean target of the k nearest.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from engine.evaluate.metrics import classification_metrics, regression_metrics
 from engine.evaluate.training import Selected
+from engine.progress import Progress, Throttle, no_progress
 
 __all__ = ["knn_evaluate", "knn_predict"]
 
@@ -24,14 +27,17 @@ def knn_predict(
     k: int = 20,
     num_classes: int | None = None,
     chunk: int = 1024,
+    tick: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Cosine kNN. ``train_x`` (N, D), ``train_y`` (N,), ``query_x`` (M, D) -> (M,) predictions:
     int64 classes when ``num_classes`` is given, else float32 means of the neighbours' targets.
-    ``k`` is capped at N."""
+    ``k`` is capped at N. ``tick(queries done)`` is called before each chunk (it may cancel)."""
     k = min(int(k), len(train_x))
     t = F.normalize(train_x.float(), dim=1)
     preds: list[torch.Tensor] = []
     for start in range(0, len(query_x), chunk):
+        if tick is not None:
+            tick(start)
         q = F.normalize(query_x[start : start + chunk].float(), dim=1)
         sims, nn_idx = (q @ t.T).topk(k, dim=1)  # (m, k)
         labels = train_y[nn_idx]
@@ -56,20 +62,30 @@ def knn_evaluate(
     num_classes: int,
     k: int = 20,
     device: torch.device | str = "cpu",
+    progress: Progress = no_progress,
 ) -> Selected:
     """kNN with ``features[train_idx]`` as the memory bank; metrics on validation and test
-    (``best_epoch`` 0: nothing is trained)."""
+    (``best_epoch`` 0: nothing is trained). Reports ``progress("train", queries done, all)``."""
     x = torch.as_tensor(features, dtype=torch.float32, device=device)
     y = torch.as_tensor(targets, device=device)
     n_cls = None if task == "regression" else num_classes
     train_i = torch.as_tensor(train_idx, dtype=torch.long, device=device)
 
-    def run(idx: np.ndarray) -> dict[str, float]:
+    report = Throttle(progress)
+    total = len(val_idx) + len(test_idx)
+
+    def run(idx: np.ndarray, before: int) -> dict[str, float]:
         i = torch.as_tensor(idx, dtype=torch.long, device=device)
-        pred = knn_predict(x[train_i], y[train_i], x[i], k, n_cls).cpu().numpy()
+
+        def tick(n: int) -> None:
+            report("train", before + n, total)
+
+        pred = knn_predict(x[train_i], y[train_i], x[i], k, n_cls, tick=tick).cpu().numpy()
+        report("train", before + len(idx), total)
         truth = targets[idx]
         if task == "regression":
             return regression_metrics(truth, pred)
         return classification_metrics(truth, pred, num_classes)
 
-    return Selected(best_epoch=0, val=run(val_idx), test=run(test_idx))
+    val = run(val_idx, 0)
+    return Selected(best_epoch=0, val=val, test=run(test_idx, len(val_idx)))

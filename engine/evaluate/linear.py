@@ -21,6 +21,7 @@ from engine.evaluate.training import (
     predict_metrics,
     single_thread_on_cpu,
 )
+from engine.progress import Progress, no_progress
 
 __all__ = ["linear_probe"]
 
@@ -39,7 +40,7 @@ def linear_probe(
     batch_size: int = 32,
     seed: int = 0,
     device: torch.device | str = "cpu",
-    progress: bool = False,
+    progress: Progress = no_progress,
 ) -> Selected:
     """Train ``nn.Linear(dim, C or 1)`` on ``features[train_idx]`` (N, dim) float32.
 
@@ -84,5 +85,4 @@ def linear_probe(
             epochs,
             device,
             progress=progress,
-            desc="linear",
         )

@@ -14,10 +14,16 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from engine.evaluate.datasets import Samples
+from engine.evaluate.datasets import DatasetError, Samples
 from engine.evaluate.images import FitMode, fit_image, normalize
 
-__all__ = ["ImageDataset", "SegmentationDataset", "make_loader", "random_dihedral"]
+__all__ = [
+    "FittedTiles",
+    "ImageDataset",
+    "SegmentationDataset",
+    "make_loader",
+    "random_dihedral",
+]
 
 
 def random_dihedral(*tensors: torch.Tensor, generator: torch.Generator | None = None):
@@ -63,6 +69,21 @@ class ImageDataset(Dataset):
         return x, torch.as_tensor(targets[i])
 
 
+class FittedTiles(Dataset):
+    """Item ``i`` -> ``(px, px, 3)`` uint8, image ``i`` fitted by ``fit`` and not normalised:
+    the input :class:`engine.encode.TileEncoder` takes (it normalises on the device)."""
+
+    def __init__(self, samples: Samples, px: int, fit: FitMode = "resize") -> None:
+        self.samples, self.px, self.fit = samples, px, fit
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        img = fit_image(self.samples.images.read(i), self.px, self.fit)
+        return img.permute(1, 2, 0).contiguous()
+
+
 def _read_mask(path, as_binary: bool) -> np.ndarray:
     with Image.open(path) as im:
         m = np.asarray(im).astype(np.int64)
@@ -106,12 +127,20 @@ class SegmentationDataset(Dataset):
 
     def _load(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         img = torch.as_tensor(self.samples.images.read(i)).permute(2, 0, 1)
-        mask = torch.as_tensor(_read_mask(self.samples.masks[i], self.samples.masks_255_as_1))
+        path = self.samples.masks[i]
+        mask = torch.as_tensor(_read_mask(path, self.samples.masks_255_as_1))
+        if mask.shape != img.shape[-2:]:
+            # a mask must label its image pixel for pixel; stretching one would mislabel it
+            raise DatasetError(
+                f"{path}: mask is {mask.shape[1]}x{mask.shape[0]} px but its image "
+                f"{self.samples.images.name(i)} is {img.shape[2]}x{img.shape[1]} — "
+                "give every image a mask of its own size"
+            )
         if self.scale != 1.0:
             h, w = img.shape[-2:]
-            img = TF.resize(img, [max(1, round(h * self.scale)), max(1, round(w * self.scale))])
-        if mask.shape != img.shape[-2:]:
-            mask = _resize_nearest(mask, tuple(img.shape[-2:]))
+            size = [max(1, round(h * self.scale)), max(1, round(w * self.scale))]
+            img = TF.resize(img, size)
+            mask = _resize_nearest(mask, (size[0], size[1]))
         return img, mask
 
     def __getitem__(self, item: int):

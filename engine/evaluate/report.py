@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.evaluate.metrics import METRICS
+from engine.files import atomic_write, atomic_write_text
 
 __all__ = ["Summary", "encoder_labels", "plot_metric_vs_fraction", "summarize", "write_markdown"]
 
@@ -104,16 +105,14 @@ def write_markdown(
                 str(seeds),
             ]
             lines.append("| " + " | ".join(cells) + " |")
-    path = Path(path)
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def plot_metric_vs_fraction(
     rows: Sequence[dict[str, str]], task: str, path: str | Path, title: str = ""
 ) -> Path:
     """A grid of panels (protocols x test metrics): metric against training fraction (log x),
-    one line per encoder with ±std error bars over seeds. Written with the Agg canvas."""
+    one line per encoder with ±std error bars over seeds. Written (atomically) with the Agg canvas."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -153,6 +152,4 @@ def plot_metric_vs_fraction(
                 ax.legend(fontsize="small")
     if title:
         fig.suptitle(title)
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    return path
+    return atomic_write(path, lambda f: fig.savefig(f, dpi=110, format="png"))

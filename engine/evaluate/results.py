@@ -1,14 +1,20 @@
-"""``results.csv``: one row per finished (encoder, protocol, fraction, seed) cell, appended as
-soon as the cell finishes, so an interrupted run resumes where it stopped."""
+"""``results.csv``: one row per finished (encoder, protocol, fraction, seed) cell, added as soon
+as the cell finishes, so an interrupted run resumes where it stopped.
+
+Each addition rewrites the file atomically (:func:`engine.files.atomic_write_text`): a kill at
+any moment leaves the file as it was before the cell or with the cell's whole row.
+"""
 
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from engine.evaluate.metrics import METRICS
+from engine.files import atomic_write_text
 
 __all__ = ["ResultsFile", "cell_key", "columns_for"]
 
@@ -36,7 +42,7 @@ def cell_key(encoder: str, protocol: str, fraction: float, seed: int) -> tuple[s
 
 
 class ResultsFile:
-    """Append-only ``results.csv`` for one task."""
+    """``results.csv`` for one task: rows are only ever added, each whole."""
 
     def __init__(self, path: str | Path, task: str) -> None:
         self.path = Path(path)
@@ -54,19 +60,25 @@ class ResultsFile:
         return {tuple(r[c] for c in _KEY_COLUMNS) for r in self.rows()}
 
     def append(self, row: dict[str, Any]) -> None:
-        """Write one row (missing columns left empty) and flush it to disk."""
-        new = not self.path.is_file() or self.path.stat().st_size == 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerow({c: _fmt(row.get(c, "")) for c in self.columns})
+        """Add one row (missing columns left empty): the file is rewritten atomically."""
+        self.extend([row])
 
     def extend(self, rows: Iterable[dict[str, Any]]) -> None:
-        """Append several rows."""
+        """Add several rows in one atomic rewrite."""
+        old = ""
+        if self.path.is_file():
+            with open(self.path, newline="", encoding="utf-8") as f:
+                old = f.read()  # line ends kept as written (the csv module's \r\n)
+        if old and not old.endswith("\n"):
+            old = old[: old.rfind("\n") + 1]  # a row cut short by an older, non-atomic writer
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=self.columns, extrasaction="ignore")
+        if not old:
+            writer.writeheader()
         for r in rows:
-            self.append(r)
+            writer.writerow({c: _fmt(r.get(c, "")) for c in self.columns})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path, old + buf.getvalue())
 
 
 def _fmt(v: Any) -> str:

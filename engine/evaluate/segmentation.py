@@ -21,6 +21,7 @@ from engine.evaluate.finetune import paper_weight_decay
 from engine.evaluate.loaders import SegmentationDataset, make_loader
 from engine.evaluate.metrics import confusion_counts, segmentation_metrics
 from engine.evaluate.training import Selected, fit_select
+from engine.progress import Progress, no_progress
 
 __all__ = ["build_unet", "constant_prediction_metrics", "segment", "segmentation_evaluate"]
 
@@ -95,7 +96,7 @@ def segment(
     seed: int = 0,
     device: torch.device | str = "cpu",
     workers: int = 0,
-    progress: bool = False,
+    progress: Progress = no_progress,
 ) -> Selected:
     """Fine-tune a U-Net over ``encoder`` on ``samples[train_idx]`` image/mask pairs."""
     device = torch.device(device)
@@ -137,5 +138,4 @@ def segment(
         epochs,
         device,
         progress=progress,
-        desc="segmentation",
     )

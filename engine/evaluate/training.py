@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from engine.evaluate.metrics import (
     classification_metrics,
     is_better,
     regression_metrics,
 )
+from engine.progress import Progress, Throttle, no_progress
 
 __all__ = [
     "Selected",
@@ -29,6 +29,7 @@ __all__ = [
     "loss_for",
     "predict_metrics",
     "single_thread_on_cpu",
+    "ticking",
 ]
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -100,6 +101,15 @@ class TargetScale(nn.Module):
         return x * self.std + self.mean
 
 
+def ticking(
+    batches: Batches, tick: Callable[[], None]
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``batches`` with ``tick()`` called before each one (a progress report that may cancel)."""
+    for batch in batches:
+        tick()
+        yield batch
+
+
 def loss_for(task: str) -> nn.Module:
     """Cross-entropy for classification and segmentation (mask -1 ignored), MSE for regression."""
     if task == "regression":
@@ -142,24 +152,34 @@ def fit_select(
     task: str,
     epochs: int,
     device: torch.device,
-    progress: bool = False,
-    desc: str = "train",
+    progress: Progress = no_progress,
+    stage: str = "train",
 ) -> Selected:
     """Train ``model`` for ``epochs`` on ``train``; after each epoch evaluate on ``val``; when it
     improves (:func:`~engine.evaluate.metrics.is_better`), evaluate on ``test``.
 
     ``evaluate(model, batches) -> metrics``. Returns the test metrics of the best epoch.
+    Reports ``progress(stage, steps done, epochs x steps per epoch)`` (at most 5 times a second,
+    and during validation and test batches too); a ``Cancelled`` it raises stops training.
     """
     loss_fn = loss_for(task)
     best_val: dict[str, float] | None = None
     best_test: dict[str, float] = {}
     best_epoch = 0
     history: list[dict[str, float]] = []
-    bar = tqdm(range(1, epochs + 1), desc=desc, disable=not progress, leave=False)
-    for epoch in bar:
+    report = Throttle(progress)
+    per_epoch = max(len(train), 1)  # type: ignore[arg-type]
+    total = epochs * per_epoch
+    done = 0
+
+    def tick() -> None:
+        report(stage, done, total)
+
+    tick()
+    for epoch in range(1, epochs + 1):
         model.train()
-        total, count = 0.0, 0
-        for x, y in train:
+        loss_sum, count = 0.0, 0
+        for step, (x, y) in enumerate(train, start=1):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             out = model(x)
             if task == "regression":
@@ -169,13 +189,16 @@ def fit_select(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss.detach()) * len(x)
+            loss_sum += float(loss.detach()) * len(x)
             count += len(x)
-        val_metrics = evaluate(model, val)
-        history.append({"epoch": epoch, "loss": total / max(count, 1), **val_metrics})
+            done = (epoch - 1) * per_epoch + min(step, per_epoch)
+            tick()
+        done = epoch * per_epoch
+        val_metrics = evaluate(model, ticking(val, tick))
+        history.append({"epoch": epoch, "loss": loss_sum / max(count, 1), **val_metrics})
         if is_better(task, val_metrics, best_val):
             best_val, best_epoch = val_metrics, epoch
-            best_test = evaluate(model, test)
-        bar.set_postfix(loss=f"{total / max(count, 1):.3f}", best_epoch=best_epoch)
+            best_test = evaluate(model, ticking(test, tick))
+        tick()
     assert best_val is not None, "epochs must be >= 1"
     return Selected(best_epoch, best_val, best_test, history)

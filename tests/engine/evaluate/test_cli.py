@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.evaluate import EvalConfig
 from engine.evaluate.cli import build_parser, main, parse_config
 from tests.engine.evaluate.conftest import write_colour_folder
 
@@ -32,15 +33,50 @@ def _rows(out: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def test_parser_documents_every_flag():
-    text = build_parser().format_help()
-    for flag in ("--encoders", "--dataset", "--task", "--protocol", "--fractions", "--epochs",
-                 "--seeds", "--out", "--device", "--workers", "--k", "--fit", "--split-seed"):  # fmt: skip
+#: every flag of python -m engine.evaluate before the command contract (issue 11), with its
+#: default; --precision was added with it
+TODAYS_FLAGS = {
+    "--encoders": None, "--dataset": None, "--task": "classification", "--protocol": ("linear",),
+    "--fractions": (100.0,), "--seeds": (0, 1, 2), "--epochs": 100, "--out": Path("evaluate-out"),
+    "--device": "auto", "--workers": 2, "--batch-size": 32, "--lr": None, "--weight-decay": None,
+    "--k": 20, "--input-px": None, "--fit": "resize", "--split-seed": None, "--seg-scale": 1.0,
+    "--seg-crops": 4, "--feature-cache": None, "--trust-checkpoint": False, "--quiet": False,
+}  # fmt: skip
+
+
+def test_flags_and_defaults_are_todays():
+    parser = build_parser()
+    flags = {s for a in parser._actions for s in a.option_strings if s.startswith("--")}
+    assert flags == {*TODAYS_FLAGS, "--help", "--precision"}
+    text = parser.format_help()
+    for flag in flags:
         assert flag in text
-    cfg = parse_config(["--encoders", "a,b", "--dataset", "d", "--fractions", "1,10%,100",
+    cfg = parse_config(["--encoders", "x", "--dataset", "d"])
+    by_flag = {a.option_strings[-1]: a.dest for a in parser._actions if a.option_strings}
+    for flag, default in TODAYS_FLAGS.items():
+        if default is not None or flag not in ("--encoders", "--dataset"):
+            assert getattr(cfg, by_flag[flag]) == default, flag
+    assert cfg.precision == "fp32"  # features as before: full precision
+    assert "1,2,5,10,20,50,75,100" in text and "(default: 0,1,2)" in text
+
+
+def test_comma_lists_parse_as_before():
+    cfg = parse_config(["--encoders", "a, b", "--dataset", "d", "--fractions", "1,10%,100",
                         "--protocol", "linear,knn", "--seeds", "3"])  # fmt: skip
-    assert cfg.encoders == ["a", "b"] and cfg.fractions == [1.0, 10.0, 100.0]
-    assert cfg.protocols == ["linear", "knn"] and cfg.seeds == [3] and cfg.epochs == 100
+    assert cfg.encoders == ("a", "b") and cfg.fractions == (1.0, 10.0, 100.0)
+    assert cfg.protocols == ("linear", "knn") and cfg.seeds == (3,) and cfg.epochs == 100
+    assert isinstance(cfg.dataset, Path) and isinstance(cfg.out, Path)
+    # library callers may pass lists and strings
+    lib = EvalConfig(encoders=["a", "b"], dataset="d", fractions=[1, 10.0, 100], seeds=[3],
+                     protocols=["linear", "knn"])  # fmt: skip
+    assert lib == cfg
+
+
+def test_bad_flag_value_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_config(["--encoders", "a", "--dataset", "d", "--seeds", "one"])
+    assert e.value.code == 2
+    assert "--seeds" in capsys.readouterr().err
 
 
 def test_grid_outputs_and_resume(small_colours, tmp_path, capsys):

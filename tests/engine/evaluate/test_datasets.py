@@ -176,6 +176,61 @@ def test_segmentation_pairs_by_stem_and_255_masks(tmp_path):
         load_samples(tmp_path / "a", "segmentation")
 
 
+def _mask(path: Path, values, px: int = 16) -> Path:
+    """A ``px`` square mask whose rows cycle through ``values``."""
+    m = np.zeros((px, px), np.uint8)
+    for i, v in enumerate(values):
+        m[i :: len(values)] = v
+    Image.fromarray(m).save(path)
+    return path
+
+
+def test_mask_of_another_size_is_refused_not_stretched(tmp_path):
+    root = _seg_folder(tmp_path / "a", 3)
+    _mask(root / "masks" / "img2.png", [0, 1], px=8)  # its image is 16 px
+    with pytest.raises(DatasetError) as e:
+        load_samples(root, "segmentation")
+    msg = str(e.value)
+    assert msg.startswith(str(root / "masks" / "img2.png") + ": mask is 8x8 px")
+    assert "img2.png is 16x16" in msg and "\n" not in msg
+
+
+def test_mask_value_beyond_the_classes_is_refused(tmp_path):
+    root = _seg_folder(tmp_path / "a", 3)
+    _mask(root / "masks" / "img1.png", [0, 1, 200])
+    with pytest.raises(DatasetError) as e:
+        load_samples(root, "segmentation")
+    msg = str(e.value)
+    assert msg.startswith(str(root / "masks" / "img1.png") + ": mask value 200")
+    assert "no mask holds class 2" in msg and "classes.txt" in msg
+    # a gap is refused too (0, 2: is class 1 missing or is 2 a mistake?)
+    root = _seg_folder(tmp_path / "b", 3, mask_value=2)
+    with pytest.raises(DatasetError, match=r"img0.png: mask value 2, but no mask holds class 1"):
+        load_samples(root, "segmentation")
+    # declared classes allow a class absent from these masks, and nothing beyond them
+    (root / "classes.txt").write_text("background\nnucleus\nstroma\n")
+    s = load_samples(root, "segmentation")
+    assert s.classes == ["background", "nucleus", "stroma"] and not s.masks_255_as_1
+    _mask(root / "masks" / "img0.png", [0, 200])
+    with pytest.raises(DatasetError) as e:
+        load_samples(root, "segmentation")
+    assert str(e.value).startswith(
+        f"{root / 'masks' / 'img0.png'}: mask value 200 is not a class of {root / 'classes.txt'}"
+    )
+
+
+def test_contiguous_multiclass_masks_and_binary_255(tmp_path):
+    root = _seg_folder(tmp_path / "a", 3)
+    _mask(root / "masks" / "img1.png", [0, 1, 2, 3])
+    assert load_samples(root, "segmentation").classes == ["0", "1", "2", "3"]
+    # 0/255 and 0/1/255 differ: 255 is the binary convention only with 0 alone
+    root_b = _seg_folder(tmp_path / "b", 2, mask_value=255)
+    assert load_samples(root_b, "segmentation").masks_255_as_1
+    _mask(root_b / "masks" / "img0.png", [0, 1, 255])
+    with pytest.raises(DatasetError, match=r"img0.png: mask value 255, but no mask holds class 2"):
+        load_samples(root_b, "segmentation")
+
+
 def test_missing_path_and_wrong_layout(tmp_path):
     with pytest.raises(DatasetError, match="no such file or folder"):
         load_samples(tmp_path / "nope", "classification")

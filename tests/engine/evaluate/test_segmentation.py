@@ -31,6 +31,29 @@ def test_unet_rejects_weights_that_do_not_fit(random_encoder):
         build_unet(broken, num_classes=2)
 
 
+def test_dataset_refuses_a_mask_of_another_size(tmp_path, random_encoder):
+    """Samples built by a library caller (not through load_samples' check) are refused too."""
+    import numpy as np
+    from PIL import Image
+
+    from engine.evaluate.datasets import DatasetError, Samples
+    from engine.evaluate.sources import FileImages
+
+    Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "a_mask.png")
+    samples = Samples("segmentation", tmp_path, FileImages([tmp_path / "a.png"]), None,
+                      ["0", "1"], masks=[tmp_path / "a_mask.png"])  # fmt: skip
+    ds = SegmentationDataset(samples, random_encoder.mean, random_encoder.std, scale=0.5)
+    with pytest.raises(
+        DatasetError, match=r"a_mask.png: mask is 16x16 px but its image .*a.png is 32x32"
+    ):
+        ds[0]
+    Image.fromarray(np.ones((32, 32), np.uint8)).save(tmp_path / "a_mask.png")
+    x, mask = ds[0]  # the right size: scaled with its image, then padded to 32
+    assert x.shape == (3, 32, 32) and mask.shape == (32, 32)
+    assert (mask[:16, :16] == 1).all() and (mask[16:, :] == -1).all()
+
+
 @pytest.mark.slow
 def test_monuseg_short_run_beats_all_background(shared_data, random_encoder):
     samples = load_samples(shared_data / "segmentation" / "monuseg-subset", "segmentation")
