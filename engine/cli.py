@@ -367,13 +367,16 @@ def main(
 
                 cleanup()
     except (KeyboardInterrupt, Cancelled):
-        print(f"{prog}: interrupted — {interrupted_hint}", file=sys.stderr)
+        if main_rank:  # under torchrun every rank stops alike; rank 0 speaks for them
+            print(f"{prog}: interrupted — {interrupted_hint}", file=sys.stderr)
         return INTERRUPTED
     except HistoclusterError as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        if main_rank:
+            print(f"error: {one_line(e)}", file=sys.stderr)
         return BAD_INPUT
     except OSError as e:
-        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        if main_rank:
+            print(f"error: {describe_os_error(e)}", file=sys.stderr)
         return BAD_INPUT
     failures = _failure_lines(result)
     if main_rank:
@@ -384,3 +387,31 @@ def main(
             if text:
                 print(text, file=sys.stdout if report_stream == "stdout" else sys.stderr)
     return SOME_FAILED if failures else OK
+
+
+def main_subcommands(
+    commands: Mapping[
+        str, tuple[type, Callable[..., Any], Callable[[Any, Any], str | None] | None, str]
+    ],
+    argv: Sequence[str] | None = None,
+    *,
+    prog: str,
+    description: str,
+) -> int:
+    """``prog SUBCOMMAND ...``: each of ``commands`` is ``name -> (Config, run, report, one-line help)``,
+    run through :func:`main` with ``prog SUBCOMMAND`` as its program name."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    listing = "\n".join(f"  {name:<10} {text}" for name, (_, _, _, text) in commands.items())
+    usage = f"usage: {prog} {{{','.join(commands)}}} ...\n\n{description}\n\ncommands:\n{listing}\n"
+    if not args or args[0] in ("-h", "--help"):
+        print(usage, file=sys.stdout if args else sys.stderr)
+        return OK if args else BAD_INPUT
+    name, rest = args[0], args[1:]
+    if name not in commands:
+        print(
+            f"{prog}: unknown command {name!r} — choose one of {', '.join(commands)}",
+            file=sys.stderr,
+        )
+        return BAD_INPUT
+    config_cls, run, report, text = commands[name]
+    return main(config_cls, run, rest, prog=f"{prog} {name}", description=text, report=report)

@@ -9,6 +9,8 @@ Layout (``shared/design/ARCHITECTURE.md``)::
         features  (rows, cols, dim) float16, chunks (32, 32, dim)
         tissue    (rows, cols) float16, tissue fraction of each tile
         done      (rows, cols) bool, chunks (32, 32): tiles already encoded (the resume point)
+        failed    (rows, cols) bool, chunks (32, 32): tiles whose pixels could not be read (skipped
+                  by every reader; retried by extraction only when asked; never counted as pending)
         origins   (rows, cols, 2) int64: level-0 (l0_x, l0_y) of each tile's top-left corner
         attrs:    source path, size, mtime, content fingerprint, mpp used, level, grid origin,
                   tile/stride in level-0 px, rows, cols, level-0 dimensions, complete
@@ -61,6 +63,7 @@ __all__ = [
     "ClusterRun",
     "Coverage",
     "FeatureStore",
+    "PredictionMaps",
     "SlideFeatures",
     "TileFeatures",
     "file_fingerprint",
@@ -158,6 +161,8 @@ class Coverage:
     slide_present: bool
     pending: int
     selected: int
+    failed: int = 0
+    """Selected tiles recorded as unreadable (not pending: retried only when asked)."""
 
     @property
     def usable(self) -> bool:
@@ -204,6 +209,7 @@ class SlideFeatures:
         features: (rows, cols, dim) float16, chunks (32, 32, dim); valid where ``done``.
         tissue: (rows, cols) float16 tissue fraction.
         done: (rows, cols) bool, chunks (32, 32).
+        failed: (rows, cols) bool, chunks (32, 32): unreadable tiles (absent in older stores).
         origins: (rows, cols, 2) int64 level-0 (l0_x, l0_y).
     """
 
@@ -265,8 +271,43 @@ class SlideFeatures:
         return self.tissue.astype(np.float32) >= self.min_tissue
 
     def pending(self) -> np.ndarray:
-        """(rows, cols) bool: selected tiles not yet encoded."""
-        return self.selected & ~self.done
+        """(rows, cols) bool: selected tiles not yet encoded (unreadable ones excluded)."""
+        done = self.done
+        return self.selected & ~done & ~self._failed_raw(done)
+
+    @property
+    def failed(self) -> np.ndarray:
+        """(rows, cols) bool: selected tiles whose pixels could not be read (never also done)."""
+        return self.selected & self._failed_raw(self.done)
+
+    def n_failed(self) -> int:
+        """How many selected tiles are recorded as unreadable."""
+        return int(self.failed.sum())
+
+    def _failed_raw(self, done: np.ndarray) -> np.ndarray:
+        array = self._group.get("failed")
+        if array is None:  # a store written before unreadable tiles were recorded
+            return np.zeros(self.shape, dtype=bool)
+        return self._read("failed", array) & ~done  # type: ignore[arg-type]
+
+    def read_failed_block(self, block: Block) -> np.ndarray:
+        """(h, w) bool: the recorded unreadable tiles of one chunk (done ones included as stored)."""
+        array = self._group.get("failed")
+        if array is None:
+            return np.zeros(block.shape, dtype=bool)
+        sl = (slice(block.r0, block.r1), slice(block.c0, block.c1))
+        return self._read("failed", array, sl)  # type: ignore[arg-type]
+
+    def write_failed_block(self, block: Block, failed: np.ndarray) -> None:
+        """Replace the unreadable-tile flags (h, w) bool of one chunk (write it after its features
+        and done flags: a tile both done and failed counts as done)."""
+        if failed.shape != block.shape:
+            raise ValueError(f"block {block} needs failed {block.shape}; got {failed.shape}")
+        array = self._group.get("failed")
+        if array is None:
+            array = _create_failed(self._group, self.shape)
+        sl = (slice(block.r0, block.r1), slice(block.c0, block.c1))
+        array[sl] = failed.astype(bool, copy=False)  # type: ignore[index]
 
     def read_features(self) -> np.ndarray:
         """(rows, cols, dim) float16: the whole feature map (for small slides and tests; zeros where not done)."""
@@ -495,7 +536,9 @@ class FeatureStore:
                 0,
             )
         selected = sf.selected
-        return Coverage(True, None, True, int((selected & ~sf.done).sum()), int(selected.sum()))
+        return Coverage(
+            True, None, True, int(sf.pending().sum()), int(selected.sum()), sf.n_failed()
+        )
 
     # ------------------------------------------------------------------ store-level
 
@@ -631,6 +674,8 @@ class FeatureStore:
                     existing.attrs.update(
                         {"source_path": attrs["source_path"], "mtime": attrs["mtime"]}
                     )
+                if existing.get("failed") is None:  # older store: add it before ranks write
+                    _create_failed(existing, (int(old["rows"]), int(old["cols"])))
                 return self.slide(slide_id)
             del slides[slide_id]
         rows, cols, dim = grid.rows, grid.cols, self.dim
@@ -645,6 +690,7 @@ class FeatureStore:
         group.create_array(
             "done", shape=(rows, cols), chunks=(CHUNK, CHUNK), dtype="bool", fill_value=False
         )
+        _create_failed(group, (rows, cols))
         tissue = group.create_array(
             "tissue",
             shape=(rows, cols),
@@ -901,8 +947,157 @@ class FeatureStore:
             )
         return group  # type: ignore[return-value]
 
+    # ------------------------------------------------------------------ predictions
+
+    def create_prediction(
+        self, name: str, attrs: Mapping[str, Any], overwrite: bool = False
+    ) -> PredictionMaps:
+        """Open ``predictions/<name>`` for writing, creating it with ``attrs`` if absent.
+
+        ``attrs`` must hold ``classes`` (names) and ``model_sha256``; an existing prediction of the
+        same model is resumed, one of another model raises ``HistoclusterError`` unless ``overwrite``.
+        """
+        _check_name("prediction", name)
+        root = self.root.get("predictions")
+        if root is None:
+            root = self.root.create_group("predictions")
+        group = root.get(name)  # type: ignore[union-attr]
+        if group is not None:
+            same = group.attrs.get("model_sha256") == attrs.get("model_sha256")
+            if same and not overwrite:
+                return PredictionMaps(self, group, name)  # type: ignore[arg-type]
+            if not overwrite:
+                raise HistoclusterError(
+                    f"{self.path}: prediction {name!r} was made by another model — choose another "
+                    "--name, or pass --overwrite to replace it"
+                )
+            del root[name]  # type: ignore[index]
+        group = root.create_group(name)  # type: ignore[union-attr]
+        group.create_group("slides")
+        group.attrs.update({**_jsonable(dict(attrs)), "created": _now()})
+        return PredictionMaps(self, group, name)
+
+    def prediction_names(self) -> list[str]:
+        """Names of the stored predictions, sorted."""
+        root = self.root.get("predictions")
+        return sorted(root.group_keys()) if isinstance(root, zarr.Group) else []
+
+    def prediction(self, name: str) -> PredictionMaps:
+        """A stored prediction; ``HistoclusterError`` naming the known ones when absent."""
+        root = self.root.get("predictions")
+        group = root.get(name) if isinstance(root, zarr.Group) and _NAME.match(name) else None
+        if group is None:
+            known = ", ".join(self.prediction_names()) or "none"
+            raise HistoclusterError(
+                f"{self.path}: no prediction {name!r} (predictions: {known}) — run python -m "
+                "engine.classify apply first"
+            )
+        return PredictionMaps(self, group, name)  # type: ignore[arg-type]
+
     def __repr__(self) -> str:
         return f"FeatureStore({str(self.path)!r}, encoder={self.encoder.name!r}, slides={len(self.slide_ids())})"
+
+
+class PredictionMaps:
+    """``predictions/<name>``: a classifier's class and probabilities for every tissue tile.
+
+    Per slide: ``class`` (rows, cols) int16 (-1 where not predicted), ``prob`` (rows, cols, classes)
+    float16, both chunked like the features, and ``done`` (chunk rows, chunk cols) bool, set after
+    a chunk's maps are written (the resume point).
+    """
+
+    def __init__(self, store: FeatureStore, group: zarr.Group, name: str) -> None:
+        self.store = store
+        self._group = group
+        self.name = name
+        self._arrays: dict[str, tuple[zarr.Array, zarr.Array, zarr.Array]] = {}
+
+    def _maps(self, slide_id: str) -> tuple[zarr.Array, zarr.Array, zarr.Array]:
+        """(class, prob, done) arrays of one slide, created on first use, opened once."""
+        if slide_id not in self._arrays:
+            group = self._slide(slide_id, create=True)
+            self._arrays[slide_id] = (group["class"], group["prob"], group["done"])  # type: ignore[index,assignment]
+        return self._arrays[slide_id]
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """classes, colours, model_sha256, encoder, tiling, created."""
+        return self._group.attrs.asdict()
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.attrs["classes"])
+
+    def slide_ids(self) -> list[str]:
+        """Slides with maps (complete or not), sorted."""
+        return sorted(self._group["slides"].group_keys())  # type: ignore[union-attr]
+
+    def _slide(self, slide_id: str, create: bool) -> zarr.Group | None:
+        slides: zarr.Group = self._group["slides"]  # type: ignore[assignment]
+        group = slides.get(slide_id)
+        if group is None and create:
+            rows, cols = self.store.slide(slide_id).shape
+            n = len(self.classes)
+            group = slides.create_group(slide_id)
+            group.create_array(
+                "class", shape=(rows, cols), chunks=(CHUNK, CHUNK), dtype="int16", fill_value=-1
+            )
+            group.create_array(
+                "prob",
+                shape=(rows, cols, n),
+                chunks=(CHUNK, CHUNK, n),
+                dtype="float16",
+                fill_value=0.0,
+            )
+            group.create_array(
+                "done",
+                shape=(-(-rows // CHUNK), -(-cols // CHUNK)),
+                chunks=(1, 1),  # one flag a file: setting it never rewrites the others
+                dtype="bool",
+                fill_value=False,
+            )
+        return group  # type: ignore[return-value]
+
+    def chunks_done(self, slide_id: str) -> np.ndarray:
+        """(chunk rows, chunk cols) bool: chunks whose maps are written (all False before the first)."""
+        group = self._slide(slide_id, create=False)
+        if group is None:
+            rows, cols = self.store.slide(slide_id).shape
+            return np.zeros((-(-rows // CHUNK), -(-cols // CHUNK)), bool)
+        return np.asarray(group["done"][...])
+
+    def write_block(
+        self, slide_id: str, block: Block, classes: np.ndarray, prob: np.ndarray
+    ) -> None:
+        """Write one chunk: ``classes`` (h, w) int16, ``prob`` (h, w, n_classes), then its done flag."""
+        cls_map, prob_map, done = self._maps(slide_id)
+        sl = (slice(block.r0, block.r1), slice(block.c0, block.c1))
+        cls_map[sl] = classes.astype(np.int16, copy=False)
+        prob_map[sl] = prob.astype(np.float16, copy=False)
+        done[block.index] = True
+
+    def read(self, slide_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """(class (rows, cols) int16, prob (rows, cols, n_classes) float32) of one slide."""
+        group = self._slide(slide_id, create=False)
+        if group is None:
+            raise HistoclusterError(
+                f"{self.store.path}: prediction {self.name!r} has no maps for slide {slide_id!r} — "
+                "run python -m engine.classify apply again to predict the slides added since"
+            )
+        with _damage_guard(
+            self.store.path / "predictions" / self.name / "slides" / slide_id,
+            "rerun engine.classify apply with --overwrite",
+        ):
+            return np.asarray(group["class"][...]), np.asarray(group["prob"][...]).astype(
+                np.float32
+            )
+
+
+def _create_failed(group: zarr.Group, shape: tuple[int, int]) -> zarr.Array:
+    """The ``failed`` (rows, cols) bool array of a slide group, chunked like ``done``."""
+    return group.create_array(
+        "failed", shape=shape, chunks=(CHUNK, CHUNK), dtype="bool", fill_value=False
+    )
 
 
 def _is_feature_store(path: Path) -> bool:
