@@ -347,7 +347,8 @@ def main(
 
     ``report(cfg, result)`` gives the summary line printed on success (not with ``--quiet``).
     ``result.failures`` (when the result has it) lists inputs that failed: each is printed as
-    ``error: ...`` and the status is then 1.
+    ``error: ...`` and the status is then 1. ``result.warnings`` are printed as ``warning: ...``,
+    also with ``--quiet``.
     """
     cfg = parse_config(config_cls, argv, prog=prog, description=description, epilog=epilog)
     quiet = bool(getattr(cfg, "quiet", False))
@@ -380,6 +381,8 @@ def main(
         return BAD_INPUT
     failures = _failure_lines(result)
     if main_rank:
+        for line in getattr(result, "warnings", None) or []:
+            print(f"warning: {line}", file=sys.stderr)  # shown even with --quiet
         for line in failures:
             print(f"error: {line}", file=sys.stderr)
         if report is not None and not quiet:

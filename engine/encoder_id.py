@@ -32,6 +32,8 @@ class EncoderId:
             (seeded random, torchvision's ImageNet release, a hub id).
         embedding: how a feature vector is formed from the model's output (``pooled`` for a
             ResNet's global average pool, ``cls``, ``cls+mean_patch``, ...).
+        source: where the weights came from (a Hugging Face hub id, a release URL); provenance
+            only: the weights themselves are identified by ``sha256``.
     """
 
     name: str
@@ -42,6 +44,7 @@ class EncoderId:
     std: tuple[float, float, float]
     sha256: str | None = None
     embedding: str = "pooled"
+    source: str | None = None
 
     @property
     def weights(self) -> str:
@@ -59,6 +62,7 @@ class EncoderId:
             "std": [float(v) for v in self.std],
             "sha256": self.sha256,
             "embedding": self.embedding,
+            "source": self.source,
         }
 
     @classmethod
@@ -73,6 +77,7 @@ class EncoderId:
             std=tuple(float(v) for v in attrs["std"]),  # type: ignore[arg-type]
             sha256=attrs.get("sha256") or None,
             embedding=str(attrs.get("embedding") or "pooled"),
+            source=attrs.get("source") or None,
         )
 
     def differences(self, other: EncoderId) -> list[str]:

@@ -199,6 +199,7 @@ class Encoder(nn.Module):
             std=self.std,  # type: ignore[arg-type]
             sha256=self.sha256,
             embedding=self.embedding,
+            source=self.source,
         )
 
     def info(self) -> dict[str, Any]:
