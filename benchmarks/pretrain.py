@@ -17,7 +17,7 @@ prints training images/s (a pair of views counts as one image) of
 and the ratio pipeline / ceiling. Measurements are interleaved in rounds (ceiling, then each
 pipeline) so that all of them see the same load on a shared machine. Goal: ratio >= 0.85 with the fastest setting.
 bf16 is autocast + channels_last; on CPUs without native bf16 (no AVX512-BF16/AMX) it is
-emulated and far slower than fp32, so it runs with fewer steps (``--bf16-steps``).
+emulated and far slower than fp32, so it runs with fewer steps (``--bf16-rounds``).
 """
 
 from __future__ import annotations
@@ -33,13 +33,13 @@ from torch.utils.data import DistributedSampler
 
 from engine.augment import AugmentConfig, BatchAugment, TwoViews, build_transform
 from engine.distributed import resolve_device
+from engine.encode import autocast_dtype, cpu_supports_bf16
 from engine.losses import NTXentLoss
 from engine.optim import auto_lr, build_optimizer, build_scheduler
 from engine.patches import PatchDataset, build_patch_set
 from engine.pretrain import (
     SimCLR,
     autocast_context,
-    cpu_has_native_bf16,
     make_loader,
     make_views,
     train_step,
@@ -70,15 +70,15 @@ class Trainer:
     def __init__(self, args: argparse.Namespace, device: torch.device, precision: str) -> None:
         torch.manual_seed(0)
         self.device = device
-        bf16 = precision == "bf16"
-        self.memory_format = torch.channels_last if bf16 else torch.contiguous_format
+        dtype = autocast_dtype(precision)  # type: ignore[arg-type]
+        self.memory_format = torch.channels_last if dtype else torch.contiguous_format
         self.model = SimCLR("resnet18").to(device, memory_format=self.memory_format)
         self.opt = build_optimizer(
             "lars", self.model.named_parameters(), auto_lr("lars", args.batch_size)
         )
         self.sched = build_scheduler(self.opt, total_steps=10**6, warmup_steps=10)
         self.scaler = torch.amp.GradScaler("cuda", enabled=False)
-        self.amp = autocast_context(device, torch.bfloat16 if bf16 else None)
+        self.amp = autocast_context(device, dtype)
         self.criterion = NTXentLoss(0.1)
         self.model.train()
 
@@ -122,7 +122,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    native_bf16 = device.type == "cuda" or cpu_has_native_bf16()
+    native_bf16 = device.type == "cuda" or cpu_supports_bf16()
 
     srcs = sources(args.shared)
     records = build_patch_set(srcs, mpp=0.5, patch_px=args.patch_px, seed=0)

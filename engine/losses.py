@@ -9,6 +9,8 @@ one process with N images (DDP's gradient averaging completes the equivalence).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,6 +18,11 @@ from torch import nn
 from engine.distributed import all_gather_with_grad, is_distributed
 
 __all__ = ["NTXentLoss", "nt_xent"]
+
+
+def _check_temperature(temperature: float) -> None:
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
 
 
 def nt_xent(
@@ -28,8 +35,7 @@ def nt_xent(
     With ``gather`` and several ranks, keys are all 2N = 2 * world_size * n embeddings.
     Returns a scalar: mean over rows r of -log(exp(s_rp / t) / sum_{k != r} exp(s_rk / t)).
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    _check_temperature(temperature)
     if z1.shape != z2.shape or z1.ndim != 2:
         raise ValueError(
             f"z1 and z2 must both be (n, d); got {tuple(z1.shape)} and {tuple(z2.shape)}"
@@ -61,8 +67,7 @@ class NTXentLoss(nn.Module):
 
     def __init__(self, temperature: float = 0.1, gather: bool = True) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        _check_temperature(temperature)
         self.temperature = float(temperature)
         self.gather = gather
 

@@ -8,11 +8,16 @@ JPEG and TIFF files are images, each one patch (centre-cropped to a square, resi
 ``patch_px``). With ``fraction`` set, each dataset keeps that share of its patches, at least 10
 and at most 2000 (the paper's section 4.3 rule). The chosen patches are written to a CSV that
 ``--data`` accepts back, so a run can be reproduced exactly.
+
+Candidate files are those :func:`engine.slide.find_slides` lists (the project's one suffix list);
+a slide file OpenSlide does not recognise is skipped with a warning. DICOM (``.dcm``) is not
+listed: no test shows OpenSlide opening a DICOM slide here.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -24,7 +29,16 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from engine.errors import HistoclusterError, SlideError
-from engine.slide import Slide, composite_on_white, open_slide
+from engine.files import atomic_write_text
+from engine.progress import Progress, Throttle, no_progress
+from engine.slide import (
+    Slide,
+    SlideCache,
+    composite_on_white,
+    find_slides,
+    is_slide_file,
+    open_slide,
+)
 from engine.tiling import TileGrid
 
 __all__ = [
@@ -41,10 +55,10 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-SLIDE_SUFFIXES = (
-    ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".tif", ".tiff", ".dcm",
-)  # fmt: skip
+"""Plain images, each one patch (a subset of :data:`engine.slide.SLIDE_SUFFIXES`)."""
 FRACTION_MIN, FRACTION_MAX = 10, 2000
+SLIDE_CACHE_SIZE = 128
+"""Open slides kept per process (and per loader worker) while patches are read."""
 
 
 @dataclass(frozen=True)
@@ -65,31 +79,43 @@ class PatchRecord:
     slide_mpp: float = 0.0
 
 
-def _is_slide(path: Path) -> bool:
+def _openslide_reads(path: Path) -> bool:
     import openslide
 
-    if path.suffix.lower() not in SLIDE_SUFFIXES:
-        return False
     try:
         return openslide.OpenSlide.detect_format(str(path)) is not None
     except (openslide.OpenSlideError, OSError):
         return False
 
 
-def find_sources(path: str | Path) -> tuple[list[Path], list[Path]]:
-    """(slides, images) under ``path`` (a file or a folder searched at any depth), sorted."""
-    path = Path(path)
+def _classify(path: Path) -> tuple[list[Path], list[Path], list[Path]]:
+    """(slides, images, unrecognised slide files) under ``path``, sorted."""
     if not path.exists():
         raise HistoclusterError(f"{path}: no such file or folder — check the --data path")
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    slides, images = [], []
+    if path.is_dir() and path.suffix.lower() != ".mrxs":
+        files = find_slides(path, recursive=True)
+    else:
+        files = [path] if is_slide_file(path) else []
+    slides, images, others = [], [], []
     for f in files:
         if f.name.startswith("."):
             continue
-        if _is_slide(f):
+        if _openslide_reads(f):
             slides.append(f)
         elif f.suffix.lower() in IMAGE_SUFFIXES:
             images.append(f)
+        else:
+            others.append(f)
+    return slides, images, others
+
+
+def find_sources(path: str | Path) -> tuple[list[Path], list[Path]]:
+    """(slides, images) under ``path`` (a file or a folder searched at any depth), sorted.
+
+    Candidates are the files :func:`engine.slide.find_slides` lists (hidden files skipped):
+    those OpenSlide reads are slides, other PNG, JPEG and TIFF files are images.
+    """
+    slides, images, _ = _classify(Path(path))
     return slides, images
 
 
@@ -154,19 +180,35 @@ def build_patch_set(
     slide_mpp: float | None = None,
     min_tissue: float = 0.5,
     log: Callable[[str], None] | None = None,
+    progress: Progress = no_progress,
 ) -> list[PatchRecord]:
     """All patches of every ``data`` source, each source one dataset (see the module docstring).
 
-    Raises ``HistoclusterError`` (one line) when a source is missing or nothing usable is found.
+    Reports stage ``"patches"`` (slides sampled of all slides). Raises ``HistoclusterError``
+    (one line) when a source is missing or nothing usable is found.
     """
     rng = np.random.default_rng(seed)
-    records: list[PatchRecord] = []
+    sources: list[tuple[Path, list[Path], list[Path]] | list[PatchRecord]] = []
     for src in data:
         src = Path(src)
         if src.suffix.lower() == ".csv" and src.is_file():
-            records += read_patch_csv(src)
+            sources.append(read_patch_csv(src))
+        else:
+            slides, images, others = _classify(src)
+            for f in others:
+                if log:
+                    log(f"warning: {f}: OpenSlide does not recognise this slide file — skipped")
+            sources.append((src, slides, images))
+    n_slides = sum(len(s[1]) for s in sources if isinstance(s, tuple))
+    report = Throttle(progress) if n_slides else no_progress
+    report("patches", 0, n_slides)
+    done = 0
+    records: list[PatchRecord] = []
+    for source in sources:
+        if not isinstance(source, tuple):
+            records += source
             continue
-        slides, images = find_sources(src)
+        src, slides, images = source
         name = str(src)
         found: list[PatchRecord] = []
         for sp in slides:
@@ -174,6 +216,8 @@ def build_patch_set(
                 got = sample_slide_patches(
                     slide, name, rng, mpp, patch_px, max_per_slide, min_tissue, slide_mpp
                 )
+            done += 1
+            report("patches", done, n_slides)
             if not got and log:
                 log(f"warning: {sp}: no tile with >= {min_tissue:.0%} tissue — skipped")
             found += got
@@ -194,15 +238,12 @@ def build_patch_set(
 
 def write_patch_csv(records: Iterable[PatchRecord], path: str | Path) -> None:
     """One row per patch, columns as :class:`PatchRecord`'s fields."""
-    path = Path(path)
-    names = [f.name for f in fields(PatchRecord)]
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=names)
-        w.writeheader()
-        for r in records:
-            w.writerow(asdict(r))
-    tmp.replace(path)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=[f.name for f in fields(PatchRecord)])
+    w.writeheader()
+    for r in records:
+        w.writerow(asdict(r))
+    atomic_write_text(path, text.getvalue())
 
 
 def read_patch_csv(path: str | Path) -> list[PatchRecord]:
@@ -245,14 +286,16 @@ def _read_image(path: str) -> np.ndarray:
         ) from e
 
 
-def load_patch(record: PatchRecord, patch_px: int, slides: dict[str, Slide]) -> np.ndarray:
-    """(patch_px, patch_px, 3) uint8 RGB of ``record``; ``slides`` caches open slides by path."""
+def load_patch(record: PatchRecord, patch_px: int, slides: SlideCache) -> np.ndarray:
+    """(patch_px, patch_px, 3) uint8 RGB of ``record``; ``slides`` keeps slides open between reads."""
     if record.kind == "image":
         return _square_resize(_read_image(record.path), patch_px)
-    slide = slides.get(record.path)
-    if slide is None:
-        slide = slides[record.path] = open_slide(record.path, mpp=record.slide_mpp or None)
-    tile = slide.read_tile_at_mpp((record.l0_x, record.l0_y), record.target_mpp, record.tile_px)
+    slide = slides.get(record.path, mpp=record.slide_mpp or None)
+    try:
+        tile = slide.read_tile_at_mpp((record.l0_x, record.l0_y), record.target_mpp, record.tile_px)
+    except SlideError:
+        slides.forget(record.path)  # OpenSlide latches a read error on the handle
+        raise
     return _square_resize(tile, patch_px)
 
 
@@ -275,25 +318,33 @@ class PatchDataset(Dataset):
         self.patch_px = int(patch_px)
         self.transform = transform
         self._cache: torch.Tensor | None = None
-        self._slides: dict[str, Slide] = {}
+        self._slides = SlideCache(SLIDE_CACHE_SIZE)  # picklable: each worker opens its own
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def preload(self, progress: bool = False) -> list[str]:
-        """Decode every patch into one (N, 3, P, P) uint8 tensor; returns messages of dropped files."""
-        from tqdm import tqdm
+    def preload(self, progress: Progress = no_progress) -> list[str]:
+        """Decode every patch into one (N, 3, P, P) uint8 tensor; returns messages of dropped files.
 
+        Reports stage ``"preload"`` (patches decoded of all). A ``Cancelled`` raised by
+        ``progress`` leaves the dataset as it was (not preloaded).
+        """
         kept, arrays, dropped = [], [], []
-        for r in tqdm(self.records, desc="loading patches", disable=not progress, leave=False):
-            try:
-                arrays.append(load_patch(r, self.patch_px, self._slides))
-                kept.append(r)
-            except SlideError as e:
-                if r.kind == "slide":
-                    raise
-                dropped.append(str(e))
-        self._close_slides()
+        report = Throttle(progress)
+        n = len(self.records)
+        try:
+            for i, r in enumerate(self.records):
+                report("preload", i, n)
+                try:
+                    arrays.append(load_patch(r, self.patch_px, self._slides))
+                    kept.append(r)
+                except SlideError as e:
+                    if r.kind == "slide":
+                        raise
+                    dropped.append(str(e))
+            report("preload", n, n)
+        finally:
+            self._slides.close()
         if not arrays:
             raise HistoclusterError(
                 f"none of the {len(self.records)} patches could be read — check the --data files"
@@ -317,22 +368,12 @@ class PatchDataset(Dataset):
         """Un-augmented uint8 (3, P, P) patch ``i``."""
         if self._cache is not None:
             return self._cache[i]
-        arr = load_patch(self.records[i], self.patch_px, self._slides)
+        arr = np.require(load_patch(self.records[i], self.patch_px, self._slides), requirements="W")
         return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
     def __getitem__(self, i: int) -> Any:
         x = self.patch(i)
         return self.transform(x) if self.transform is not None else x
-
-    def _close_slides(self) -> None:
-        for s in self._slides.values():
-            s.close()
-        self._slides.clear()
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_slides"] = {}  # open slides stay in their process
-        return state
 
 
 def estimate_bytes(n: int, patch_px: int) -> int:

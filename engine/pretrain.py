@@ -2,38 +2,58 @@
 
 One process on a CPU or a GPU needs no launcher; ``torchrun --nproc-per-node N -m engine.pretrain``
 trains on N processes (DistributedSampler; gloo on CPU, NCCL on CUDA; negatives from the global
-batch). Writes into ``--out``:
+batch; only rank 0 prints and writes). The library entry is ``run(PretrainConfig, progress=...)``.
+Writes into ``--out``:
 
-- ``checkpoint.pt``: backbone, head, optimizer, scheduler, scaler, RNG states, epoch, config;
-  written atomically every ``--save-every`` epochs and at the end. ``--resume`` continues from it
-  exactly (a run interrupted after 2 of 4 epochs and resumed gives the 4-epoch run's losses).
+- ``checkpoint.pt``: backbone, head, optimizer, scheduler, scaler, RNG states, epoch, step, config
+  and a sha256 of all of it (verified by ``--resume``: altered weights are refused, not trained
+  on); written atomically every ``--save-every`` epochs, at the end, and when a progress callback
+  cancels the run (then mid-epoch, with the steps of the epoch already done). ``--resume``
+  continues from it exactly (a run stopped after 2 of 4 epochs, or mid-epoch, and resumed gives
+  the 4-epoch run's losses).
 - ``encoder.pt``: the backbone alone, for ``load_encoder`` / ``engine.extract --encoder``.
 - ``metrics.jsonl`` (one line per epoch: epoch, step, loss, lr, images/s), ``loss.png``,
-  ``config.json`` (the resolved configuration), ``patches.csv`` (the patches trained on).
+  ``config.json`` (the configuration and, under ``resolved``, what auto settings became),
+  ``patches.csv`` (the patches trained on).
+
+Progress stages: ``patches`` (slides sampled), ``preload`` (patches decoded), ``train`` (steps).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import random
 import sys
+import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Sampler
 
+from engine import cli
 from engine.augment import JITTER_PRESETS, AugmentConfig, BatchAugment, TwoViews, build_transform
-from engine.distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
-from engine.errors import HistoclusterError
+from engine.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    barrier,
+    cleanup,
+    init_distributed,
+    resolve_device,
+)
+from engine.encode import PRECISIONS, Precision, autocast_dtype, resolve_precision
+from engine.errors import HistoclusterError, one_line
+from engine.files import atomic_write, atomic_write_text
 from engine.losses import NTXentLoss
 from engine.models import (
     ARCHS,
@@ -52,100 +72,31 @@ from engine.patches import (
     read_patch_csv,
     write_patch_csv,
 )
+from engine.progress import Cancelled, Progress, no_progress
 
 __all__ = [
     "PretrainConfig",
+    "PretrainResult",
     "SimCLR",
     "autocast_context",
-    "build_parser",
+    "load_checkpoint",
     "main",
     "make_loader",
     "make_views",
-    "parse_config",
-    "train",
+    "run",
+    "save_checkpoint",
+    "state_sha256",
     "train_step",
 ]
 
 CHECKPOINT_FORMAT = "histocluster-pretrain"
-CHECKPOINT_VERSION = 1
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+CHECKPOINT_VERSION = 2  # 2: sha256 of the state, mid-epoch position (epoch_step ...)
 PRELOAD_LIMIT_BYTES = 2 * 1024**3
 # Settings a resumed run must share with its checkpoint (epochs, workers, device... may change).
 _RESUME_KEYS = (
     "arch", "batch_size", "optimizer", "lr", "temperature", "augment", "hue", "crop_min",
     "patch_px", "seed", "weight_decay", "warmup_epochs", "proj_hidden", "proj_dim",
 )  # fmt: skip
-
-
-@dataclass
-class PretrainConfig:
-    """Everything a run depends on; argparse builds it, config.json and checkpoints store it."""
-
-    data: list[str]
-    out: str
-    arch: str = "resnet18"
-    epochs: int = 100
-    batch_size: int = 256
-    optimizer: str = "lars"
-    lr: float | None = None  # None: the paper's rule for the optimizer and batch (auto)
-    temperature: float = 0.1
-    augment: str = "heavy"
-    hue: float | None = None  # None: the --augment preset's hue strength
-    crop_min: float = 0.01
-    patch_px: int = 224
-    mpp: float = 0.5
-    max_per_slide: int = 100
-    fraction: float | None = None
-    precision: str = "auto"
-    workers: int | None = None  # None: auto
-    device: str = "auto"
-    resume: bool = False
-    seed: int = 0
-    save_every: int = 10
-    quiet: bool = False
-    slide_mpp: float | None = None
-    # not command-line flags: the paper's fixed choices
-    weight_decay: float = 1e-6
-    warmup_epochs: float | None = None  # None: 10 epochs, at most a tenth of the run
-    proj_hidden: int | None = None  # None: the backbone's feature width (SimCLR)
-    proj_dim: int = 128
-    augment_on: str = "auto"  # "device" (batched, BatchAugment) | "loader" (v2 per image) | auto
-
-    def validate(self) -> None:
-        """Raise HistoclusterError with one line naming the flag and the fix."""
-        checks = [
-            (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
-            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
-            (self.batch_size >= 2, f"--batch-size must be >= 2, got {self.batch_size}"),
-            (self.lr is None or self.lr > 0, f"--lr must be > 0 or auto, got {self.lr}"),
-            (0 < self.crop_min <= 1, f"--crop-min must be in (0, 1], got {self.crop_min}"),
-            (
-                self.hue is None or 0 <= self.hue <= 0.5,
-                f"--hue must be in [0, 0.5], got {self.hue}",
-            ),
-            (self.patch_px >= 16, f"--patch-px must be >= 16, got {self.patch_px}"),
-            (self.mpp > 0, f"--mpp must be > 0, got {self.mpp}"),
-            (self.max_per_slide >= 1, f"--max-per-slide must be >= 1, got {self.max_per_slide}"),
-            (
-                self.fraction is None or 0 < self.fraction <= 1,
-                f"--fraction must be in (0, 1], got {self.fraction}",
-            ),
-            (self.save_every >= 1, f"--save-every must be >= 1, got {self.save_every}"),
-            (
-                self.workers is None or self.workers >= 0,
-                f"--workers must be >= 0, got {self.workers}",
-            ),
-            (self.slide_mpp is None or self.slide_mpp > 0, "--slide-mpp must be > 0"),
-            (
-                self.augment_on in ("auto", "device", "loader"),
-                f"bad augment_on {self.augment_on!r}",
-            ),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise HistoclusterError(f"{msg} — fix the flag")
-        if not self.data:
-            raise HistoclusterError("no --data given — pass slide or image folders")
 
 
 def _float_or_auto(text: str) -> float | None:
@@ -158,73 +109,166 @@ def _float_or_auto(text: str) -> float | None:
 
 
 def _int_or_auto(text: str) -> int | None:
-    return None if text == "auto" else int(text)
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from e
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m engine.pretrain",
-        description="SimCLR pretraining of a ResNet on unlabeled slides and image folders, with the "
-        "paper's augmentations, NT-Xent loss and LARS/LAMB/Adam (Ciga, Xu and Martel). "
-        "Several processes: torchrun --nproc-per-node N -m engine.pretrain ...",
-        epilog="Fixed choices of the paper: weight decay 1e-6 (not on biases and batch-norm), "
-        "linear warm-up for 10 epochs (at most a tenth of the run) then cosine decay to 0, "
-        "projection head Linear-ReLU-Linear to 128. Outputs in --out: checkpoint.pt, encoder.pt, "
-        "metrics.jsonl, loss.png, config.json, patches.csv.",
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Everything a run depends on; the flags are generated from it, config.json and checkpoints store it."""
+
+    data: tuple[str, ...] = cli.option(
+        metavar="PATH",
+        help="slide or image folders (any depth), single files, or a patches.csv of an earlier "
+        "run; each PATH is one dataset for --fraction",
     )
-    a = p.add_argument
-    a("--data", nargs="+", required=True, metavar="PATH",
-      help="slide or image folders (any depth), single files, or a patches.csv of an earlier run; "
-      "each PATH is one dataset for --fraction")  # fmt: skip
-    a("--out", required=True, metavar="RUN_DIR", help="output folder")
-    a("--arch", default="resnet18", choices=list(ARCHS), help="backbone (default: resnet18)")
-    a("--epochs", type=int, default=100, help="epochs to train in total (default: 100)")
-    a("--batch-size", type=int, default=256,
-      help="global batch in images (a pair of views counts once), split over processes (default: 256)")  # fmt: skip
-    a("--optimizer", default="lars", choices=list(OPTIMIZERS), help="optimizer (default: lars)")
-    a("--lr", type=_float_or_auto, default=None, metavar="LR|auto",
-      help="base learning rate; auto = the paper's: lars 0.3*batch/256, "
-      "lamb 4/(2^(3-(log2(batch)-9)/2)*100), adam 1e-4 (default: auto)")  # fmt: skip
-    a("--temperature", type=float, default=0.1, help="NT-Xent temperature, > 0 (default: 0.1)")
-    a("--augment", default="heavy", choices=[k for k in JITTER_PRESETS if k != "none"],
-      help="colour-jitter preset: light (0.4,0.4,0.4,0.2), medium (0.8,0.8,0.8,0.2), "
-      "heavy (0.8,0.8,0.8,0.4) for brightness, contrast, saturation, hue (default: heavy)")  # fmt: skip
-    a("--hue", type=float, default=None,
-      help="hue jitter strength in [0, 0.5] instead of the preset's; small values (0.05) keep the "
-      "colour of ink and other artefacts tellable apart (default: the preset's)")  # fmt: skip
-    a("--crop-min", type=float, default=0.01,
-      help="smallest random-crop area as a fraction of the patch (default: 0.01, the paper's best)")  # fmt: skip
-    a("--patch-px", type=int, default=224, help="patch side in pixels (default: 224)")
-    a("--mpp", type=float, default=0.5,
-      help="micrometres per pixel of the slide tiles (default: 0.5)")  # fmt: skip
-    a("--max-per-slide", type=int, default=100,
-      help="at most this many random tissue tiles per slide (default: 100, as the paper)")  # fmt: skip
-    a("--fraction", type=float, default=None,
-      help="keep this fraction of each dataset, at least 10 and at most 2000 images (default: all)")  # fmt: skip
-    a("--precision", default="auto", choices=PRECISIONS,
-      help="auto: bf16 autocast + channels_last on CUDA and on CPUs with native bf16, else fp32; "
-      "fp16 needs CUDA (default: auto)")  # fmt: skip
-    a("--workers", type=_int_or_auto, default=None, metavar="N|auto",
-      help="DataLoader worker processes per process (default: auto)")  # fmt: skip
-    a("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    a("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
-    a(
-        "--seed",
-        type=int,
-        default=0,
-        help="seed of patch sampling, initialisation and batches (default: 0)",
+    out: str = cli.option(metavar="RUN_DIR", help="output folder")
+    arch: str = cli.option("resnet18", choices=list(ARCHS), help="backbone")
+    epochs: int = cli.option(100, help="epochs to train in total")
+    batch_size: int = cli.option(
+        256, help="global batch in images (a pair of views counts once), split over processes"
     )
-    a("--save-every", type=int, default=10,
-      help="write checkpoint.pt and encoder.pt every N epochs, and at the end (default: 10)")  # fmt: skip
-    a("--quiet", action="store_true", help="no progress bar or summary")
-    a("--slide-mpp", type=float, default=None,
-      help="micrometres per pixel of slides whose files lack it (default: read from the file)")  # fmt: skip
-    return p
+    optimizer: str = cli.option("lars", choices=OPTIMIZERS, help="optimizer")
+    lr: float | None = cli.option(
+        None,
+        parse=_float_or_auto,
+        metavar="LR|auto",
+        help="base learning rate; auto = the paper's: lars 0.3*batch/256, "
+        "lamb 4/(2^(3-(log2(batch)-9)/2)*100), adam 1e-4 (default: auto)",
+    )
+    temperature: float = cli.option(0.1, help="NT-Xent temperature, > 0")
+    augment: str = cli.option(
+        "heavy",
+        choices=[k for k in JITTER_PRESETS if k != "none"],
+        help="colour-jitter preset: light (0.4,0.4,0.4,0.2), medium (0.8,0.8,0.8,0.2), "
+        "heavy (0.8,0.8,0.8,0.4) for brightness, contrast, saturation, hue",
+    )
+    hue: float | None = cli.option(
+        None,
+        help="hue jitter strength in [0, 0.5] instead of the preset's; small values (0.05) keep "
+        "the colour of ink and other artefacts tellable apart (default: the preset's)",
+    )
+    crop_min: float = cli.option(
+        0.01,
+        show_default=False,
+        help="smallest random-crop area as a fraction of the patch (default: 0.01, the paper's best)",
+    )
+    patch_px: int = cli.option(224, help="patch side in pixels")
+    mpp: float = cli.option(0.5, help="micrometres per pixel of the slide tiles")
+    max_per_slide: int = cli.option(
+        100,
+        show_default=False,
+        help="at most this many random tissue tiles per slide (default: 100, as the paper)",
+    )
+    fraction: float | None = cli.option(
+        None,
+        help="keep this fraction of each dataset, at least 10 and at most 2000 images "
+        "(default: all)",
+    )
+    precision: str = cli.option(
+        "auto",
+        choices=PRECISIONS,
+        help="auto: bf16 autocast + channels_last on CUDA and on CPUs with native bf16, else "
+        "fp32; fp16 needs CUDA",
+    )
+    workers: int | None = cli.option(
+        None,
+        parse=_int_or_auto,
+        metavar="N|auto",
+        help="DataLoader worker processes per process (default: auto)",
+    )
+    device: str = cli.option("auto", help="auto, cpu, cuda or cuda:N")
+    resume: bool = cli.option(False, help="continue from RUN_DIR/checkpoint.pt")
+    seed: int = cli.option(0, help="seed of patch sampling, initialisation and batches")
+    save_every: int = cli.option(
+        10, help="write checkpoint.pt and encoder.pt every N epochs, and at the end"
+    )
+    quiet: bool = cli.option(False, help="no progress bar or summary")
+    slide_mpp: float | None = cli.option(
+        None,
+        help="micrometres per pixel of slides whose files lack it (default: read from the file)",
+    )
+    # not command-line flags: the paper's fixed choices
+    weight_decay: float = cli.option(1e-6, cli=False, help="weight decay (not on biases, BN)")
+    warmup_epochs: float | None = cli.option(
+        None, cli=False, help="linear warm-up epochs (None: 10, at most a tenth of the run)"
+    )
+    proj_hidden: int | None = cli.option(
+        None, cli=False, help="projection head's hidden width (None: the backbone's width)"
+    )
+    proj_dim: int = cli.option(128, cli=False, help="projection width")
+    augment_on: str = cli.option(
+        "auto",
+        cli=False,
+        choices=("auto", "device", "loader"),
+        help="device: batched BatchAugment; loader: transforms.v2 per image; auto: device",
+    )
+
+    def validate(self) -> None:
+        """Raise HistoclusterError with one line naming the flag and the fix."""
+
+        def finite(x: float | None) -> bool:
+            return x is None or math.isfinite(x)
+
+        checks = [
+            (
+                finite(self.temperature) and self.temperature > 0,
+                f"--temperature must be > 0 and finite, got {self.temperature}",
+            ),
+            (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 2, f"--batch-size must be >= 2, got {self.batch_size}"),
+            (
+                self.lr is None or (finite(self.lr) and self.lr > 0),
+                f"--lr must be > 0 and finite, or auto, got {self.lr}",
+            ),
+            (0 < self.crop_min <= 1, f"--crop-min must be in (0, 1], got {self.crop_min}"),
+            (
+                self.hue is None or 0 <= self.hue <= 0.5,
+                f"--hue must be in [0, 0.5], got {self.hue}",
+            ),
+            (self.patch_px >= 16, f"--patch-px must be >= 16, got {self.patch_px}"),
+            (finite(self.mpp) and self.mpp > 0, f"--mpp must be > 0, got {self.mpp}"),
+            (self.max_per_slide >= 1, f"--max-per-slide must be >= 1, got {self.max_per_slide}"),
+            (
+                self.fraction is None or 0 < self.fraction <= 1,
+                f"--fraction must be in (0, 1], got {self.fraction}",
+            ),
+            (self.save_every >= 1, f"--save-every must be >= 1, got {self.save_every}"),
+            (
+                self.workers is None or self.workers >= 0,
+                f"--workers must be >= 0, got {self.workers}",
+            ),
+            (
+                self.slide_mpp is None or (finite(self.slide_mpp) and self.slide_mpp > 0),
+                f"--slide-mpp must be > 0, got {self.slide_mpp}",
+            ),
+            (
+                self.augment_on in ("auto", "device", "loader"),
+                f"bad augment_on {self.augment_on!r}",
+            ),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise HistoclusterError(f"{msg} — fix the flag")
+        if not self.data:
+            raise HistoclusterError("no --data given — pass slide or image folders")
 
 
-def parse_config(argv: list[str] | None = None) -> PretrainConfig:
-    ns = build_parser().parse_args(argv)
-    return PretrainConfig(**vars(ns))
+@dataclass(frozen=True)
+class PretrainResult:
+    """What a finished run did: epochs trained in total, optimizer steps, per-epoch metrics."""
+
+    out: Path
+    epochs: int
+    step: int
+    history: tuple[dict[str, Any], ...]
+    config: dict[str, Any]  # the resolved settings (config.json's "resolved")
+    encoder: Path
+    warnings: tuple[str, ...] = field(default=())  # e.g. unreadable images left out
 
 
 # --- model ---------------------------------------------------------------------------------------
@@ -246,28 +290,62 @@ class SimCLR(nn.Module):
 # --- resolved settings ---------------------------------------------------------------------------
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when oneDNN runs bf16 natively (AVX512-BF16 / AMX); emulated bf16 is far slower."""
+def _device(cfg: PretrainConfig) -> torch.device:
+    """The ``--device`` this process would use, or a one-line error when it does not exist here."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+        dev = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0") or 0))
+    except (RuntimeError, ValueError) as e:
+        raise HistoclusterError(
+            f"--device {cfg.device}: not a device ({one_line(e)}) — use auto, cpu, cuda or cuda:N"
+        ) from e
+    if dev.type == "cuda" and (
+        not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()
+    ):
+        raise HistoclusterError(
+            f"--device {cfg.device}: no such CUDA device here — use --device cpu or auto"
+        )
+    return dev
 
 
-def resolve_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None for fp32, channels_last) for ``precision`` on ``device``."""
-    if precision == "auto":
-        if device.type == "cuda":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            precision = "bf16" if cpu_has_native_bf16() else "fp32"
-    if precision == "fp32":
-        return None, False
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise HistoclusterError("--precision fp16 needs CUDA — use bf16 or fp32 on CPU")
-        return torch.float16, True
-    return torch.bfloat16, True
+def _precision(cfg: PretrainConfig, dev: torch.device) -> Precision:
+    precision = resolve_precision(cfg.precision, dev)
+    if precision == "fp16" and dev.type != "cuda":
+        raise HistoclusterError("--precision fp16 needs CUDA — use bf16 or fp32 on CPU")
+    return precision
+
+
+def _memory_bytes(dev: torch.device) -> int | None:
+    """The memory of ``dev``: a GPU's total, or the RAM (capped by a cgroup limit); None if unknown."""
+    if dev.type == "cuda":
+        return int(torch.cuda.get_device_properties(dev).total_memory)
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return int(total)
+
+
+def _check_memory(cfg: PretrainConfig, local_batch: int, dev: torch.device) -> None:
+    """Refuse a patch size whose batch of views alone cannot fit in memory (before any worker starts).
+
+    The bound is low on purpose (the float views of one batch and its uint8 patches, no
+    activations), so it refuses only settings that cannot run, not settings that might.
+    """
+    memory = _memory_bytes(dev)
+    pixels = 3 * cfg.patch_px * cfg.patch_px
+    needed = local_batch * pixels * (2 * 4 + 1)
+    if memory is not None and needed > memory:
+        raise HistoclusterError(
+            f"--patch-px {cfg.patch_px}: one batch of {local_batch} patches needs at least "
+            f"{needed / 2**30:,.0f} GiB, more than the {memory / 2**30:,.0f} GiB of {dev} — "
+            "use a smaller --patch-px (the paper uses 224) or a smaller --batch-size"
+        )
 
 
 def _warmup_steps(cfg: PretrainConfig, steps_per_epoch: int, total_steps: int) -> int:
@@ -299,22 +377,67 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _digest(obj: Any, h: Any) -> None:
+    """Feed ``obj`` (nested dicts / lists / tensors / scalars) to ``h`` in a canonical order."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().to("cpu").contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    elif isinstance(obj, Mapping):
+        h.update(f"D{len(obj)};".encode())
+        for key in sorted(obj, key=repr):
+            text = repr(key).encode()
+            h.update(f"{len(text)}:".encode() + text)
+            _digest(obj[key], h)
+    elif isinstance(obj, list | tuple):
+        h.update(f"L{len(obj)};".encode())
+        for v in obj:
+            _digest(v, h)
+    else:
+        text = repr(obj).encode()
+        h.update(f"V{len(text)}:".encode() + text)
+
+
+def state_sha256(state: Mapping[str, Any]) -> str:
+    """Hex sha256 of a checkpoint's contents (every key but ``sha256``): tensors by dtype, shape
+    and bytes, other values by ``repr``; equal before ``torch.save`` and after ``torch.load``."""
+    h = hashlib.sha256()
+    _digest({k: v for k, v in state.items() if k != "sha256"}, h)
+    return h.hexdigest()
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """``state`` plus its :func:`state_sha256`, written atomically to ``path``."""
+    payload = {**state, "sha256": state_sha256(state)}
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint.pt of this module, read with ``weights_only=True``."""
+    """A checkpoint.pt of this module, read with ``weights_only=True`` and checked against its sha256.
+
+    Raises ``HistoclusterError`` (one line) when the file is unreadable, not a checkpoint of
+    this module, or its contents differ from the checksum written with them.
+    """
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise HistoclusterError(
-            f"{path}: unreadable checkpoint ({type(e).__name__}) — delete it or use another --out"
+            f"{path}: unreadable checkpoint ({type(e).__name__}) — the file is damaged; "
+            "restore it from a copy, or delete it (or use another --out) to start over"
         ) from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise HistoclusterError(f"{path}: not a checkpoint of engine.pretrain — use another --out")
+    stored = ckpt.get("sha256")
+    if ckpt.get("version", 1) >= 2 or stored is not None:
+        try:
+            actual = state_sha256(ckpt)
+        except Exception as e:  # a damaged value that cannot even be hashed
+            actual = f"unhashable ({type(e).__name__})"
+        if stored != actual:
+            raise HistoclusterError(
+                f"{path}: its contents do not match the checksum written with them (the file was "
+                "altered or damaged) — restore it from a copy, or delete it to start over"
+            )
     return ckpt
 
 
@@ -323,6 +446,24 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % (2**63)
+
+
+class _EpochOrder(Sampler[int]):
+    """This process's sample order of one epoch (from a DistributedSampler), from a batch on."""
+
+    def __init__(self, sampler: Any, batch: int) -> None:
+        self.sampler, self.batch = sampler, batch
+        self.indices: list[int] = []
+
+    def set(self, epoch: int, skip_batches: int = 0) -> None:
+        self.sampler.set_epoch(epoch)
+        self.indices = list(self.sampler)[skip_batches * self.batch :]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 class _PreloadedBatches:
@@ -373,6 +514,19 @@ def make_loader(
         ds, batch_size=local_batch, sampler=sampler, num_workers=workers, drop_last=True,
         pin_memory=device.type == "cuda", persistent_workers=False, generator=generator,
     )  # fmt: skip
+
+
+def _next_batch(batches: Iterator[Any], cfg: PretrainConfig) -> Any:
+    """The next batch; a loader worker that died (the kernel's OOM killer, mostly) -> one line."""
+    try:
+        return next(batches)
+    except RuntimeError as e:
+        if "DataLoader worker" not in str(e):
+            raise
+        raise HistoclusterError(
+            f"a data loader worker died ({one_line(e)}) — most likely out of memory: use a smaller "
+            f"--patch-px (now {cfg.patch_px}) or --batch-size (now {cfg.batch_size}), or fewer --workers"
+        ) from e
 
 
 def make_views(
@@ -426,10 +580,12 @@ def autocast_context(device: torch.device, dtype: torch.dtype | None) -> Any:
 
 def _log(info: DistInfo, cfg: PretrainConfig, msg: str) -> None:
     if info.is_main and not cfg.quiet:
-        print(msg, file=sys.stderr, flush=True)
+        from tqdm import tqdm
+
+        tqdm.write(msg, file=sys.stderr)  # above a progress bar, if one is drawn
 
 
-def _plot_loss(history: list[dict[str, Any]], path: Path) -> None:
+def _plot_loss(history: Sequence[dict[str, Any]], path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -441,9 +597,7 @@ def _plot_loss(history: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("NT-Xent loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 def _read_metrics(path: Path, up_to_epoch: int) -> list[dict[str, Any]]:
@@ -453,18 +607,24 @@ def _read_metrics(path: Path, up_to_epoch: int) -> list[dict[str, Any]]:
     return [r for r in rows if r["epoch"] <= up_to_epoch]
 
 
-def train(cfg: PretrainConfig, *, stop_after_epoch: int | None = None) -> dict[str, Any]:
-    """Run (or resume) pretraining; returns a summary. ``stop_after_epoch`` ends the run early,
-    checkpointed, as an interruption would (for tests of ``--resume``)."""
+def run(cfg: PretrainConfig, *, progress: Progress = no_progress) -> PretrainResult:
+    """Run (or resume) pretraining into ``cfg.out``.
+
+    ``progress`` gets stages ``patches``, ``preload`` and ``train`` (optimizer steps done of the
+    run's total, before every step). A ``Cancelled`` it raises during ``train`` stops the run
+    after writing a checkpoint of the steps done so far (single process), which ``--resume``
+    continues exactly; raised earlier, nothing of the run is written.
+    """
     cfg.validate()
+    _device(cfg)
     info = init_distributed(cfg.device)
     try:
-        return _train(cfg, info, stop_after_epoch)
+        return _run(cfg, info, progress)
     finally:
         cleanup()
 
 
-def _train(cfg: PretrainConfig, info: DistInfo, stop_after_epoch: int | None) -> dict[str, Any]:
+def _run(cfg: PretrainConfig, info: DistInfo, progress: Progress) -> PretrainResult:
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint.pt"
     dev = info.device
@@ -475,6 +635,8 @@ def _train(cfg: PretrainConfig, info: DistInfo, stop_after_epoch: int | None) ->
                 f"{ckpt_path}: a run is already there — pass --resume to continue it or choose a new --out"
             )
         ckpt = load_checkpoint(ckpt_path)
+        if "sha256" not in ckpt:
+            _log(info, cfg, f"note: {ckpt_path} has no checksum (an older version wrote it)")
         _check_resume(ckpt["config"], cfg, ckpt_path)
     elif cfg.resume:
         _log(info, cfg, f"note: {ckpt_path} does not exist yet; starting a new run")
@@ -485,6 +647,18 @@ def _train(cfg: PretrainConfig, info: DistInfo, stop_after_epoch: int | None) ->
             f"use a multiple of {info.world_size}"
         )
     local_batch = cfg.batch_size // info.world_size
+    precision = _precision(cfg, dev)
+    amp_dtype = autocast_dtype(precision)
+    channels_last = amp_dtype is not None
+    _check_memory(cfg, local_batch, dev)
+
+    warnings: list[str] = []  # printed by the runner at the end, also with --quiet
+
+    def note(msg: str) -> None:
+        if msg.startswith("warning: "):
+            warnings.append(msg.removeprefix("warning: "))
+        else:
+            _log(info, cfg, msg)
 
     # patches: sampled once per run; a resumed run reads the set it started with
     patches_csv = out / "patches.csv"
@@ -494,7 +668,7 @@ def _train(cfg: PretrainConfig, info: DistInfo, stop_after_epoch: int | None) ->
         records = build_patch_set(
             cfg.data, mpp=cfg.mpp, patch_px=cfg.patch_px, max_per_slide=cfg.max_per_slide,
             fraction=cfg.fraction, seed=cfg.seed, slide_mpp=cfg.slide_mpp,
-            log=(lambda m: _log(info, cfg, m)),
+            log=note, progress=progress,
         )  # fmt: skip
     if len(records) < cfg.batch_size:
         raise HistoclusterError(
@@ -502,7 +676,6 @@ def _train(cfg: PretrainConfig, info: DistInfo, stop_after_epoch: int | None) ->
             f"({len(records)} patches) — lower --batch-size or add data"
         )
 
-    autocast_dtype, channels_last = resolve_precision(cfg.precision, dev)
     augment_on = cfg.augment_on
     if augment_on == "auto":
         augment_on = "device"  # batched: fastest on CUDA, and on CPU (see benchmarks/pretrain.py)
@@ -516,8 +689,7 @@ def _train(cfg: PretrainConfig, info: DistInfo, stop_after_epoch: int | None) ->
     )  # fmt: skip
     preload = estimate_bytes(len(records), cfg.patch_px) <= PRELOAD_LIMIT_BYTES
     if preload:
-        for msg in ds.preload(progress=info.is_main and not cfg.quiet and sys.stderr.isatty()):
-            _log(info, cfg, f"warning: {msg}")
+        warnings += ds.preload(progress=progress)
         if len(ds) < cfg.batch_size:
             raise HistoclusterError(
                 f"{cfg.data[0]}: --batch-size {cfg.batch_size} is larger than the readable dataset "
@@ -533,10 +705,11 @@ def _train(cfg: PretrainConfig, info: DistInfo, stop_after_epoch: int | None) ->
         ds, num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=cfg.seed,
         drop_last=True,
     )  # fmt: skip
+    order = _EpochOrder(sampler, local_batch)
     workers = cfg.workers if cfg.workers is not None else _default_workers(dev, augment_on, preload)
     loader_gen = torch.Generator()
-    loader = make_loader(ds, sampler, local_batch, dev, augment_on, workers, loader_gen)
-    steps_per_epoch = len(loader)
+    loader = make_loader(ds, order, local_batch, dev, augment_on, workers, loader_gen)
+    steps_per_epoch = len(sampler) // local_batch
     if steps_per_epoch < 1:
         raise HistoclusterError(
             f"{cfg.data[0]}: --batch-size {cfg.batch_size} leaves no full batch per process "
@@ -559,8 +732,9 @@ def _train(cfg: PretrainConfig, info: DistInfo, stop_after_epoch: int | None) ->
     total_steps = cfg.epochs * steps_per_epoch
     warmup = _warmup_steps(cfg, steps_per_epoch, total_steps)
     scheduler = build_scheduler(optimizer, total_steps, warmup)
-    scaler = torch.amp.GradScaler("cuda", enabled=autocast_dtype == torch.float16)
-    start_epoch, step = 0, 0
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    start_epoch, step, epoch_step = 0, 0, 0
+    partial_loss, partial_seconds = 0.0, 0.0
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -575,6 +749,9 @@ def _train(cfg: PretrainConfig, info: DistInfo, stop_after_epoch: int | None) ->
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step = int(ckpt["epoch"]), int(ckpt["step"])
+        epoch_step = int(ckpt.get("epoch_step", 0))
+        partial_loss = float(ckpt.get("epoch_loss_sum", 0.0))
+        partial_seconds = float(ckpt.get("epoch_seconds", 0.0))
         _set_rng_state(ckpt["rng"])
     ddp_model: nn.Module = model
     if info.distributed:
@@ -585,8 +762,8 @@ def _train(cfg: PretrainConfig, info: DistInfo, stop_after_epoch: int | None) ->
     augment = BatchAugment(aug_cfg).to(dev)
 
     resolved = {
-        **asdict(cfg), "lr_resolved": lr, "world_size": info.world_size, "device": str(dev),
-        "autocast": str(autocast_dtype).replace("torch.", "") if autocast_dtype else "fp32",
+        "lr_resolved": lr, "world_size": info.world_size, "device": str(dev),
+        "precision": precision, "autocast": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
         "channels_last": channels_last, "local_batch": local_batch, "workers": workers,
         "augment_on": augment_on, "preloaded": preload, "n_patches": len(ds),
         "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "warmup_steps": warmup,
@@ -595,63 +772,70 @@ def _train(cfg: PretrainConfig, info: DistInfo, stop_after_epoch: int | None) ->
     metrics_path = out / "metrics.jsonl"
     history = _read_metrics(metrics_path, start_epoch) if info.is_main else []
     if info.is_main:
-        (out / "config.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
-        metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+        cli.write_config(out / "config.json", cfg, **resolved)
+        atomic_write_text(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
+    at = f"{start_epoch}" + (f" (+{epoch_step} steps)" if epoch_step else "")
     _log(
         info, cfg,
         f"pretrain: {len(ds)} patches, {cfg.arch}, batch {cfg.batch_size} ({info.world_size} x "
         f"{local_batch}), {cfg.optimizer} lr {lr:.4g}, {resolved['autocast']}"
-        f"{' + channels_last' if channels_last else ''} on {dev}, epochs {start_epoch}->{cfg.epochs}",
+        f"{' + channels_last' if channels_last else ''} on {dev}, epochs {at}->{cfg.epochs}",
     )  # fmt: skip
 
-    from tqdm import tqdm
-
-    show = info.is_main and not cfg.quiet and sys.stderr.isatty()
-    end_epoch = cfg.epochs if stop_after_epoch is None else min(cfg.epochs, stop_after_epoch)
     mem_fmt = torch.channels_last if channels_last else torch.contiguous_format
-    amp = autocast_context(dev, autocast_dtype)
+    amp = autocast_context(dev, amp_dtype)
+    encoder_config = {**asdict(cfg), **resolved}
 
-    def save(epoch: int) -> None:
+    def save(epoch: int, epoch_step: int = 0, loss_sum: float = 0.0, seconds: float = 0.0) -> None:
+        """Checkpoint after ``epoch`` whole epochs and ``epoch_step`` steps of the next one."""
         if not info.is_main:
             return
-        _atomic_save(
+        save_checkpoint(
+            ckpt_path,
             {
                 "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                 "model": model.backbone.state_dict(), "head": model.head.state_dict(),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                "rng": _rng_state(), "epoch": epoch, "step": step,
+                "rng": _rng_state(), "epoch": epoch, "step": step, "epoch_step": epoch_step,
+                "epoch_loss_sum": loss_sum, "epoch_seconds": seconds,
                 "config": json.loads(json.dumps(asdict(cfg), default=str)),
             },
-            ckpt_path,
         )  # fmt: skip
         save_encoder(
             out / "encoder.pt", model.backbone, cfg.arch, IMAGENET_MEAN, IMAGENET_STD,
-            cfg.patch_px, resolved,
+            cfg.patch_px, encoder_config,
         )  # fmt: skip
         if history:
             _plot_loss(history, out / "loss.png")
 
     ddp_model.train()
-    for epoch in range(start_epoch, end_epoch):
-        sampler.set_epoch(epoch)
+    for epoch in range(start_epoch, cfg.epochs):
+        skip = epoch_step if epoch == start_epoch else 0
         seed = _epoch_seed(cfg.seed, epoch, info.rank)
-        torch.manual_seed(seed)  # augmentation draws of this epoch (device path, workers=0)
+        if not skip:  # a run resumed mid-epoch continues from the checkpoint's RNG state instead
+            torch.manual_seed(seed)  # augmentation draws of this epoch (device path, workers=0)
         loader_gen.manual_seed(seed)  # worker seeds of this epoch (loader path)
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not show)
-        loss_sum = torch.zeros((), device=dev)
+        order.set(epoch, skip)
+        loss_sum = torch.full((), partial_loss if skip else 0.0, device=dev)
+        seconds_before = partial_seconds if skip else 0.0
         t0 = time.perf_counter()
-        for batch in loader:
+        batches = iter(loader)
+        for i in range(skip, steps_per_epoch):
+            try:
+                progress("train", step, total_steps)
+            except Cancelled:
+                if not info.distributed:  # the other ranks would not stop with this one
+                    seconds = seconds_before + time.perf_counter() - t0
+                    save(epoch, i, float(loss_sum.item()), seconds)
+                raise
+            batch = _next_batch(batches, cfg)
             views = make_views(batch, augment if augment_on == "device" else None, dev, mem_fmt)
             loss = train_step(ddp_model, views, criterion, optimizer, scheduler, scaler, amp)
             step += 1
-            loss_sum += loss.detach()
-            if show:
-                rate = (bar.n + 1) * cfg.batch_size / (time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{rate:.1f}")
-            bar.update(1)
-        bar.close()
-        seconds = time.perf_counter() - t0
+            loss_sum += loss
+        del batches
+        seconds = seconds_before + time.perf_counter() - t0
         mean_loss = float(all_reduce_mean(loss_sum / steps_per_epoch).item())
         if not math.isfinite(mean_loss):
             raise HistoclusterError(
@@ -660,7 +844,7 @@ def _train(cfg: PretrainConfig, info: DistInfo, stop_after_epoch: int | None) ->
         row = {
             "epoch": epoch + 1, "step": step, "loss": mean_loss,
             "lr": optimizer.param_groups[0]["lr"],
-            "images_per_s": steps_per_epoch * cfg.batch_size / seconds,
+            "images_per_s": (steps_per_epoch - skip) * cfg.batch_size / max(seconds - seconds_before, 1e-9),
         }  # fmt: skip
         if info.is_main:
             history.append(row)
@@ -671,13 +855,18 @@ def _train(cfg: PretrainConfig, info: DistInfo, stop_after_epoch: int | None) ->
             f"epoch {epoch + 1}/{cfg.epochs}: loss {mean_loss:.4f}, lr {row['lr']:.4g}, "
             f"{row['images_per_s']:.1f} images/s",
         )  # fmt: skip
-        if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == end_epoch:
+        if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
             save(epoch + 1)
         barrier()
-    if start_epoch >= end_epoch:
+    if start_epoch >= cfg.epochs:
         save(start_epoch)  # nothing left to train: refresh encoder.pt and loss.png
+    progress("train", step, total_steps)
     barrier()
-    return {"epochs": end_epoch, "step": step, "history": history, "config": resolved}
+    end = max(start_epoch, cfg.epochs)
+    return PretrainResult(
+        out=out, epochs=end, step=step, history=tuple(history), config=resolved,
+        encoder=out / "encoder.pt", warnings=tuple(warnings),
+    )  # fmt: skip
 
 
 def _check_resume(saved: dict[str, Any], cfg: PretrainConfig, path: Path) -> None:
@@ -691,26 +880,36 @@ def _check_resume(saved: dict[str, Any], cfg: PretrainConfig, path: Path) -> Non
             )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; 0 on success, 1 with a one-line ``error: ...`` on stderr."""
-    cfg = parse_config(argv)
-    rank = int(os.environ.get("RANK", "0") or 0)
-    try:
-        summary = train(cfg)
-    except HistoclusterError as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        if rank == 0:
-            print(f"error: {cfg.out}: interrupted — continue with --resume", file=sys.stderr)
-        return 130
-    if rank == 0 and not cfg.quiet:
-        last = summary["history"][-1] if summary["history"] else None
-        tail = f", final loss {last['loss']:.4f}" if last else ""
-        print(f"{cfg.out}: trained {summary['epochs']} epochs ({summary['step']} steps){tail}")
-        print(f"wrote {Path(cfg.out) / 'encoder.pt'}")
-    return 0
+def _report(cfg: PretrainConfig, result: PretrainResult) -> str:
+    last = result.history[-1] if result.history else None
+    tail = f", final loss {last['loss']:.4f}" if last else ""
+    return (
+        f"{cfg.out}: trained {result.epochs} epochs ({result.step} steps){tail}\n"
+        f"wrote {result.encoder}"
+    )
+
+
+DESCRIPTION = (
+    "SimCLR pretraining of a ResNet on unlabeled slides and image folders, with the paper's "
+    "augmentations, NT-Xent loss and LARS/LAMB/Adam (Ciga, Xu and Martel). "
+    "Several processes: torchrun --nproc-per-node N -m engine.pretrain ..."
+)
+EPILOG = (
+    "Fixed choices of the paper: weight decay 1e-6 (not on biases and batch-norm), linear warm-up "
+    "for 10 epochs (at most a tenth of the run) then cosine decay to 0, projection head "
+    "Linear-ReLU-Linear to 128. Outputs in --out: checkpoint.pt, encoder.pt, metrics.jsonl, "
+    "loss.png, config.json, patches.csv. Exit status: 0 done, 2 bad input (one line on stderr), "
+    "130 interrupted (continue with --resume)."
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m engine.pretrain``; exit status 0 / 2 / 130 (see :mod:`engine.cli`)."""
+    return cli.main(
+        PretrainConfig, run, argv, prog="python -m engine.pretrain",
+        description=textwrap.fill(DESCRIPTION, 79), epilog=textwrap.fill(EPILOG, 79), report=_report, report_stream="stdout",
+        interrupted_hint="rerun with --resume to continue from the last checkpoint",
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

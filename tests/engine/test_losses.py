@@ -77,8 +77,8 @@ def test_bf16_inputs_computed_in_float32():
     assert got.item() == pytest.approx(ref.item(), rel=2e-2)
 
 
-@pytest.mark.parametrize("tau", [0.0, -0.1])
-def test_rejects_non_positive_temperature(tau):
+@pytest.mark.parametrize("tau", [0.0, -0.1, float("inf"), float("nan")])
+def test_rejects_non_positive_or_non_finite_temperature(tau):
     with pytest.raises(ValueError, match="temperature"):
         NTXentLoss(tau)
     with pytest.raises(ValueError, match="temperature"):

@@ -23,7 +23,8 @@ from engine.patches import (
     subsample_fraction,
     write_patch_csv,
 )
-from engine.slide import open_slide
+from engine.progress import Cancelled
+from engine.slide import SLIDE_SUFFIXES, SlideCache, open_slide
 from engine.tiling import TileGrid
 
 torch.set_num_threads(1)
@@ -123,7 +124,7 @@ def test_build_mixed_set_csv_round_trip_and_reload(cmu_svs, image_tree, tmp_path
     r = recs[0]
     with open_slide(cmu_svs) as slide:
         ref = slide.read_tile_at_mpp((r.l0_x, r.l0_y), 1.0, 64)
-    assert np.array_equal(load_patch(r, 64, {}), ref)
+    assert np.array_equal(load_patch(r, 64, SlideCache()), ref)
 
 
 def test_fraction_applies_per_dataset(image_tree, tmp_path):
@@ -159,7 +160,7 @@ def test_dataset_two_views_and_raw_patches(image_tree):
 def test_rgba_is_composited_on_white(tmp_path):
     arr = np.zeros((10, 10, 4), np.uint8)  # fully transparent
     Image.fromarray(arr, "RGBA").save(tmp_path / "t.png")
-    out = load_patch(PatchRecord("d", "image", str(tmp_path / "t.png")), 10, {})
+    out = load_patch(PatchRecord("d", "image", str(tmp_path / "t.png")), 10, SlideCache())
     assert (out == 255).all()
 
 
@@ -171,7 +172,9 @@ def test_preload_matches_lazy_and_drops_unreadable(image_tree, cmu_svs):
     with pytest.raises(SlideError, match="zz_truncated.png"):
         [lazy[i] for i in range(len(lazy))]
     pre = PatchDataset(recs, 32)
-    dropped = pre.preload()
+    seen = []
+    dropped = pre.preload(progress=lambda *a: seen.append(a))
+    assert seen[0] == ("preload", 0, len(recs)) and seen[-1] == ("preload", len(recs), len(recs))
     assert len(dropped) == 1 and "zz_truncated.png" in dropped[0]
     assert len(pre) == len(recs) - 1 and pre.preloaded.shape == (len(pre), 3, 32, 32)
     good = [i for i, r in enumerate(recs) if "zz_truncated" not in r.path]
@@ -180,3 +183,44 @@ def test_preload_matches_lazy_and_drops_unreadable(image_tree, cmu_svs):
     views = pre.with_transform(TwoViews(build_transform(AugmentConfig(size=16))))
     assert views.preloaded is pre.preloaded and len(views) == len(pre)
     assert views[0][0].shape == (3, 16, 16)
+
+
+def test_one_suffix_list_and_unrecognised_slides_are_named(image_tree, cmu_svs, tmp_path):
+    """Candidates come from engine.slide's list (no .dcm there: no DICOM test data); a slide file
+    OpenSlide does not recognise is skipped with a warning naming it, not silently."""
+    assert ".dcm" not in SLIDE_SUFFIXES
+    (image_tree / "scan.dcm").write_bytes(b"DICM" * 64)
+    bad = image_tree / "broken.svs"
+    bad.write_bytes(cmu_svs.read_bytes()[:2000])
+    slides, images = find_sources(image_tree)
+    assert slides == [] and "scan.dcm" not in {p.name for p in images}
+    logs = []
+    recs = build_patch_set([image_tree, cmu_svs], mpp=1.0, patch_px=64, max_per_slide=2,
+                           log=logs.append)  # fmt: skip
+    assert len(recs) == 7 and not any("scan.dcm" in r.path for r in recs)
+    assert any(str(bad) in m and "skipped" in m for m in logs)
+    assert find_sources(cmu_svs) == ([cmu_svs], [])  # a single file
+
+
+def test_patch_set_progress_and_cancel(cmu_svs, image_tree):
+    seen = []
+    build_patch_set([cmu_svs, image_tree], mpp=1.0, patch_px=64, progress=lambda *a: seen.append(a))
+    assert seen[0] == ("patches", 0, 1) and seen[-1] == ("patches", 1, 1)
+
+    def cancel(stage, done, total):
+        raise Cancelled
+
+    ds = PatchDataset(build_patch_set([image_tree]), 16)
+    with pytest.raises(Cancelled):
+        ds.preload(progress=cancel)
+    assert ds.preloaded is None and len(ds) == 5  # untouched
+    assert ds[0].shape == (3, 16, 16)  # and still readable lazily
+
+
+def test_slide_cache_survives_pickling_into_workers(cmu_svs):
+    recs = build_patch_set([cmu_svs], mpp=1.0, patch_px=32, max_per_slide=4)
+    ds = PatchDataset(recs, 32)
+    first = ds[0]
+    assert len(ds._slides) == 1  # opened once, kept open
+    clone = pickle.loads(pickle.dumps(ds))
+    assert len(clone._slides) == 0 and torch.equal(clone[0], first)
