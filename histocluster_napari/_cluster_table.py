@@ -13,8 +13,8 @@ from qtpy.QtWidgets import QAbstractItemView, QHeaderView, QLabel, QTableWidget,
 THUMB_PX = 44
 """Side of an exemplar thumbnail in the table, in screen pixels."""
 
-COL_SELECT, COL_NAME, COL_COUNT, COL_SHARE, COL_EXEMPLARS = range(5)
-HEADERS = ("cluster", "class name", "tiles", "share", "nearest the centre")
+COL_SELECT, COL_NAME, COL_COUNT, COL_SLIDE, COL_SHARE, COL_EXEMPLARS = range(6)
+HEADERS = ("cluster", "class name", "tiles", "this slide", "share", "nearest the centre")
 
 
 def exemplar_strip(thumbs: Sequence[np.ndarray], px: int = THUMB_PX, gap: int = 2) -> np.ndarray:
@@ -29,7 +29,7 @@ def exemplar_strip(thumbs: Sequence[np.ndarray], px: int = THUMB_PX, gap: int = 
     return strip
 
 
-def _pixmap(rgb: np.ndarray) -> QPixmap:
+def rgb_pixmap(rgb: np.ndarray) -> QPixmap:
     rgb = np.ascontiguousarray(rgb)
     h, w = rgb.shape[:2]
     image = QImage(rgb.data, w, h, 3 * w, QImage.Format.Format_RGB888)
@@ -37,9 +37,12 @@ def _pixmap(rgb: np.ndarray) -> QPixmap:
 
 
 class ClusterTable(QTableWidget):
-    """One row per cluster. Emits ``selection_changed`` with the sorted selected cluster ids."""
+    """One row per cluster. Emits ``selection_changed`` with the sorted selected cluster ids and
+    ``name_edited(cluster, text)`` when the user edits a class name. ``tiles`` and ``share`` are
+    over the whole cohort, ``this slide`` over the slide shown."""
 
     selection_changed = Signal(list)
+    name_edited = Signal(int, str)
 
     def __init__(self, parent=None) -> None:
         super().__init__(0, len(HEADERS), parent)
@@ -47,7 +50,7 @@ class ClusterTable(QTableWidget):
         self.verticalHeader().setVisible(False)
         self.setSelectionMode(QAbstractItemView.SelectionMode.NoSelection)
         header = self.horizontalHeader()
-        for col in (COL_SELECT, COL_COUNT, COL_SHARE, COL_EXEMPLARS):
+        for col in (COL_SELECT, COL_COUNT, COL_SLIDE, COL_SHARE, COL_EXEMPLARS):
             header.setSectionResizeMode(col, QHeaderView.ResizeMode.ResizeToContents)
         header.setSectionResizeMode(COL_NAME, QHeaderView.ResizeMode.Stretch)
         header.setMinimumSectionSize(24)
@@ -64,18 +67,18 @@ class ClusterTable(QTableWidget):
         colors: np.ndarray,
         counts: np.ndarray,
         exemplars: Sequence[Sequence[np.ndarray]] | None = None,
-        names: Sequence[str] | None = None,
+        names: Sequence[str | None] = (),
         selected: Sequence[int] = (),
+        slide_counts: np.ndarray | None = None,
     ) -> None:
-        """Show ``k`` clusters: ``colors`` (k, 4) float RGBA in [0, 1], ``counts`` (k,) tiles each."""
+        """Show ``k`` clusters: ``colors`` (k, 4) float RGBA in [0, 1], ``counts`` (k,) tiles each.
+
+        ``names`` (k,) class names (None or missing: unnamed) come from the run's curation, never
+        from the rows shown before; ``slide_counts`` (k,) the current slide's tiles.
+        """
         k = len(counts)
         total = max(1, int(np.sum(counts)))
-        old_names = self.names()
-        names = (
-            list(names)
-            if names is not None
-            else [old_names[i] if i < len(old_names) else f"cluster_{i}" for i in range(k)]
-        )
+        names = [(names[i] if i < len(names) else None) or "" for i in range(k)]
         self._updating = True
         try:
             self.setRowCount(k)
@@ -96,24 +99,51 @@ class ClusterTable(QTableWidget):
                 self.setItem(i, COL_SELECT, check)
                 name = QTableWidgetItem(names[i])
                 name.setFlags(Qt.ItemFlag.ItemIsEnabled | Qt.ItemFlag.ItemIsEditable)
-                name.setToolTip("class name used for the export folder (double-click to edit)")
+                name.setToolTip(
+                    "class name: the export folder of this cluster's tiles (double-click to edit; "
+                    "empty = unnamed, never exported)"
+                )
                 self.setItem(i, COL_NAME, name)
                 count = QTableWidgetItem(str(int(counts[i])))
                 count.setFlags(Qt.ItemFlag.ItemIsEnabled)
                 count.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
                 self.setItem(i, COL_COUNT, count)
+                here = QTableWidgetItem("")
+                here.setFlags(Qt.ItemFlag.ItemIsEnabled)
+                here.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+                self.setItem(i, COL_SLIDE, here)
                 share = QTableWidgetItem(f"{100.0 * counts[i] / total:.1f} %")
                 share.setFlags(Qt.ItemFlag.ItemIsEnabled)
                 share.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
                 self.setItem(i, COL_SHARE, share)
                 label = QLabel()
                 if exemplars is not None and len(exemplars[i]):
-                    label.setPixmap(_pixmap(exemplar_strip(exemplars[i])))
+                    label.setPixmap(rgb_pixmap(exemplar_strip(exemplars[i])))
                 self.setCellWidget(i, COL_EXEMPLARS, label)
         finally:
             self._updating = False
+        self.set_slide_counts(slide_counts)
         self.resizeColumnsToContents()
         self.selection_changed.emit(self.selected())
+
+    def set_slide_counts(self, counts: np.ndarray | None) -> None:
+        """Fill the ``this slide`` column with ``counts`` (k,) (blank when None)."""
+        self._updating = True
+        try:
+            for i in range(self.rowCount()):
+                text = "" if counts is None or i >= len(counts) else str(int(counts[i]))
+                self.item(i, COL_SLIDE).setText(text)
+        finally:
+            self._updating = False
+
+    def set_names(self, names: Sequence[str | None]) -> None:
+        """Show ``names`` (k,) without emitting ``name_edited``."""
+        self._updating = True
+        try:
+            for i, name in enumerate(names[: self.rowCount()]):
+                self.item(i, COL_NAME).setText(name or "")
+        finally:
+            self._updating = False
 
     # ------------------------------------------------------------------ state
 
@@ -145,13 +175,14 @@ class ClusterTable(QTableWidget):
         self.set_selected(sorted(sel))
 
     def names(self) -> list[str]:
-        """Class name of every cluster, in cluster order."""
+        """Class name of every cluster as shown, in cluster order ("" = unnamed)."""
         return [
-            self.item(i, COL_NAME).text() if self.item(i, COL_NAME) is not None else f"cluster_{i}"
+            self.item(i, COL_NAME).text() if self.item(i, COL_NAME) is not None else ""
             for i in range(self.rowCount())
         ]
 
     def set_name(self, cluster: int, name: str) -> None:
+        """Type ``name`` into a cluster's name cell, as the user would (emits ``name_edited``)."""
         self.item(cluster, COL_NAME).setText(name)
 
     def exemplar_pixmap(self, cluster: int) -> QPixmap | None:
@@ -159,5 +190,9 @@ class ClusterTable(QTableWidget):
         return widget.pixmap() if isinstance(widget, QLabel) else None
 
     def _on_item_changed(self, item: QTableWidgetItem) -> None:
-        if not self._updating and item.column() == COL_SELECT:
+        if self._updating:
+            return
+        if item.column() == COL_SELECT:
             self.selection_changed.emit(self.selected())
+        elif item.column() == COL_NAME:
+            self.name_edited.emit(item.row(), item.text())

@@ -19,9 +19,14 @@ from typing import Any
 import numpy as np
 from napari.utils.colormaps import DirectLabelColormap
 
+from engine.curation import Curation
 from engine.mosaic import cluster_colors as rgb_colors
 
 TRANSPARENT = np.zeros(4, np.float32)
+EXCLUDED_RGBA = np.array([0.1, 0.1, 0.1, 0.85], np.float32)
+"""Excluded tiles are drawn dark, over the slide (dimmed)."""
+OVERRIDE_ONLY_RGBA = np.array([1.0, 1.0, 1.0, 0.9], np.float32)
+"""Tiles moved to a class that names no cluster are drawn white."""
 
 
 @dataclass(frozen=True)
@@ -95,13 +100,38 @@ def cluster_colors(k: int) -> np.ndarray:
 def labels_colormap(colors: np.ndarray, visible: Collection[int] | None = None) -> Any:
     """A napari ``DirectLabelColormap`` for label image ``cluster + 1`` (0 = no tissue).
 
-    Clusters not in ``visible`` (all when None) and the background are transparent.
+    Clusters not in ``visible`` (all when None) and the background are transparent. With ``k =
+    len(colors)``, value ``k + 1`` (an excluded tile) is dark and ``k + 2`` (a tile moved to a
+    class that names no cluster) white: see :func:`curated_label_image`.
     """
     color_dict: dict[int | None, np.ndarray] = {None: TRANSPARENT, 0: TRANSPARENT}
     for i, c in enumerate(colors):
         shown = visible is None or i in visible
         color_dict[i + 1] = np.asarray(c, np.float32) if shown else TRANSPARENT
+    color_dict[len(colors) + 1] = EXCLUDED_RGBA
+    color_dict[len(colors) + 2] = OVERRIDE_ONLY_RGBA
     return DirectLabelColormap(color_dict=color_dict, background_value=0)
+
+
+def curated_label_image(labels: np.ndarray, curation: Curation, slide_id: str) -> np.ndarray:
+    """(rows, cols) uint16 label image of a slide with its per-tile overrides drawn in.
+
+    ``cluster + 1`` for each tile (0 outside tissue); a tile moved to a class takes the value of
+    the first cluster of that name (``k + 2`` when the class names no cluster); an excluded tile
+    is ``k + 1``.
+    """
+    out = label_image(labels)
+    k = curation.k
+    first = {}
+    for c, name in enumerate(curation.names):
+        if name is not None:
+            first.setdefault(name, c)
+    for (_, r, c), name in curation.overrides(slide_id).items():
+        if r < out.shape[0] and c < out.shape[1]:
+            out[r, c] = k + 1 if name is None else first.get(name, k + 1) + 1
+            if name is not None and name not in first:
+                out[r, c] = k + 2
+    return out
 
 
 def label_image(labels: np.ndarray) -> np.ndarray:

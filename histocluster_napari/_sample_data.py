@@ -5,21 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine.errors import SlideError
+from engine.sample_data import SAMPLE_SLIDE as SAMPLE_SLIDE_NAME
+from engine.sample_data import sample_slide_path
 from histocluster_napari._slide_layers import LayerData, open_for_viewing, slide_layer_data
-
-SAMPLE_SLIDE = Path(__file__).resolve().parent.parent / "sample_data" / "sample_slide.tiff"
 
 
 def sample_slide() -> list[LayerData]:
-    """The sample slide as a multiscale layer (generate it first: ``make demo`` does)."""
-    if not SAMPLE_SLIDE.is_file():
+    """The sample slide as a multiscale layer (``engine.sample_data``: installed package data)."""
+    path = sample_slide_path() or Path("sample_data") / SAMPLE_SLIDE_NAME
+    if not path.is_file():
         raise SlideError(
-            f"{SAMPLE_SLIDE}: the sample slide is not generated — run "
+            f"{path}: the sample slide is not generated — run "
             "`python sample_data/make_sample_slide.py` (or `make demo`)"
         )
-    slide, mpp_known = open_for_viewing(SAMPLE_SLIDE)
+    slide, mpp_known = open_for_viewing(path)
     if slide is None:
         raise SlideError(
-            f"{SAMPLE_SLIDE}: cannot be read — regenerate it with `python sample_data/make_sample_slide.py`"
+            f"{path}: cannot be read — regenerate it with `python sample_data/make_sample_slide.py`"
         )
     return [slide_layer_data(slide, mpp_known=mpp_known)]

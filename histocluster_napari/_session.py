@@ -2,8 +2,11 @@
 
 No Qt here: each function takes an ``engine.progress`` callback ``progress(stage, done, total)``,
 which may raise ``Cancelled`` to stop the work at the next report (features encoded so far stay
-in the store, so the next Cluster resumes). Everything heavy is an ``engine`` call, and whether a
-store can serve a request is ``FeatureStore.coverage``'s decision, the same as the CLI's.
+in the store, so the next Cluster resumes; a cancelled K-means leaves no new run; a cancelled
+export leaves only whole files, all listed in its manifest). Everything heavy is an ``engine``
+call: whether a store can serve a request is ``FeatureStore.coverage``'s decision (the CLI's),
+the names of a new run come from ``engine.curation_match.carry_over``, and export applies the
+run's saved ``engine.curation.Curation`` exactly as ``python -m engine.export`` does.
 """
 
 from __future__ import annotations
@@ -16,25 +19,42 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from engine import cluster as engine_cluster
 from engine import export as engine_export
 from engine import extract as engine_extract
+from engine.curation import Curation
+from engine.curation_match import carry_over
 from engine.encoder_id import EncoderId
-from engine.errors import HistoclusterError
+from engine.errors import HistoclusterError, StoreError
 from engine.files import cache_dir
 from engine.models import load_encoder
 from engine.progress import Cancelled, Progress, no_progress
 from engine.query import similar_tiles as query_similar
 from engine.query import tile_vector
-from engine.slide import open_slide, slide_id
+from engine.slide import SlideCache, slide_id
 from engine.store import Coverage, FeatureStore
 from engine.tiling import Tiling
 from histocluster_napari._overlay import GridGeometry
 
 RUN_PREFIX = "napari-k"
-"""The widget's cluster runs are named ``napari-k<k>`` and replaced when re-run."""
+"""The widget's cluster runs are named ``napari-k<k>``, ``napari-k<k>-2``, ... (never overwritten,
+so the run a curation is carried from is still there to compare with)."""
 N_EXEMPLARS = 3
+STAGES = {
+    "checking": "checking the feature store",
+    "tissue": "finding tissue",
+    "encode": "encoding tiles",
+    "kmeans": "K-means",
+    "assign": "assigning tiles",
+    "exemplars": "reading exemplars",
+    "overlays": "drawing overlays",
+    "plan": "choosing tiles",
+    "export": "exporting tiles",
+    "gallery": "gallery",
+}
+"""What the progress bar says for each engine stage."""
 
 
 # ---------------------------------------------------------------------- encoder identity
@@ -78,26 +98,32 @@ ENCODER_IDS = EncoderIds()
 """The GUI process's cache of encoder identities."""
 
 
-# ---------------------------------------------------------------------- jobs and views
+# ---------------------------------------------------------------------- jobs
 
 
 @dataclass(frozen=True)
 class ClusterJob:
-    """The inputs of one Cluster click."""
+    """The inputs of one Cluster click: the slides (one, or a cohort), encoder, tiling, k."""
 
-    slide_path: Path
+    slides: tuple[Path, ...]
     slide_mpp: float | None
     encoder: str
     tiling: Tiling
     k: int
     store: Path | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "slides", tuple(Path(p) for p in self.slides))
+        if not self.slides:
+            raise HistoclusterError("no slides to cluster — open a slide or a folder of slides")
 
     def with_k(self, k: int) -> ClusterJob:
         return replace(self, k=int(k))
 
     @property
-    def slide_id(self) -> str:
-        return slide_id(self.slide_path)
+    def slide_ids(self) -> list[str]:
+        return [slide_id(p) for p in self.slides]
 
     @property
     def is_cache(self) -> bool:
@@ -105,9 +131,9 @@ class ClusterJob:
         return self.store is None
 
     def store_path(self) -> Path:
-        """The store given, or ``<cache>/stores/<slide_id>-<hash>.zarr``.
+        """The store given, or ``<cache>/stores/<first slide id>[+n]-<hash>.zarr``.
 
-        The hash covers the slide, its given um/px, the encoder spec and the whole tiling
+        The hash covers the slides, their given um/px, the encoder spec and the whole tiling
         (tissue method and minimum tissue fraction included), so different requests get
         different cache stores; whether one can be reused is ``FeatureStore.coverage``'s call.
         """
@@ -115,7 +141,7 @@ class ClusterJob:
             return self.store
         key = json.dumps(
             {
-                "slide": str(Path(self.slide_path).resolve()),
+                "slides": sorted(str(Path(p).resolve()) for p in self.slides),
                 "slide_mpp": self.slide_mpp,
                 "encoder": _spec_key(self.encoder)[0],
                 "tiling": self.tiling.to_attrs(),
@@ -123,88 +149,55 @@ class ClusterJob:
             sort_keys=True,
         )
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-        return cache_dir() / "stores" / f"{self.slide_id}-{digest}.zarr"
+        more = f"+{len(self.slides) - 1}" if len(self.slides) > 1 else ""
+        return cache_dir() / "stores" / f"{self.slide_ids[0]}{more}-{digest}.zarr"
 
-    def coverage(self, encoders: EncoderIds = ENCODER_IDS) -> Coverage:
-        """What the job's store holds of its slide, encoder and tiling (``FeatureStore.coverage``)."""
+    def coverage(self, slide: Path, encoders: EncoderIds = ENCODER_IDS) -> Coverage:
+        """What the job's store holds of ``slide`` with this encoder and tiling."""
         return FeatureStore.coverage(
-            self.store_path(), self.slide_path, encoders.get(self.encoder), self.tiling
+            self.store_path(), slide, encoders.get(self.encoder), self.tiling
         )
 
 
 @dataclass
-class ClusterView:
-    """A clustering as the widget shows it."""
+class FeatureReport:
+    """What ``ensure_features`` did: tiles encoded now, and one line per slide that failed."""
 
-    job: ClusterJob
-    store_path: Path
-    run: str
-    slide_id: str
-    slide_path: Path
-    labels: np.ndarray  # (rows, cols) int16, -1 outside tissue
-    counts: np.ndarray  # (k,) int64 tiles per cluster in this slide
-    exemplars: list[list[np.ndarray]]  # per cluster, up to 3 (tile_px, tile_px, 3) uint8 tiles
-    geometry: GridGeometry
-    n_encoded: int = 0
-
-    @property
-    def k(self) -> int:
-        return len(self.counts)
+    encoded: int = 0
+    failures: list[str] = field(default_factory=list)
 
 
-@dataclass
-class ExportReport:
-    """Patches written per class name, and where."""
+def ensure_features(job: ClusterJob, *, progress: Progress = no_progress) -> FeatureReport:
+    """Encode the tissue tiles of the job's slides that its store lacks (``engine.extract``).
 
-    out_dir: Path
-    per_class: dict[str, int]
-    warnings: list[str] = field(default_factory=list)
-
-    @property
-    def total(self) -> int:
-        return sum(self.per_class.values())
-
-
-# ---------------------------------------------------------------------- clustering
-
-
-def run_clustering(job: ClusterJob, progress: Progress = no_progress) -> ClusterView:
-    """Encode the slide's missing tiles into the job's store, then K-means with ``job.k``."""
-    n_encoded = ensure_features(job, progress)
-    view = recluster_store(job, job.store_path(), progress)
-    view.n_encoded = n_encoded
-    return view
-
-
-def recluster(view: ClusterView, k: int, progress: Progress = no_progress) -> ClusterView:
-    """K-means again with another ``k`` from the features already stored (no encoding)."""
-    return recluster_store(view.job.with_k(k), view.store_path, progress)
-
-
-def ensure_features(job: ClusterJob, progress: Progress = no_progress) -> int:
-    """Encode the tissue tiles of ``job``'s slide that its store lacks; returns how many were encoded.
-
-    Nothing is encoded when ``FeatureStore.coverage`` says the store already holds every
-    tissue tile of the slide for this encoder and tiling (a second Cluster, a change of k). A
-    cache store that cannot serve the request (its encoder file or slide changed) is replaced; a
-    store the user named is never replaced: its problem is reported.
+    Slides that ``FeatureStore.coverage`` calls complete are not touched. A cache store that
+    cannot serve the request (its encoder file or a slide changed) is replaced; a store the
+    user named is never replaced: its problem is reported. Slides that cannot be read are listed
+    in ``failures`` (the others are encoded); when none can be used, that is an error.
     """
-    progress("checking the feature store", 0, 1)
-    coverage = job.coverage()
-    if coverage.complete:
-        return 0
+    progress("checking", 0, len(job.slides))
+    todo: list[Path] = []
     overwrite = False
-    if coverage.problem:
-        if not job.is_cache:
-            reason = coverage.problem.split(" — ")[0]
-            raise HistoclusterError(
-                f"{reason} — choose another 'feature store' (or leave it empty for the cache)"
-            )
-        overwrite = True
+    for i, path in enumerate(job.slides):
+        cov = job.coverage(path)
+        if cov.problem:
+            if not job.is_cache:
+                reason = cov.problem.split(" — ")[0]
+                raise HistoclusterError(
+                    f"{reason} — choose another 'feature store' (or leave it empty for the cache)"
+                )
+            overwrite = True
+        if not cov.complete:
+            todo.append(path)
+        progress("checking", i + 1, len(job.slides))
+    if not todo:
+        return FeatureReport()
+    if overwrite:
+        todo = list(job.slides)  # the cache store is rebuilt whole
     store_path = job.store_path()
     store_path.parent.mkdir(parents=True, exist_ok=True)
     cfg = engine_extract.ExtractConfig(
-        slides=[str(job.slide_path)],
+        slides=tuple(str(p) for p in todo),
         out=str(store_path),
         encoder=job.encoder,
         tile_px=job.tiling.tile_px,
@@ -219,22 +212,11 @@ def ensure_features(job: ClusterJob, progress: Progress = no_progress) -> int:
         quiet=True,
     )
     # ``progress`` raising Cancelled stops the run once what was encoded is in the store.
-    summary = engine_extract.run(cfg, progress=_stage_progress(progress, "encoding tiles"))
-    if summary.failures:
+    summary = engine_extract.run(cfg, progress=progress)
+    failures = [f["error"] for f in summary.failures]
+    if len(summary.failures) == len(todo) and summary.failures:
         raise HistoclusterError(summary.failures[0]["error"])
-    return int(summary.tiles)
-
-
-def _stage_progress(progress: Progress, default_stage: str):
-    """The engine's progress callback; accepts ``(done, total)`` from runs not yet on the protocol."""
-
-    def report(*args: object) -> None:
-        if len(args) == 2:
-            progress(default_stage, int(args[0]), int(args[1]))  # type: ignore[arg-type]
-        else:
-            progress(str(args[0]), int(args[1]), int(args[2]))  # type: ignore[arg-type]
-
-    return report
+    return FeatureReport(int(summary.tiles), failures)
 
 
 def gui_batch_size() -> int:
@@ -251,86 +233,252 @@ def count_done(store_path: Path, slide: str) -> tuple[int, int]:
     return int((selected & sf.done).sum()), int(selected.sum())
 
 
-def recluster_store(
-    job: ClusterJob, store_path: Path, progress: Progress = no_progress
+# ---------------------------------------------------------------------- views
+
+
+@dataclass
+class ClusterView:
+    """A cluster run as the widget shows it: labels of every slide, counts, its curation."""
+
+    store_path: Path
+    run: str
+    slide_ids: list[str]
+    sources: dict[str, Path]  # slide id -> slide file
+    mpp: dict[str, tuple[float, float]]  # slide id -> level-0 um/px the store used
+    geometry: dict[str, GridGeometry]
+    labels: dict[str, np.ndarray]  # slide id -> (rows, cols) int16, -1 outside tissue
+    counts: dict[str, np.ndarray]  # slide id -> (k,) int64 tiles per cluster
+    exemplars: list[list[np.ndarray]]  # per cluster, up to 3 (tile_px, tile_px, 3) uint8 tiles
+    curation: Curation
+    carried: list[str] = field(default_factory=list)  # what carry_over moved and cleared
+    job: ClusterJob | None = None
+    encoded: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def k(self) -> int:
+        return self.curation.k
+
+    @property
+    def totals(self) -> np.ndarray:
+        """(k,) int64 tiles per cluster over the whole cohort."""
+        return np.sum([self.counts[s] for s in self.slide_ids], axis=0).astype(np.int64)
+
+
+def next_run_name(store: FeatureStore, k: int) -> str:
+    """``napari-k<k>``, then ``napari-k<k>-2``, ... (the first free name)."""
+    taken = set(store.cluster_runs())
+    name, i = f"{RUN_PREFIX}{k}", 2
+    while name in taken:
+        name, i = f"{RUN_PREFIX}{k}-{i}", i + 1
+    return name
+
+
+def latest_curation(store: FeatureStore) -> Curation | None:
+    """The saved curation of the store's most recent run that has one (None when none has)."""
+    for run in reversed(store.cluster_runs()):
+        try:
+            if store.read_run_json(run, "curation") is not None:
+                return Curation.load(store, run)
+        except StoreError:
+            continue
+    return None
+
+
+def cluster(
+    job: ClusterJob,
+    previous: Curation | None = None,
+    previous_store: Path | None = None,
+    *,
+    progress: Progress = no_progress,
 ) -> ClusterView:
-    """Cluster the job's slide in the store at ``store_path`` and gather what the table shows."""
-    sid = job.slide_id
-    progress("clustering", 0, 1)
+    """Encode what the job's store lacks, K-means over all its slides, carry the names over."""
+    report = ensure_features(job, progress=progress)
+    view = cluster_store(
+        job.store_path(),
+        job.slide_ids,
+        job.k,
+        previous,
+        previous_store,
+        job.seed,
+        progress=progress,
+    )
+    view.job, view.encoded = job, report.encoded
+    view.warnings = report.failures + view.warnings
+    return view
+
+
+def recluster(view: ClusterView, k: int, *, progress: Progress = no_progress) -> ClusterView:
+    """K-means again with another ``k`` from the stored features, carrying the curation over."""
+    new = cluster_store(
+        view.store_path, view.slide_ids, k, view.curation.copy(), view.store_path, progress=progress
+    )
+    new.job = view.job.with_k(k) if view.job is not None else None
+    return new
+
+
+def cluster_store(
+    store_path: Path,
+    slide_ids: Sequence[str],
+    k: int,
+    previous: Curation | None = None,
+    previous_store: Path | None = None,
+    seed: int = 0,
+    *,
+    progress: Progress = no_progress,
+) -> ClusterView:
+    """A new run over ``slide_ids`` of the store, its curation carried from ``previous``.
+
+    Without ``previous`` the store's latest saved curation is carried over, so names made
+    before napari was closed come back. The new curation is saved beside the new run.
+    """
     store = FeatureStore.open(store_path, mode="r+")
+    ready = [s for s in slide_ids if s in store]
+    if previous is None:
+        previous, previous_store = latest_curation(store), store_path
     cfg = engine_cluster.ClusterConfig(
         store=store_path,
-        k=job.k,
-        name=f"{RUN_PREFIX}{job.k}",
-        slides=[sid],
+        k=int(k),
+        name=next_run_name(store, int(k)),
+        slides=tuple(ready),
+        seed=int(seed),
         exemplars=N_EXEMPLARS,
         overlays=False,
-        overwrite=True,
         quiet=True,
     )
-    result = engine_cluster.run_clustering(store, cfg)
-    progress("clustering", 1, 1)
-    sf = store.slide(sid)
-    tiling = store.tiling
-    exemplars = read_exemplars(
-        Path(sf.source_path),
-        tuple(sf.attrs["mpp"]),  # type: ignore[arg-type]
-        [[(e.l0_x, e.l0_y) for e in row] for row in result.exemplars],
-        tiling.target_mpp,
-        tiling.tile_px,
-        progress,
-    )
+    result = engine_cluster.run_clustering(store, cfg, progress=progress)
+    store = FeatureStore.open(store_path, mode="r+")
+    carried: list[str] = []
+    if previous is not None:
+        old_store = (
+            FeatureStore.open(previous_store) if previous_store not in (None, store_path) else store
+        )
+        try:
+            moved = carry_over(previous, store, result.run, old_store=old_store)
+            curation, carried = moved.curation, list(moved.report)
+        except (HistoclusterError, KeyError, ValueError) as e:
+            curation = Curation.for_run(store, result.run)
+            carried = [f"names of run {previous.run!r} not carried over: {e}"]
+    else:
+        curation = Curation.for_run(store, result.run)
+    curation.save(store)
+    view = _view(store, result.run, curation, result.exemplar_tiles)
+    view.carried = carried
+    view.warnings = list(result.warnings)
+    return view
+
+
+def open_run(
+    store_path: Path, run: str | None = None, *, progress: Progress = no_progress
+) -> ClusterView:
+    """The store's run ``run`` (default: the latest) with its saved curation, as the widget shows it."""
+    store = FeatureStore.open(store_path)
+    run = run or store.latest_cluster_run()
+    if run is None:
+        raise HistoclusterError(f"{store_path}: holds no cluster run yet — click Cluster")
+    curation = Curation.load(store, run)
+    attrs = store.read_cluster_run(run, slide_ids=[]).attrs
+    exemplars = read_exemplar_tiles(store, attrs.get("exemplars", []), progress)
+    return _view(store, run, curation, exemplars)
+
+
+def _view(
+    store: FeatureStore, run: str, curation: Curation, exemplars: list[list[np.ndarray]]
+) -> ClusterView:
+    data = store.read_cluster_run(run)
+    k = len(data.centroids)
+    sids = sorted(data.labels)
+    labels = {s: np.asarray(data.labels[s]) for s in sids}
+    counts = {
+        s: np.bincount(labels[s][labels[s] >= 0].ravel(), minlength=k).astype(np.int64)
+        for s in sids
+    }
+    attrs = {s: store.slide(s).attrs for s in sids}
     return ClusterView(
-        job=job,
-        store_path=store_path,
-        run=result.run,
-        slide_id=sid,
-        slide_path=Path(job.slide_path),
-        labels=result.labels[sid],
-        counts=np.asarray(result.counts[sid], dtype=np.int64),
-        exemplars=exemplars,
-        geometry=GridGeometry.from_store_attrs(sf.attrs),
+        store_path=Path(store.path),
+        run=run,
+        slide_ids=sids,
+        sources={s: Path(attrs[s]["source_path"]) for s in sids},
+        mpp={s: tuple(float(v) for v in attrs[s]["mpp"]) for s in sids},  # type: ignore[misc]
+        geometry={s: GridGeometry.from_store_attrs(attrs[s]) for s in sids},
+        labels=labels,
+        counts=counts,
+        exemplars=exemplars or [[] for _ in range(k)],
+        curation=curation,
     )
 
 
-def read_exemplars(
-    path: Path,
-    mpp: tuple[float, float],
-    origins: Sequence[Sequence[tuple[int, int]]],
-    target_mpp: float,
-    tile_px: int,
-    progress: Progress = no_progress,
+def read_exemplar_tiles(
+    store: FeatureStore, exemplars: Sequence[Sequence[dict]], progress: Progress = no_progress
 ) -> list[list[np.ndarray]]:
-    """The exemplar tiles (tile_px, tile_px, 3) uint8, per cluster, read from the slide."""
-    total = sum(len(row) for row in origins)
+    """Pixels (tile_px, tile_px, 3) uint8 of a run's recorded exemplars, per cluster."""
+    total = sum(len(row) for row in exemplars)
     out: list[list[np.ndarray]] = []
     done = 0
     progress("exemplars", 0, total)
-    with open_slide(path, mpp) as slide:
-        for row in origins:
+    with SlideCache(capacity=4) as slides:
+        for row in exemplars:
             tiles = []
-            for xy in row:
-                tiles.append(slide.read_tile_at_mpp(xy, target_mpp, tile_px))
+            for e in row:
+                tiles.append(read_tile(store, slides, e["slide_id"], int(e["row"]), int(e["col"])))
                 done += 1
             out.append(tiles)
             progress("exemplars", done, total)
     return out
 
 
+def read_tile(
+    store: FeatureStore, slides: SlideCache, sid: str, row: int, col: int, px: int | None = None
+) -> np.ndarray:
+    """(px, px, 3) uint8 pixels of one grid tile (grey when its slide cannot be read)."""
+    tiling = store.tiling
+    px = int(px or tiling.tile_px)
+    sf = store.slide(sid)
+    try:
+        slide = slides.get(sf.source_path, tuple(sf.attrs["mpp"]))
+        x, y = (int(v) for v in sf.origins[row, col])
+        tile = slide.read_tile_at_mpp((x, y), tiling.target_mpp, tiling.tile_px)
+    except (HistoclusterError, OSError):
+        return np.full((px, px, 3), 200, np.uint8)
+    if tile.shape[0] != px:
+        tile = np.asarray(Image.fromarray(tile).resize((px, px), Image.Resampling.BILINEAR))
+    return tile
+
+
+def save_curation(view: ClusterView) -> None:
+    """Write the view's curation beside its run (atomic; what export and a reopen read)."""
+    view.curation.save(FeatureStore.open(view.store_path, mode="r+"))
+
+
 # ---------------------------------------------------------------------- similar tiles
 
 
 def similar_tiles(
-    view: ClusterView, tile: tuple[int, int], top: int
+    view: ClusterView, sid: str, tile: tuple[int, int], top: int
 ) -> list[tuple[int, int, float]]:
-    """(row, col, cosine similarity) of this slide's ``top`` tiles most like ``tile`` (itself excluded)."""
+    """(row, col, cosine similarity) of slide ``sid``'s ``top`` tiles most like ``tile`` (itself excluded)."""
     store = FeatureStore.open(view.store_path)
-    vector = tile_vector(store, view.slide_id, int(tile[0]), int(tile[1]))
-    hits = query_similar(store, vector, top, [view.slide_id], exclude=[(view.slide_id, *tile)])
+    vector = tile_vector(store, sid, int(tile[0]), int(tile[1]))
+    hits = query_similar(store, vector, top, [sid], exclude=[(sid, *tile)])
     return [(h.row, h.col, h.similarity) for h in hits]
 
 
 # ---------------------------------------------------------------------- export
+
+
+@dataclass
+class ExportReport:
+    """Patches written per class and per slide, and where."""
+
+    out_dir: Path
+    per_class: dict[str, int]
+    per_slide: dict[str, dict[str, int]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    geojson: list[Path] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(self.per_class.values())
 
 
 def check_names(names: Sequence[str]) -> str | None:
@@ -342,36 +490,32 @@ def check_names(names: Sequence[str]) -> str | None:
     return None
 
 
-def export_clusters(
-    view: ClusterView,
-    clusters: Sequence[int],
-    names: Sequence[str],
-    out_dir: Path,
-    progress: Progress = no_progress,
+def export_curation(
+    view: ClusterView, out_dir: Path, *, progress: Progress = no_progress
 ) -> ExportReport:
-    """Export the tiles of ``clusters`` as classes ``names`` into ``out_dir`` via ``engine.export``.
+    """Save the view's curation, then export the run with it through ``engine.export``.
 
-    Folders per class, ``manifest.csv``, ``export.json`` and a GeoJSON per slide.
+    The same files as ``python -m engine.export STORE --run RUN --out DIR --geojson``: the
+    classes of the selected named clusters and the per-tile overrides, over every slide of the
+    run, with ``manifest.csv``, ``export.json`` and a GeoJSON per slide.
     """
-    progress("exporting", 0, 1)
-    store = FeatureStore.open(view.store_path)
+    save_curation(view)
     cfg = engine_export.ExportConfig(
-        store=view.store_path,
-        clusters=[int(c) for c in clusters],
-        out=Path(out_dir),
-        run=view.run,
-        names=list(names),
-        slides=[view.slide_id],
-        geojson=True,
-        quiet=True,
+        store=view.store_path, out=Path(out_dir), run=view.run, geojson=True, quiet=True
     )
-    result = engine_export.run_export(store, cfg)
-    progress("exporting", 1, 1)
-    return ExportReport(Path(out_dir), dict(result.per_class), list(result.warnings))
+    result = engine_export.run(cfg, progress=progress)
+    return ExportReport(
+        Path(out_dir),
+        dict(result.per_class),
+        {s: dict(c) for s, c in result.per_slide.items()},
+        list(result.warnings) + list(result.failures),
+        list(result.geojson),
+    )
 
 
 __all__ = [
     "ENCODER_IDS",
+    "STAGES",
     "Cancelled",
     "ClusterJob",
     "ClusterView",
@@ -379,8 +523,10 @@ __all__ = [
     "ExportReport",
     "HistoclusterError",
     "check_names",
-    "export_clusters",
+    "cluster",
+    "export_curation",
+    "open_run",
     "recluster",
-    "run_clustering",
+    "save_curation",
     "similar_tiles",
 ]

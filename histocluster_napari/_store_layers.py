@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from napari.utils.notifications import show_info, show_warning
 
 from engine.errors import HistoclusterError
 from engine.store import FeatureStore
@@ -39,7 +40,11 @@ def clusters_layer_data(
 
 
 def store_reader(path: Path) -> Callable[[], list[LayerData]] | None:
-    """A reader for a ``features.zarr`` store, or None when ``path`` is not one."""
+    """A reader for a ``features.zarr`` store, or None when ``path`` is not one.
+
+    It shows one slide (the first) with its labels in the latest cluster run: a cohort is
+    browsed one slide at a time in the HistoCluster widget (Open store), never stacked.
+    """
     try:
         store = FeatureStore.open(path)
         slide_ids = store.slide_ids()
@@ -49,32 +54,38 @@ def store_reader(path: Path) -> Callable[[], list[LayerData]] | None:
         return None
 
     def read() -> list[LayerData]:
-        from napari.utils.notifications import show_warning
-
         run = store.latest_cluster_run()
+        sid = slide_ids[0]
+        if run is not None:
+            run_slides = store.read_cluster_run(run, []).attrs.get("slides", [])
+            sid = next((s for s in slide_ids if s in run_slides), sid)
+        if len(slide_ids) > 1:
+            show_info(
+                f"{path}: showing slide {sid!r} of {len(slide_ids)} — open the store with the "
+                "HistoCluster widget's 'Open store…' to go through the others"
+            )
+        attrs = store.slide(sid).attrs
+        source = Path(attrs["source_path"])
+        slide, _ = open_for_viewing(source, mpp=tuple(attrs["mpp"]))  # type: ignore[arg-type]
         layers: list[LayerData] = []
-        for sid in slide_ids:
-            attrs = store.slide(sid).attrs
-            source = Path(attrs["source_path"])
-            slide, _ = open_for_viewing(source, mpp=tuple(attrs["mpp"]))  # type: ignore[arg-type]
-            if slide is None:
-                show_warning(
-                    f"{source}: slide {sid!r} of {path} not found or unreadable — showing its "
-                    "clusters only; put the slide back at that path to see it"
+        if slide is None:
+            show_warning(
+                f"{source}: slide {sid!r} of {path} not found or unreadable — showing its "
+                "clusters only; put the slide back at that path to see it"
+            )
+        else:
+            layers.append(slide_layer_data(slide, name=sid))
+        if run is not None and sid in store.read_cluster_run(run, []).attrs.get("slides", []):
+            labels = store.read_cluster_labels(run, sid)
+            meta = {"store": str(path), "run": run, "slide_id": sid}
+            layers.append(
+                clusters_layer_data(
+                    labels,
+                    GridGeometry.from_store_attrs(attrs),
+                    sid + CLUSTERS_SUFFIX,
+                    metadata=meta,
                 )
-            else:
-                layers.append(slide_layer_data(slide, name=sid))
-            if run is not None and sid in store.read_cluster_run(run, []).attrs.get("slides", []):
-                labels = store.read_cluster_labels(run, sid)
-                meta = {"store": str(path), "run": run, "slide_id": sid}
-                layers.append(
-                    clusters_layer_data(
-                        labels,
-                        GridGeometry.from_store_attrs(attrs),
-                        sid + CLUSTERS_SUFFIX,
-                        metadata=meta,
-                    )
-                )
+            )
         return layers
 
     return read

@@ -1,9 +1,16 @@
-"""The HistoCluster dock widget: pick a slide, click Cluster, curate the clusters, export them.
+"""The HistoCluster dock widget: open a slide or a cohort, cluster, curate the clusters, export.
 
-A thin layer over ``engine``: every piece of work (``_session``) runs in a napari
-``thread_worker`` so the UI stays responsive; the widget only gathers inputs, shows progress,
-draws the result as a Labels layer on the tile grid (see ``_overlay``) and turns errors into
-notifications that say what to do.
+A thin layer over ``engine``: every piece of work (``_session``, ``_gallery``) runs in a worker
+thread so the UI stays responsive; the widget gathers inputs, shows progress, draws the current
+slide's clusters as a Labels layer on the tile grid (``_overlay``) and turns errors into
+notifications that say what to do. What the user decides (class names, the export selection,
+per-tile corrections) lives in the run's ``engine.curation.Curation``, which the widget only
+edits and observes; it is saved beside the run in the store, carried onto the next run by
+``engine.curation_match.carry_over`` (so names follow their clusters, not row numbers) and
+exported by ``engine.export`` exactly as the command line would.
+
+A cohort (a folder of slides, or a store) is shown one slide at a time: choosing a slide in the
+list (or a gallery tile) swaps the image and labels layers, it never stacks them.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 from magicgui.widgets import (
     CheckBox,
     ComboBox,
@@ -36,31 +44,43 @@ from napari.layers import Image, Labels, Shapes
 from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QObject, Qt, QTimer, Signal
-from qtpy.QtWidgets import QSizePolicy
+from qtpy.QtWidgets import QFileDialog, QSizePolicy
 from superqt.utils import create_worker
 
+from engine.curation import Change
 from engine.errors import HistoclusterError
 from engine.models import default_encoder_spec
 from engine.progress import Cancelled
+from engine.slide import slide_id
+from engine.store import FeatureStore
 from engine.tiling import Tiling
 from engine.tissue import TISSUE_METHODS
 from histocluster_napari import _session
 from histocluster_napari._cluster_table import ClusterTable
+from histocluster_napari._cohort import cohort_rows, folder_slides, store_slides
+from histocluster_napari._gallery import PAGE, GalleryTile, gallery_order, read_gallery
+from histocluster_napari._gallery_view import GalleryView
 from histocluster_napari._overlay import (
+    GridGeometry,
     cluster_colors,
-    label_image,
+    curated_label_image,
     labels_colormap,
 )
-from histocluster_napari._slide_layers import METADATA_KEY
+from histocluster_napari._slide_layers import METADATA_KEY, open_for_viewing, slide_layer_data
+from histocluster_napari._slide_list import SlideList
 from histocluster_napari._store_layers import CLUSTERS_SUFFIX
 
 if TYPE_CHECKING:
     import napari
 
 SIMILAR_SUFFIX = " similar"
+MARK_LAYER = "gallery tile"
 ENCODER_FILTER = "Encoder checkpoints (*.pt *.pth *.ckpt *.tar *.bin);;All files (*)"
 RECLUSTER_DELAY_MS = 400
+SAVE_DELAY_MS = 300
 OVERLAY_OPACITY = 0.6
+KEYS = {"Shift-F": "find similar", "Shift-M": "move", "Shift-X": "exclude", "Shift-U": "restore"}
+"""Viewer keys: tile under the cursor -> similar tiles / to the correction class / excluded / back."""
 
 
 class SpecEdit(FileEdit):
@@ -81,8 +101,14 @@ class _Bridge(QObject):
     event = Signal(object)  # ("progress", stage, done, total) | ("done", result) | ("error", exc)
 
 
+class _GalleryBridge(QObject):
+    """Carries gallery thumbnails from their worker to the GUI thread."""
+
+    event = Signal(object)  # ("tile", generation, GalleryTile, rgb) | ("end", generation, error)
+
+
 class HistoClusterWidget(Container):
-    """Dock widget: slide, encoder, tiling, k and store in; clusters, selection and export out."""
+    """Dock widget: slides, encoder, tiling, k and store in; clusters, curation and export out."""
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         super().__init__(labels=True)
@@ -92,6 +118,10 @@ class HistoClusterWidget(Container):
         self._pbar: napari_progress | None = None
         self._stage = ""
         self._view: _session.ClusterView | None = None
+        self._cohort: list[Path] | None = None  # None: the slide layer picked under 'slide'
+        self._current: str | None = None  # slide id shown
+        self._cohort_layer: Image | None = None
+        self._labels_layer: Labels | None = None
         self._query_tile: tuple[int, int] | None = None
         self._bridge = _Bridge()
         self._bridge.event.connect(self._on_event)
@@ -101,9 +131,28 @@ class HistoClusterWidget(Container):
         self._recluster_timer = QTimer()
         self._recluster_timer.setSingleShot(True)
         self._recluster_timer.timeout.connect(self._recluster)
+        self._save_timer = QTimer()
+        self._save_timer.setSingleShot(True)
+        self._save_timer.timeout.connect(self.save_curation)
+        self._gallery_bridge = _GalleryBridge()
+        self._gallery_bridge.event.connect(self._on_gallery_event)
+        self._gallery_generation = 0
+        self._gallery_order: list[GalleryTile] = []
+        self._gallery_next = 0
+        self._gallery_loading = False
+        self._gallery_stop = threading.Event()
 
         # ---- inputs
         self.slide = ComboBox(label="slide", choices=self._slide_choices, nullable=True)
+        self.open_folder_button = PushButton(
+            text="Open folder…", tooltip="Open a folder of slides as a cohort"
+        )
+        self.open_store_button = PushButton(
+            text="Open store…",
+            tooltip="Open a feature store (features.zarr) with its slides, run and curation",
+        )
+        self.slide_list = SlideList()
+        self.slide_list.setVisible(False)
         self.slide_mpp = FloatSpinBox(
             label="slide um/px",
             value=0.0,
@@ -152,13 +201,18 @@ class HistoClusterWidget(Container):
             mode="w",
             filter="Feature stores (*.zarr)",
             value="",
-            tooltip="Where the features are kept. Empty: a cache directory keyed by slide, "
+            tooltip="Where the features are kept. Empty: a cache directory keyed by slides, "
             "encoder and tiling, so clicking Cluster again never re-encodes.",
+        )
+        self.extract_button = PushButton(
+            text="Extract all", tooltip="Encode every slide's missing tiles (no clustering)"
         )
         self.cluster_button = PushButton(text="Cluster")
         self.cancel_button = PushButton(text="Cancel", enabled=False)
         self.progress_bar = ProgressBar(label="", value=0, min=0, max=1, visible=False)
-        self.status = Label(label="", value="Open a slide, then click Cluster.")
+        self.status = Label(
+            label="", value="Open a slide or a folder of slides, then click Cluster."
+        )
         # ---- results
         self.table = ClusterTable()
         self.show_selected_only = CheckBox(text="Show selected only")
@@ -168,14 +222,22 @@ class HistoClusterWidget(Container):
             "under the cursor).",
         )
         self.n_similar = SpinBox(label="similar tiles", value=20, min=1, max=1000)
+        self.correction_class = ComboBox(
+            label="correct to",
+            choices=self._class_choices,
+            nullable=True,
+            tooltip="Shift-M moves the tile under the cursor to this class, Shift-X excludes it, "
+            "Shift-U gives it back to its cluster.",
+        )
         self.export_dir = FileEdit(label="export to", mode="d", value="")
         self.export_button = PushButton(text="Export selected")
+        self.gallery = GalleryView()
 
         run_box = Container(
             widgets=[
                 Container(
                     layout="horizontal",
-                    widgets=[self.cluster_button, self.cancel_button],
+                    widgets=[self.extract_button, self.cluster_button, self.cancel_button],
                     labels=False,
                 ),
                 self.progress_bar,
@@ -188,14 +250,22 @@ class HistoClusterWidget(Container):
                 self.show_selected_only,
                 self.n_similar,
                 self.find_similar_button,
+                self.correction_class,
                 self.export_dir,
                 self.export_button,
             ],
             labels=True,
         )
-        self.extend(
-            [
-                self.slide,
+        open_box = Container(
+            layout="horizontal",
+            widgets=[self.open_folder_button, self.open_store_button],
+            labels=False,
+        )
+        self.extend([self.slide])
+        self.native.layout().addWidget(open_box.native)
+        self.native.layout().addWidget(self.slide_list)
+        inputs = Container(
+            widgets=[
                 self.slide_mpp,
                 self.encoder,
                 self.tile_px,
@@ -204,13 +274,17 @@ class HistoClusterWidget(Container):
                 self.min_tissue,
                 self.k,
                 self.store,
-            ]
+            ],
+            labels=True,
         )
+        self.native.layout().addWidget(inputs.native)
         self.native.layout().addWidget(run_box.native)
-        self._run_box = run_box
+        self._run_box, self._inputs = run_box, inputs
         self.native.layout().addWidget(self.table)
         self.native.layout().addWidget(self._actions.native)
-        self._actions.native.setContentsMargins(0, 0, 0, 0)
+        self.native.layout().addWidget(self.gallery)
+        for box in (self._actions, inputs, open_box):
+            box.native.setContentsMargins(0, 0, 0, 0)
         self.store.line_edit.native.setPlaceholderText("(cache, keyed by slide and encoder)")
         self.status.native.setWordWrap(True)
         lines = self.status.native.fontMetrics().lineSpacing()
@@ -218,11 +292,15 @@ class HistoClusterWidget(Container):
         self.status.native.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Preferred)
         self.status.native.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
         self.status.native.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.min_width = 420
+        self.min_width = 460
 
         # ---- wiring
         self.cluster_button.changed.connect(self.run_cluster)
+        self.extract_button.changed.connect(lambda _: self.extract_all())
         self.cancel_button.changed.connect(self.cancel)
+        self.open_folder_button.changed.connect(lambda _: self._ask_folder())
+        self.open_store_button.changed.connect(lambda _: self._ask_store())
+        self.slide_list.slide_chosen.connect(self.show_slide)
         self.slide.changed.connect(self._on_slide_changed)
         self.slide_mpp.changed.connect(self._on_slide_mpp_changed)
         self.k.changed.connect(self._on_k_changed)
@@ -237,10 +315,13 @@ class HistoClusterWidget(Container):
         ):
             w.changed.connect(self._update_store_hint)
         self.table.selection_changed.connect(self._on_selection_changed)
+        self.table.name_edited.connect(self._on_name_edited)
+        self.table.cellClicked.connect(lambda row, _col: self.show_gallery(row))
         self.show_selected_only.changed.connect(lambda _: self._refresh_colors())
         self.find_similar_button.changed.connect(lambda _: self.find_similar())
         self.export_button.changed.connect(lambda _: self.export_selected())
-        self.table.itemChanged.connect(lambda _item: self._update_layer_features())
+        self.gallery.tile_clicked.connect(self.jump_to_tile)
+        self.gallery.more_wanted.connect(self._gallery_more)
         for event in (viewer.layers.events.inserted, viewer.layers.events.removed):
             event.connect(self._on_layers_changed)
         self._viewer_hooks = _ViewerHooks(self, viewer)
@@ -253,8 +334,13 @@ class HistoClusterWidget(Container):
         return [
             (layer.name, layer)
             for layer in self._viewer.layers
-            if isinstance(layer, Image) and self._layer_path(layer) is not None
+            if isinstance(layer, Image)
+            and layer is not self._cohort_layer
+            and self._layer_path(layer) is not None
         ]
+
+    def _class_choices(self, _widget: Any = None) -> list[str]:
+        return [] if self._view is None else self._view.curation.classes()
 
     @staticmethod
     def _layer_path(layer: Image) -> Path | None:
@@ -279,6 +365,8 @@ class HistoClusterWidget(Container):
         return bool(layer.metadata.get(METADATA_KEY, {}).get("mpp_known", False))
 
     def _on_slide_changed(self, _value: Any = None) -> None:
+        if self._cohort is not None:
+            return
         layer = self._slide_layer()
         missing = layer is not None and not self._mpp_known(layer)
         self.slide_mpp.visible = missing or self.slide_mpp.value > 0
@@ -288,15 +376,15 @@ class HistoClusterWidget(Container):
             )
 
     def _on_slide_mpp_changed(self, value: float) -> None:
-        layer = self._slide_layer()
+        layer = self._slide_layer() if self._cohort is None else self._cohort_layer
         if layer is None or value <= 0:
             return
         layer.scale = (value, value)
         meta = dict(layer.metadata.get(METADATA_KEY, {}))
         meta.update({"mpp": (value, value), "mpp_given": True})
         layer.metadata = {**layer.metadata, METADATA_KEY: meta}
-        if self._view is not None and self._view.slide_path == self._layer_path(layer):
-            self._view = None  # the grid changes with the resolution: cluster again
+        if self._view is not None and self._layer_path(layer) in self._view.sources.values():
+            self._forget_view()  # the grid changes with the resolution: cluster again
         self.status.value = f"{layer.name}: {value:g} um/px. Click Cluster."
 
     def _update_store_hint(self, _value: Any = None) -> None:
@@ -309,34 +397,6 @@ class HistoClusterWidget(Container):
         edit.setPlaceholderText(f"cache: {path.name}")
         edit.setToolTip(f"empty = {path}")
 
-    def job(self) -> _session.ClusterJob:
-        """The clustering the inputs describe (raises HistoclusterError when they are incomplete)."""
-        layer = self._slide_layer()
-        if layer is None:
-            raise HistoclusterError(
-                "no slide — open a whole-slide image (File > Open, or drag it onto the viewer) "
-                "and pick it under 'slide'"
-            )
-        path = self._layer_path(layer)
-        assert path is not None
-        mpp: float | None = self.slide_mpp.value if self.slide_mpp.value > 0 else None
-        if mpp is None and not self._mpp_known(layer):
-            self.slide_mpp.visible = True
-            raise HistoclusterError(
-                f"{path}: no resolution (microns per pixel) in the metadata — enter the slide's "
-                "um/px in the 'slide um/px' field of the HistoCluster widget"
-            )
-        encoder = self.encoder.value or default_encoder_spec()
-        store_text = self.store.line_edit.value.strip()
-        return _session.ClusterJob(
-            slide_path=path,
-            slide_mpp=mpp,
-            encoder=encoder,
-            tiling=self.tiling(),
-            k=int(self.k.value),
-            store=Path(store_text).expanduser() if store_text else None,
-        )
-
     def tiling(self) -> Tiling:
         """The tiling the inputs describe (tile size, um/px, tissue method, minimum tissue)."""
         return Tiling(
@@ -346,6 +406,165 @@ class HistoClusterWidget(Container):
             min_tissue=float(self.min_tissue.value),
         )
 
+    def _store_value(self) -> Path | None:
+        text = self.store.line_edit.value.strip()
+        return Path(text).expanduser() if text else None
+
+    def job(self) -> _session.ClusterJob:
+        """The clustering the inputs describe (raises HistoclusterError when they are incomplete)."""
+        mpp: float | None = self.slide_mpp.value if self.slide_mpp.value > 0 else None
+        if self._cohort is not None:
+            slides = tuple(self._cohort)
+        else:
+            layer = self._slide_layer()
+            if layer is None:
+                raise HistoclusterError(
+                    "no slide — open a whole-slide image (File > Open, or drag it onto the viewer) "
+                    "and pick it under 'slide', or open a folder of slides"
+                )
+            path = self._layer_path(layer)
+            assert path is not None
+            if mpp is None and not self._mpp_known(layer):
+                self.slide_mpp.visible = True
+                raise HistoclusterError(
+                    f"{path}: no resolution (microns per pixel) in the metadata — enter the "
+                    "slide's um/px in the 'slide um/px' field of the HistoCluster widget"
+                )
+            slides = (path,)
+        return _session.ClusterJob(
+            slides=slides,
+            slide_mpp=mpp,
+            encoder=self.encoder.value or default_encoder_spec(),
+            tiling=self.tiling(),
+            k=int(self.k.value),
+            store=self._store_value(),
+        )
+
+    # ================================================================== cohort
+
+    def _ask_folder(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self.native, "Open a folder of slides")
+        if folder:
+            self.open_folder(Path(folder))
+
+    def _ask_store(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self.native, "Open a feature store (.zarr)")
+        if folder:
+            self.open_store(Path(folder))
+
+    def open_folder(self, folder: Path) -> None:
+        """Open the slides in ``folder`` as a cohort (the first one shown); its run, if any."""
+        try:
+            slides = folder_slides(folder)
+        except HistoclusterError as e:
+            self._fail(str(e))
+            return
+        self._enter_cohort(slides)
+        self.status.value = (
+            f"{len(slides)} slides in {folder}. Click Extract all or Cluster (one K-means over "
+            "all of them)."
+        )
+        self._open_existing_run()
+
+    def open_store(self, store_path: Path) -> Any:
+        """Open a feature store as a cohort: its slides, tiling, latest run and its curation."""
+        try:
+            store = FeatureStore.open(store_path)
+            slides = store_slides(store_path)
+        except HistoclusterError as e:
+            self._fail(str(e))
+            return None
+        if not slides:
+            self._fail(f"{store_path}: holds no slides — extract some first")
+            return None
+        tiling = store.tiling
+        self.store.value = str(store_path)
+        self.tile_px.value, self.target_mpp.value = tiling.tile_px, tiling.target_mpp
+        self.tissue_method.value, self.min_tissue.value = tiling.tissue_method, tiling.min_tissue
+        spec = store.encoder.name
+        if not Path(spec).exists() and store.encoder.sha256:
+            show_warning(
+                f"{store_path}: its encoder file {spec} is not there — Cluster works from the "
+                "stored features; extracting new slides needs that encoder"
+            )
+        else:
+            self.encoder.value = spec
+        self._enter_cohort(slides)
+        return self._open_existing_run()
+
+    def _enter_cohort(self, slides: list[Path]) -> None:
+        self._forget_view()
+        self._cohort = list(slides)
+        self.slide.visible = False
+        self.slide_list.setVisible(True)
+        self._refresh_slide_list()
+        self.show_slide(slide_id(slides[0]))
+
+    def _open_existing_run(self) -> Any:
+        """Show the store's latest run (with its saved curation) when the store has one."""
+        try:
+            path = self.job().store_path()
+            has_run = (path / "zarr.json").is_file() and bool(
+                FeatureStore.open(path).cluster_runs()
+            )
+        except HistoclusterError:
+            return None
+        if not has_run or self.busy:
+            return None
+        self.status.value = f"Opening the latest cluster run of {path.name}…"
+        return self._start(_session.open_run, path, on_done=self._show_view)
+
+    def _refresh_slide_list(self) -> None:
+        if self._cohort is None:
+            return
+        try:
+            store = self.job().store_path()
+        except HistoclusterError:
+            store = None
+        self.slide_list.set_rows(cohort_rows(store, self._cohort))
+        if self._current is not None:
+            self.slide_list.highlight(self._current)
+
+    def _source_of(self, sid: str) -> Path | None:
+        if self._view is not None and sid in self._view.sources:
+            return self._view.sources[sid]
+        for p in self._cohort or ():
+            if slide_id(p) == sid:
+                return p
+        return None
+
+    def show_slide(self, sid: str) -> None:
+        """Show slide ``sid`` of the cohort: swap the image layer and the labels (never stack)."""
+        self._current = sid
+        if self._cohort is not None:
+            self._swap_image(sid)
+            self.slide_list.highlight(sid)
+        self._draw_labels()
+        if self._view is not None and sid in self._view.counts:
+            self.table.set_slide_counts(self._view.counts[sid])
+        else:
+            self.table.set_slide_counts(None)
+
+    def _swap_image(self, sid: str) -> None:
+        layer = self._cohort_layer
+        if layer is not None and layer in self._viewer.layers:
+            if layer.name == sid:
+                return
+            self._viewer.layers.remove(layer)
+        self._cohort_layer = None
+        source = self._source_of(sid)
+        mpp = self._view.mpp.get(sid) if self._view is not None else None
+        slide, mpp_known = open_for_viewing(source, mpp=mpp) if source else (None, False)
+        if slide is None:
+            show_warning(
+                f"{source}: slide {sid!r} not found or unreadable — showing its clusters only"
+            )
+            return
+        data, kwargs, _ = slide_layer_data(slide, mpp_known=mpp_known, name=sid)
+        self._cohort_layer = self._viewer.add_image(data, **kwargs)
+        self._viewer.layers.move(self._viewer.layers.index(self._cohort_layer), 0)
+        self._viewer.reset_view()
+
     # ================================================================== running
 
     @property
@@ -354,7 +573,7 @@ class HistoClusterWidget(Container):
         return self._worker is not None
 
     def run_cluster(self, _value: Any = None) -> Any:
-        """Extract features when missing, then K-means, in a worker. Returns the worker (or None)."""
+        """Extract features when missing, then K-means over every slide, in a worker."""
         if self.busy:
             return None
         try:
@@ -362,24 +581,52 @@ class HistoClusterWidget(Container):
         except HistoclusterError as e:
             self._fail(str(e))
             return None
-        self.status.value = f"Clustering {job.slide_path.name} (k={job.k})…"
-        return self._start(_session.run_clustering, job, on_done=self._show_view)
+        self.save_curation()
+        previous = self._view.curation.copy() if self._view is not None else None
+        where = self._view.store_path if self._view is not None else None
+        what = job.slides[0].name if len(job.slides) == 1 else f"{len(job.slides)} slides"
+        self.status.value = f"Clustering {what} (k={job.k})…"
+        return self._start(_session.cluster, job, previous, where, on_done=self._show_view)
+
+    def extract_all(self) -> Any:
+        """Encode the missing tiles of every slide (no clustering), in a worker."""
+        if self.busy:
+            return None
+        try:
+            job = self.job()
+        except HistoclusterError as e:
+            self._fail(str(e))
+            return None
+        self.status.value = f"Extracting {len(job.slides)} slide(s)…"
+        return self._start(_session.ensure_features, job, on_done=self._show_extracted)
+
+    def _show_extracted(self, report: _session.FeatureReport) -> None:
+        self._refresh_slide_list()
+        failed = (
+            f" {len(report.failures)} failed: " + "; ".join(report.failures)
+            if report.failures
+            else ""
+        )
+        self.status.value = _html(f"Encoded {report.encoded} tiles.{failed}")
+        for line in report.failures:
+            show_warning(line)
 
     def _on_k_changed(self, _value: int) -> None:
         if self._view is not None and not self.busy:
             self._recluster_timer.start(RECLUSTER_DELAY_MS)
 
     def _recluster(self) -> None:
-        """k changed: cluster again from the stored features (no encoding)."""
+        """k changed: cluster again from the stored features (no encoding), names carried over."""
         view = self._view
         if view is None:
             return
         if self.busy:
             self._recluster_timer.start(RECLUSTER_DELAY_MS)
             return
-        job = view.job.with_k(int(self.k.value))
-        self.status.value = f"Re-clustering from stored features (k={job.k})…"
-        self._start(_session.recluster, view, job.k, on_done=self._show_view)
+        self.save_curation()
+        k = int(self.k.value)
+        self.status.value = f"Re-clustering from stored features (k={k})…"
+        self._start(_session.recluster, view, k, on_done=self._show_view)
 
     def cancel(self, _value: Any = None) -> None:
         """Ask the running worker to stop at its next progress report."""
@@ -443,17 +690,18 @@ class HistoClusterWidget(Container):
             self._on_worker_error(event[1])
 
     def _on_progress(self, stage: str, done: int, total: int) -> None:
+        label = _session.STAGES.get(stage, stage)
         if stage != self._stage or self._pbar is None:
             self._close_pbar()
             self._stage = stage
-            self._pbar = napari_progress(total=max(total, 1), desc=stage)
+            self._pbar = napari_progress(total=max(total, 1), desc=label)
         self._pbar.n = done
         self._pbar.refresh()
         self.progress_bar.visible = True
         self.progress_bar.max = max(total, 1)
         self.progress_bar.value = min(done, max(total, 1))
-        self.progress_bar.label = stage
-        self.status.value = f"{stage}: {done} / {total}"
+        self.progress_bar.label = label
+        self.status.value = f"{label}: {done} / {total}"
 
     def _close_pbar(self) -> None:
         if self._pbar is not None:
@@ -463,6 +711,7 @@ class HistoClusterWidget(Container):
 
     def _set_busy(self, busy: bool) -> None:
         self.cluster_button.enabled = not busy
+        self.extract_button.enabled = not busy
         self.cancel_button.enabled = busy
         self.export_button.enabled = not busy
         self.progress_bar.visible = busy
@@ -470,8 +719,12 @@ class HistoClusterWidget(Container):
             self.progress_bar.value = 0
 
     def _on_worker_error(self, error: BaseException) -> None:
-        if isinstance(error, Cancelled):
-            self.status.value = "Cancelled. Features encoded so far are kept; Cluster resumes."
+        self._refresh_slide_list()
+        if isinstance(error, Cancelled | KeyboardInterrupt):
+            self.status.value = (
+                "Cancelled. What was finished is kept: encoded features stay in the store "
+                "(Cluster resumes), exported files are complete and listed in the manifest."
+            )
             show_info("HistoCluster: cancelled")
         elif isinstance(error, HistoclusterError):
             self._fail(str(error))
@@ -488,96 +741,200 @@ class HistoClusterWidget(Container):
 
     # ================================================================== result
 
-    def _show_view(self, view: _session.ClusterView) -> None:
-        self._view = view
-        layer = self._clusters_layer(create=True)
-        assert layer is not None
-        slide_layer = self._slide_layer_for(view)
-        offset = tuple(slide_layer.translate[-2:]) if slide_layer is not None else (0.0, 0.0)
-        geom = view.geometry
-        layer.data = label_image(view.labels)
-        layer.scale = geom.scale
-        layer.translate = (geom.translate[0] + offset[0], geom.translate[1] + offset[1])
-        if slide_layer is not None:
-            layer.units = slide_layer.units[-2:]
-        layer.metadata = {
-            **layer.metadata,
-            "histocluster": {
-                "store": str(view.store_path),
-                "run": view.run,
-                "slide_id": view.slide_id,
-            },
-        }
-        names = self.table.names() if self.table.rowCount() == view.k else None
-        selected = [i for i in self.table.selected() if i < view.k]
-        self.table.set_clusters(
-            cluster_colors(view.k), view.counts, view.exemplars, names=names, selected=selected
-        )
-        self._refresh_colors()
-        self._update_layer_features()
-        n = int(view.counts.sum())
-        enc = "encoded " + str(view.n_encoded) if view.n_encoded else "features from the store"
-        self.status.value = (
-            f"{view.slide_id}: {n} tissue tiles in {view.k} clusters ({enc}). "
-            "Click a tile to select its cluster."
-        )
-        self.status.tooltip = f"feature store: {view.store_path}, cluster run {view.run!r}"
+    @property
+    def view(self) -> _session.ClusterView | None:
+        """The cluster run shown (None before the first Cluster)."""
+        return self._view
 
-    def _slide_layer_for(self, view: _session.ClusterView) -> Image | None:
-        for layer in self._viewer.layers:
-            if isinstance(layer, Image) and self._layer_path(layer) == view.slide_path:
-                return layer
+    @property
+    def curation(self):
+        """The shown run's ``Curation`` (names, selection, per-tile overrides), or None."""
+        return None if self._view is None else self._view.curation
+
+    def _forget_view(self) -> None:
+        if self._view is not None:
+            self.save_curation()
+            self._view.curation.disconnect(self._on_curation_change)
+        self._view = None
+        self.gallery.clear_tiles(None)
+        self.table.setRowCount(0)
+        if self._labels_layer is not None and self._labels_layer in self._viewer.layers:
+            self._viewer.layers.remove(self._labels_layer)
+        self._labels_layer = None
+
+    def _show_view(self, view: _session.ClusterView) -> None:
+        if self._view is not None:
+            self._view.curation.disconnect(self._on_curation_change)
+        self._view = view
+        view.curation.connect(self._on_curation_change)
+        if self._current not in view.labels:
+            layer = self._slide_layer() if self._cohort is None else None
+            path = self._layer_path(layer) if layer is not None else None
+            self._current = next(
+                (s for s, p in view.sources.items() if p == path), view.slide_ids[0]
+            )
+        cur = view.curation
+        self.table.set_clusters(
+            cluster_colors(view.k),
+            view.totals,
+            view.exemplars,
+            names=cur.names,
+            selected=[c for c in range(view.k) if cur.is_selected(c)],
+            slide_counts=view.counts.get(self._current),
+        )
+        if view.k != self.k.value:
+            self.k.changed.disconnect(self._on_k_changed)
+            self.k.value = view.k
+            self.k.changed.connect(self._on_k_changed)
+        self.correction_class.reset_choices()
+        self.show_slide(self._current)
+        self._refresh_slide_list()
+        self.gallery.clear_tiles(None)
+        n = int(view.totals.sum())
+        where = f"{len(view.slide_ids)} slides" if len(view.slide_ids) > 1 else view.slide_ids[0]
+        enc = f"encoded {view.encoded}" if view.encoded else "features from the store"
+        lines = [
+            f"{where}: {n} tissue tiles in {view.k} clusters ({enc}). Click a tile to select "
+            "its cluster, a row to see its gallery."
+        ]
+        moved = [line for line in view.carried[1:]] if view.carried else []
+        lines += moved + view.warnings
+        self.status.value = _html(" ".join(lines))
+        self.status.tooltip = _html(
+            f"feature store: {view.store_path}, cluster run {view.run!r}\n"
+            + "\n".join(view.carried)
+        )
+        if moved:
+            show_info("Names carried over: " + "; ".join(moved))
+        for warning in view.warnings:
+            show_warning(warning)
+
+    def _image_layer(self) -> Image | None:
+        """The image layer of the slide shown."""
+        if self._cohort is not None:
+            layer = self._cohort_layer
+            return layer if layer is not None and layer in self._viewer.layers else None
+        if self._view is not None and self._current in self._view.sources:
+            path = self._view.sources[self._current]
+            for layer in self._viewer.layers:
+                if isinstance(layer, Image) and self._layer_path(layer) == path:
+                    return layer
         return self._slide_layer()
 
-    def _clusters_layer(self, create: bool = False) -> Labels | None:
-        if self._view is None:
+    def _offset(self) -> tuple[float, float]:
+        layer = self._image_layer()
+        return tuple(layer.translate[-2:]) if layer is not None else (0.0, 0.0)  # type: ignore[return-value]
+
+    def _geometry(self) -> GridGeometry | None:
+        if self._view is None or self._current not in self._view.geometry:
             return None
-        slide_layer = self._slide_layer_for(self._view)
-        name = (
-            slide_layer.name if slide_layer is not None else self._view.slide_id
-        ) + CLUSTERS_SUFFIX
-        if name in self._viewer.layers:
-            layer = self._viewer.layers[name]
-            return layer if isinstance(layer, Labels) else None
-        if not create:
-            return None
-        layer = self._viewer.add_labels(
-            label_image(self._view.labels),
-            name=name,
-            opacity=OVERLAY_OPACITY,
-            scale=self._view.geometry.scale,
-            translate=self._view.geometry.translate,
-            units=slide_layer.units[-2:] if slide_layer is not None else None,
-        )
-        layer.editable = False
-        return layer
+        return self._view.geometry[self._current]
+
+    def _draw_labels(self) -> None:
+        """(Re)draw the shown slide's clusters, corrections included, in the one labels layer."""
+        view, sid, geom = self._view, self._current, self._geometry()
+        if view is None or sid is None or geom is None:
+            if self._labels_layer is not None and self._labels_layer in self._viewer.layers:
+                self._labels_layer.visible = False
+            return
+        data = curated_label_image(view.labels[sid], view.curation, sid)
+        image = self._image_layer()
+        name = (image.name if image is not None else sid) + CLUSTERS_SUFFIX
+        oy, ox = self._offset()
+        layer = self._labels_layer
+        if layer is None or layer not in self._viewer.layers:
+            layer = self._viewer.add_labels(
+                data,
+                name=name,
+                opacity=OVERLAY_OPACITY,
+                scale=geom.scale,
+                translate=(geom.translate[0] + oy, geom.translate[1] + ox),
+            )
+            layer.editable = False
+            self._labels_layer = layer
+        else:
+            layer.data = data
+            layer.scale = geom.scale
+            layer.translate = (geom.translate[0] + oy, geom.translate[1] + ox)
+            layer.name = name
+            layer.visible = True
+        if image is not None:
+            layer.units = image.units[-2:]
+        layer.metadata = {
+            **layer.metadata,
+            "histocluster": {"store": str(view.store_path), "run": view.run, "slide_id": sid},
+        }
+        self._refresh_colors()
+        self._update_layer_features()
 
     @property
     def clusters_layer(self) -> Labels | None:
-        """The Labels layer showing the current clustering (None before the first Cluster)."""
-        return self._clusters_layer()
+        """The Labels layer showing the current slide's clusters (None before the first Cluster)."""
+        layer = self._labels_layer
+        if self._view is None or layer is None or layer not in self._viewer.layers:
+            return None
+        return layer
 
     def _refresh_colors(self) -> None:
-        layer = self._clusters_layer()
+        layer = self.clusters_layer
         if layer is None or self._view is None:
             return
         visible = set(self.table.selected()) if self.show_selected_only.value else None
         layer.colormap = labels_colormap(cluster_colors(self._view.k), visible)
 
     def _update_layer_features(self) -> None:
-        """Cluster names in the layer's features, so napari's status bar shows them on hover."""
-        layer = self._clusters_layer()
+        """Class names in the layer's features, so napari's status bar shows them on hover."""
+        layer = self.clusters_layer
         if layer is None or self._view is None:
             return
-        import pandas as pd
-
-        names = self.table.names()
+        names = [n or f"cluster {c} (unnamed)" for c, n in enumerate(self._view.curation.names)]
         layer.features = pd.DataFrame(
-            {"index": np.arange(self._view.k + 1), "class": ["no tissue", *names]}
+            {
+                "index": np.arange(self._view.k + 3),
+                "class": ["no tissue", *names, "excluded", "moved (override)"],
+            }
         )
 
-    def _on_selection_changed(self, _selected: list[int]) -> None:
+    # ================================================================== curation
+
+    def _on_selection_changed(self, selected: list[int]) -> None:
+        if self._view is not None:
+            cur, chosen = self._view.curation, set(selected)
+            for c in range(min(cur.k, self.table.rowCount())):
+                cur.select(c, c in chosen)
         self._refresh_colors()
+
+    def _on_name_edited(self, cluster: int, text: str) -> None:
+        if self._view is None:
+            return
+        try:
+            self._view.curation.name_cluster(cluster, text)
+        except (ValueError, TypeError) as e:
+            self._fail(str(e))
+            self.table.set_names(self._view.curation.names)
+
+    def _on_curation_change(self, change: Change) -> None:
+        """The curation changed (here or elsewhere): redraw what depends on it, save soon."""
+        if self._view is None:
+            return
+        if change.kind == "replace":
+            cur = self._view.curation
+            self.table.set_names(cur.names)
+            self.table.set_selected([c for c in range(cur.k) if cur.is_selected(c)])
+        if change.kind in ("name", "override", "replace"):
+            self._draw_labels()
+            self.correction_class.reset_choices()
+        self._save_timer.start(SAVE_DELAY_MS)
+
+    def save_curation(self) -> None:
+        """Write the curation beside its run now (normally done shortly after each edit)."""
+        self._save_timer.stop()
+        if self._view is None:
+            return
+        try:
+            _session.save_curation(self._view)
+        except (HistoclusterError, OSError) as e:
+            self._fail(f"could not save the curation: {e}")
 
     # ================================================================== canvas
 
@@ -598,29 +955,49 @@ class HistoClusterWidget(Container):
             self.click_tile_at(tuple(event.position[-2:]))
 
     def tile_at(self, world_yx: tuple[float, float]) -> tuple[int, int] | None:
-        """(row, col) of the current clustering's tile under a world point (um), or None."""
-        if self._view is None:
+        """(row, col) of the shown slide's tile under a world point (um), or None."""
+        geom = self._geometry()
+        if geom is None:
             return None
-        slide_layer = self._slide_layer_for(self._view)
-        offset = tuple(slide_layer.translate[-2:]) if slide_layer is not None else (0.0, 0.0)
-        return self._view.geometry.tile_at(world_yx, offset)  # type: ignore[arg-type]
+        return geom.tile_at(world_yx, self._offset())
 
     def click_tile_at(self, world_yx: tuple[float, float]) -> int | None:
         """Select (or unselect) the cluster of the tile at ``world_yx``; returns the cluster."""
         tile = self.tile_at(world_yx)
-        if tile is None or self._view is None:
+        if tile is None or self._view is None or self._current is None:
             return None
         self._query_tile = tile
-        cluster = int(self._view.labels[tile])
+        cluster = int(self._view.labels[self._current][tile])
         if cluster < 0:
             self.status.value = f"tile {tile}: no tissue"
             return None
         self.table.toggle(cluster)
         state = "selected" if cluster in self.table.selected() else "unselected"
-        self.status.value = (
-            f"tile {tile}: cluster {cluster} ({self.table.names()[cluster]}) {state}"
-        )
+        name = self._view.curation.name_of(cluster) or "unnamed"
+        self.status.value = f"tile {tile}: cluster {cluster} ({name}) {state}"
         return cluster
+
+    def correct_tile_at(self, world_yx: tuple[float, float], action: str) -> tuple[int, int] | None:
+        """Per-tile correction of the tile at ``world_yx``: ``move`` (to 'correct to'), ``exclude``, ``restore``."""
+        tile = self.tile_at(world_yx)
+        if tile is None or self._view is None or self._current is None:
+            show_warning("Put the cursor over a tile of the clustered slide")
+            return None
+        cur, sid = self._view.curation, self._current
+        if action == "restore":
+            cur.clear_override(sid, *tile)
+            self.status.value = f"tile {tile} of {sid}: back to its cluster"
+        elif action == "exclude":
+            cur.override_tile(sid, *tile, None)
+            self.status.value = f"tile {tile} of {sid}: excluded from export"
+        else:
+            name = self.correction_class.value
+            if not name:
+                self._fail("Name a cluster first, then pick the class under 'correct to'")
+                return None
+            cur.override_tile(sid, *tile, name)
+            self.status.value = f"tile {tile} of {sid}: moved to {name!r}"
+        return tile
 
     def _find_similar_at_cursor(self, viewer: Any) -> None:
         tile = self.tile_at(tuple(viewer.cursor.position[-2:]))
@@ -630,8 +1007,8 @@ class HistoClusterWidget(Container):
         self.find_similar(tile)
 
     def find_similar(self, tile: tuple[int, int] | None = None) -> list[tuple[int, int, float]]:
-        """Mark the tiles of this slide most similar to ``tile`` (default: the last clicked)."""
-        if self._view is None:
+        """Mark the tiles of the shown slide most similar to ``tile`` (default: the last clicked)."""
+        if self._view is None or self._current is None:
             self._fail("Find similar: cluster a slide first")
             return []
         tile = tile or self._query_tile
@@ -639,35 +1016,35 @@ class HistoClusterWidget(Container):
             self._fail("Find similar: click a tile first, or press Shift-F over one")
             return []
         try:
-            hits = _session.similar_tiles(self._view, tile, int(self.n_similar.value))
+            hits = _session.similar_tiles(
+                self._view, self._current, tile, int(self.n_similar.value)
+            )
         except HistoclusterError as e:
             self._fail(str(e))
             return []
-        self._draw_similar(tile, hits)
+        image = self._image_layer()
+        name = (image.name if image is not None else self._current) + SIMILAR_SUFFIX
+        rects = [self._tile_rect(*tile)] + [self._tile_rect(r, c) for r, c, _ in hits]
+        self._draw_rects(name, rects, ["cyan"] + ["yellow"] * len(hits))
         self.status.value = (
             f"{len(hits)} tiles most similar to tile {tile} marked (yellow; the query in cyan)."
         )
         return hits
 
-    def _draw_similar(self, query: tuple[int, int], hits: list[tuple[int, int, float]]) -> None:
-        assert self._view is not None
-        geom = self._view.geometry
-        slide_layer = self._slide_layer_for(self._view)
-        oy, ox = tuple(slide_layer.translate[-2:]) if slide_layer is not None else (0.0, 0.0)
+    def _tile_rect(self, row: int, col: int) -> np.ndarray:
+        geom = self._geometry()
+        assert geom is not None
+        oy, ox = self._offset()
+        x0, y0, x1, y1 = geom.tile_bounds_l0(row, col)
+        mx, my = geom.mpp
+        ys = np.array([y0, y1]) * my - 0.5 * my + oy
+        xs = np.array([x0, x1]) * mx - 0.5 * mx + ox
+        return np.array([[ys[0], xs[0]], [ys[0], xs[1]], [ys[1], xs[1]], [ys[1], xs[0]]])
 
-        def rect(row: int, col: int) -> np.ndarray:
-            x0, y0, x1, y1 = geom.tile_bounds_l0(row, col)
-            mx, my = geom.mpp
-            ys = np.array([y0, y1]) * my - 0.5 * my + oy
-            xs = np.array([x0, x1]) * mx - 0.5 * mx + ox
-            return np.array([[ys[0], xs[0]], [ys[0], xs[1]], [ys[1], xs[1]], [ys[1], xs[0]]])
-
-        rects = [rect(*query)] + [rect(r, c) for r, c, _ in hits]
-        colors = ["cyan"] + ["yellow"] * len(hits)
-        name = (
-            slide_layer.name if slide_layer is not None else self._view.slide_id
-        ) + SIMILAR_SUFFIX
-        width = 0.08 * geom.tile_l0[0] * geom.mpp[0]
+    def _draw_rects(self, name: str, rects: list[np.ndarray], colors: list[str]) -> Shapes:
+        geom = self._geometry()
+        assert geom is not None
+        image = self._image_layer()
         if name in self._viewer.layers:
             self._viewer.layers.remove(name)
         layer = self._viewer.add_shapes(
@@ -675,27 +1052,126 @@ class HistoClusterWidget(Container):
             shape_type="rectangle",
             edge_color=colors,
             face_color="transparent",
-            edge_width=width,
+            edge_width=0.08 * geom.tile_l0[0] * geom.mpp[0],
             name=name,
-            units=slide_layer.units[-2:] if slide_layer is not None else None,
+            units=image.units[-2:] if image is not None else None,
         )
-        assert isinstance(layer, Shapes)
-        self._viewer.layers.selection.active = self._clusters_layer() or layer
+        self._viewer.layers.selection.active = self.clusters_layer or layer
+        return layer
+
+    # ================================================================== gallery
+
+    def show_gallery(self, cluster: int) -> Any:
+        """Fill the gallery with ``cluster``'s tiles across slides (a worker reads them)."""
+        if self._view is None or not 0 <= cluster < self._view.k:
+            return None
+        self._gallery_stop.set()
+        self._gallery_generation += 1
+        self._gallery_stop = threading.Event()
+        self.gallery.clear_tiles(cluster)
+        self._gallery_order, self._gallery_next = [], 0
+        view, gen, bridge = self._view, self._gallery_generation, self._gallery_bridge
+
+        def work() -> None:
+            try:
+                store = FeatureStore.open(view.store_path)
+                order = gallery_order(store, view.run, cluster, view.labels)
+                bridge.event.emit(("order", gen, order, None))
+            except BaseException as e:
+                bridge.event.emit(("end", gen, None, e))
+
+        self._gallery_loading = True
+        worker = create_worker(work, _start_thread=False, _ignore_errors=True)
+        worker.start()
+        return worker
+
+    def _gallery_more(self) -> None:
+        """Read the next page of gallery tiles (on scrolling to the end)."""
+        if self._gallery_loading or self._view is None:
+            return
+        tiles = self._gallery_order[self._gallery_next : self._gallery_next + PAGE]
+        if not tiles:
+            return
+        self._gallery_next += len(tiles)
+        gen, stop, bridge = self._gallery_generation, self._gallery_stop, self._gallery_bridge
+        store_path = str(self._view.store_path)
+
+        def work() -> None:
+            try:
+                for tile, rgb in read_gallery(store_path, tiles):
+                    if stop.is_set():
+                        break
+                    bridge.event.emit(("tile", gen, tile, rgb))
+                bridge.event.emit(("end", gen, None, None))
+            except BaseException as e:
+                bridge.event.emit(("end", gen, None, e))
+
+        self._gallery_loading = True
+        worker = create_worker(work, _start_thread=False, _ignore_errors=True)
+        worker.start()
+
+    def _on_gallery_event(self, event: tuple) -> None:
+        kind, gen, payload, error = event
+        if gen != self._gallery_generation:
+            return  # an older cluster's tiles
+        if kind == "order":
+            self._gallery_order = payload
+            self._gallery_loading = False
+            self._gallery_more()
+        elif kind == "tile":
+            self.gallery.add_tile(payload, error)
+        else:
+            self._gallery_loading = False
+            if error is not None and not isinstance(error, Cancelled):
+                self._fail(f"gallery: {error}")
+
+    @property
+    def gallery_loading(self) -> bool:
+        return self._gallery_loading
+
+    def jump_to_tile(self, sid: str, row: int, col: int) -> None:
+        """Open slide ``sid`` if needed, centre and zoom on tile (row, col) and outline it."""
+        if self._view is None:
+            return
+        if sid != self._current:
+            if self._cohort is None:
+                self._fail(f"{sid}: open its slide to see this tile")
+                return
+            self.show_slide(sid)
+        geom = self._geometry()
+        if geom is None:
+            return
+        rect = self._tile_rect(row, col)
+        self._draw_rects(MARK_LAYER, [rect], ["magenta"])
+        centre = rect.mean(axis=0)
+        self._viewer.camera.center = (float(centre[0]), float(centre[1]))
+        side = float(np.ptp(rect[:, 0]))
+        canvas = getattr(self._viewer, "_canvas_size", None) or (600, 600)
+        self._viewer.camera.zoom = min(canvas) / (4.0 * side)  # the tile spans a quarter
+        self._query_tile = (row, col)
+        cluster = int(self._view.labels[sid][row, col])
+        self.status.value = f"{sid}, tile ({row}, {col}): cluster {cluster}"
 
     # ================================================================== export
 
     def export_selected(self, _value: Any = None) -> Any:
-        """Export the selected clusters with their names through ``engine.export`` (in a worker)."""
+        """Export the curation (selected named clusters, per-tile corrections) through ``engine.export``."""
         if self._view is None:
             self._fail("Export: cluster a slide first")
             return None
-        selected = self.table.selected()
-        if not selected:
+        cur = self._view.curation
+        selected = [c for c in range(cur.k) if cur.is_selected(c)]
+        if not selected and not cur.n_overrides():
             self._fail("Export: select at least one cluster (tick it in the table or click a tile)")
             return None
-        names = self.table.names()
-        chosen = [names[i] for i in selected]
-        problem = _session.check_names(chosen)
+        unnamed = [c for c in selected if cur.name_of(c) is None]
+        if unnamed:
+            self._fail(
+                f"Export: cluster(s) {', '.join(map(str, unnamed))} are selected but have no "
+                "class name — type one in the 'class name' column"
+            )
+            return None
+        problem = _session.check_names(cur.exported_classes())
         if problem:
             self._fail(f"Export: {problem}")
             return None
@@ -706,27 +1182,24 @@ class HistoClusterWidget(Container):
         if self.busy:
             return None
         out = Path(out_text).expanduser()
-        self.status.value = f"Exporting {len(selected)} clusters to {out}…"
-        return self._start(
-            _session.export_clusters,
-            self._view,
-            selected,
-            chosen,
-            out,
-            on_done=self._show_export,
-        )
+        self.status.value = f"Exporting {', '.join(cur.exported_classes())} to {out}…"
+        return self._start(_session.export_curation, self._view, out, on_done=self._show_export)
 
     def _show_export(self, report: _session.ExportReport) -> None:
         lines = ", ".join(f"{name}: {n}" for name, n in report.per_class.items())
+        slides = "; ".join(
+            f"{sid} " + ", ".join(f"{c} {n}" for c, n in per.items())
+            for sid, per in report.per_slide.items()
+        )
         message = f"Exported {report.total} patches to {report.out_dir} ({lines})"
-        self.status.value = _html(message + ". " + " ".join(report.warnings))
+        self.status.value = _html(f"{message}. Per slide: {slides}. " + " ".join(report.warnings))
         show_info(message)
         for warning in report.warnings:
             show_warning(warning)
 
 
 class _ViewerHooks:
-    """The widget's mouse callback and key binding on the viewer, holding the widget weakly.
+    """The widget's mouse callback and key bindings on the viewer, holding the widget weakly.
 
     The viewer outlives the widget; once the widget is gone (its dock closed), the hooks remove
     themselves instead of keeping it alive.
@@ -737,6 +1210,9 @@ class _ViewerHooks:
         self._viewer = weakref.ref(viewer)
         viewer.mouse_drag_callbacks.append(self.on_mouse)
         viewer.bind_key("Shift-F", self.on_find_similar, overwrite=True)
+        for key, action in KEYS.items():
+            if action != "find similar":
+                viewer.bind_key(key, self._correction(action), overwrite=True)
 
     def _alive(self) -> HistoClusterWidget | None:
         widget = self._widget()
@@ -750,7 +1226,8 @@ class _ViewerHooks:
             return
         if self.on_mouse in viewer.mouse_drag_callbacks:
             viewer.mouse_drag_callbacks.remove(self.on_mouse)
-        viewer.bind_key("Shift-F", None, overwrite=True)
+        for key in KEYS:
+            viewer.bind_key(key, None, overwrite=True)
 
     def on_mouse(self, viewer: Any, event: Any) -> Any:
         widget = self._alive()
@@ -761,6 +1238,14 @@ class _ViewerHooks:
         widget = self._alive()
         if widget is not None:
             widget._find_similar_at_cursor(viewer)
+
+    def _correction(self, action: str) -> Any:
+        def on_key(viewer: Any) -> None:
+            widget = self._alive()
+            if widget is not None:
+                widget.correct_tile_at(tuple(viewer.cursor.position[-2:]), action)
+
+        return on_key
 
 
 def _html(text: str) -> str:

@@ -12,10 +12,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.sample_data import SAMPLE_SLIDE as SAMPLE_SLIDE_NAME
+from engine.sample_data import sample_slide_path
 from histocluster_napari._reader import napari_get_reader
 from histocluster_napari._triton_guard import block_triton
 
-SAMPLE_SLIDE = Path(__file__).resolve().parent.parent / "sample_data" / "sample_slide.tiff"
+SAMPLE_SLIDE = sample_slide_path() or Path("sample_data") / SAMPLE_SLIDE_NAME
+"""The installed sample slide (``engine.sample_data``), found by editable and wheel installs."""
 
 
 @dataclass

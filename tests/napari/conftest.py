@@ -36,3 +36,36 @@ def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def artifacts() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def cohort_dir(tmp_path_factory, sample_slide: Path, cmu_svs: Path) -> Path:
+    """A folder of three slides: the real CMU-1-Small-Region.svs, the sample slide and a second
+    generated slide (seed 1, half size), linked into one folder."""
+    import subprocess
+    import sys
+
+    folder = tmp_path_factory.mktemp("cohort")
+    subprocess.run(
+        [
+            sys.executable,
+            str(SAMPLE_DATA / "make_sample_slide.py"),
+            "--out-dir",
+            str(folder / "gen"),
+            "--seed",
+            "1",
+            "--width",
+            "2688",
+            "--height",
+            "2016",
+            "--name",
+            "second_slide",
+            "--quiet",
+        ],
+        check=True,
+        timeout=300,
+    )
+    (folder / "slides").mkdir()
+    for src in (cmu_svs, sample_slide, folder / "gen" / "second_slide.tiff"):
+        (folder / "slides" / src.name).symlink_to(src)
+    return folder / "slides"

@@ -11,7 +11,7 @@ import tifffile
 from engine.slide import SLIDE_SUFFIXES, open_slide
 from engine.tiling import Tiling
 from histocluster_napari._reader import napari_get_reader
-from histocluster_napari._session import ClusterJob, run_clustering
+from histocluster_napari._session import ClusterJob, cluster
 from histocluster_napari._slide_layers import METADATA_KEY, slide_pyramid
 from tests.conftest import REPO
 from tests.napari.conftest import FAST
@@ -112,16 +112,17 @@ def test_reader_opens_a_feature_store_with_its_latest_clusters(
 ) -> None:
     store = tmp_path / "features.zarr"
     tiling = Tiling(tile_px=FAST["tile_px"], target_mpp=FAST["target_mpp"])
-    job = ClusterJob(sample_slide, None, FAST["encoder"], tiling, FAST["k"], store)
-    view = run_clustering(job)
+    job = ClusterJob((sample_slide,), None, FAST["encoder"], tiling, FAST["k"], store)
+    view = cluster(job)
     viewer = make_napari_viewer()
     layers = viewer.open(str(store), plugin="histocluster")
     assert [type(layer).__name__ for layer in layers] == ["Image", "Labels"]
     image, labels = layers
     assert image.multiscale and image.name == "sample_slide"
-    np.testing.assert_array_equal(np.asarray(labels.data), view.labels.astype(int) + 1)
-    np.testing.assert_allclose(labels.scale, view.geometry.scale)
-    np.testing.assert_allclose(labels.translate, view.geometry.translate)
+    sid = "sample_slide"
+    np.testing.assert_array_equal(np.asarray(labels.data), view.labels[sid].astype(int) + 1)
+    np.testing.assert_allclose(labels.scale, view.geometry[sid].scale)
+    np.testing.assert_allclose(labels.translate, view.geometry[sid].translate)
 
 
 def test_reader_returns_none_for_a_zarr_that_is_not_a_feature_store(tmp_path: Path) -> None:

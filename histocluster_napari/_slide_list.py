@@ -1,0 +1,74 @@
+"""The cohort's slide list in the HistoCluster widget: slide, tissue tiles, encoded tiles, status."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from qtpy.QtCore import Qt, Signal
+from qtpy.QtWidgets import QAbstractItemView, QHeaderView, QTableWidget, QTableWidgetItem
+
+from histocluster_napari._cohort import SlideRow
+
+HEADERS = ("slide", "tissue tiles", "encoded", "status")
+
+
+class SlideList(QTableWidget):
+    """One row per slide of the cohort; emits ``slide_chosen(slide_id)`` when a row is clicked."""
+
+    slide_chosen = Signal(str)
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(0, len(HEADERS), parent)
+        self.setHorizontalHeaderLabels(HEADERS)
+        self.verticalHeader().setVisible(False)
+        self.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+        self.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        header = self.horizontalHeader()
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        for col in (1, 2, 3):
+            header.setSectionResizeMode(col, QHeaderView.ResizeMode.ResizeToContents)
+        self.setMinimumHeight(110)
+        self._ids: list[str] = []
+        self.cellClicked.connect(lambda row, _col: self.slide_chosen.emit(self._ids[row]))
+
+    def set_rows(self, rows: Sequence[SlideRow]) -> None:
+        """Show ``rows`` (keeps the highlighted slide when it is still listed)."""
+        current = self.current()
+        self._ids = [r.slide_id for r in rows]
+        self.setRowCount(len(rows))
+        for i, r in enumerate(rows):
+            cells = (
+                r.slide_id,
+                "" if r.tissue is None else str(r.tissue),
+                "" if r.encoded is None else str(r.encoded),
+                r.status,
+            )
+            for col, text in enumerate(cells):
+                item = QTableWidgetItem(text)
+                if col in (1, 2):
+                    item.setTextAlignment(
+                        Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter
+                    )
+                if col == 0:
+                    item.setToolTip(str(r.path))
+                self.setItem(i, col, item)
+        if current in self._ids:
+            self.highlight(current)
+
+    def slide_ids(self) -> list[str]:
+        return list(self._ids)
+
+    def highlight(self, slide_id: str) -> None:
+        """Mark ``slide_id``'s row as the slide shown (emits nothing)."""
+        if slide_id in self._ids:
+            self.blockSignals(True)
+            self.selectRow(self._ids.index(slide_id))
+            self.blockSignals(False)
+
+    def current(self) -> str | None:
+        rows = self.selectionModel().selectedRows() if self.selectionModel() else []
+        return self._ids[rows[0].row()] if rows and rows[0].row() < len(self._ids) else None
+
+    def status_of(self, slide_id: str) -> str:
+        return self.item(self._ids.index(slide_id), 3).text()

@@ -1,0 +1,122 @@
+"""A cohort in the widget (real viewer, Xvfb): three slides, one K-means, one slide shown at a
+time, the gallery of a cluster across slides, a multi-slide store through the reader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.slide import slide_id
+from engine.store import FeatureStore
+from histocluster_napari._cluster_table import COL_COUNT, COL_SLIDE
+from histocluster_napari._gallery import gallery_order
+from histocluster_napari._widget import MARK_LAYER, HistoClusterWidget
+from tests.napari.conftest import FAST
+from tests.napari.test_widget import TIMEOUT_MS, wait_idle
+
+pytestmark = pytest.mark.gui
+SLIDES = ["CMU-1-Small-Region", "sample_slide", "second_slide"]
+
+
+def cohort_widget(make_napari_viewer, folder: Path, store: Path, **settings):
+    viewer = make_napari_viewer()
+    widget = HistoClusterWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="HistoCluster")
+    for name, value in {**FAST, **settings}.items():
+        getattr(widget, name).value = value
+    widget.store.value = str(store)
+    widget.open_folder(folder)
+    return viewer, widget
+
+
+def kinds(viewer) -> list[str]:
+    return [type(layer).__name__ for layer in viewer.layers]
+
+
+@pytest.fixture
+def clustered_cohort(make_napari_viewer, qtbot, cohort_dir, tmp_path, isolated_cache):
+    store = tmp_path / "cohort.zarr"
+    viewer, widget = cohort_widget(make_napari_viewer, cohort_dir, store)
+    assert widget.slide_list.slide_ids() == SLIDES
+    assert kinds(viewer) == ["Image"] and viewer.layers[0].name == SLIDES[0]
+    assert widget.slide_list.status_of("sample_slide") == "not extracted"
+    widget.run_cluster()
+    wait_idle(qtbot, widget)
+    assert widget.view is not None, widget.status.value
+    return viewer, widget, store
+
+
+def test_a_cohort_is_clustered_once_and_shown_one_slide_at_a_time(qtbot, clustered_cohort):
+    viewer, widget, store = clustered_cohort
+    view = widget.view
+    assert view.slide_ids == sorted(SLIDES) and FeatureStore.open(store).cluster_runs() == [
+        view.run
+    ]
+    assert [widget.slide_list.status_of(s) for s in SLIDES] == ["encoded"] * 3
+    totals = [int(widget.table.item(i, COL_COUNT).text()) for i in range(FAST["k"])]
+    assert totals == list(view.totals) and sum(totals) == sum(
+        int((view.labels[s] >= 0).sum()) for s in SLIDES
+    )
+    for sid in [SLIDES[1], SLIDES[2], SLIDES[0]]:
+        widget.slide_list.slide_chosen.emit(sid)  # what clicking its row does
+        assert kinds(viewer) == ["Image", "Labels"], [layer.name for layer in viewer.layers]
+        image, labels = viewer.layers
+        assert image.name == sid and labels.name == f"{sid} clusters"
+        np.testing.assert_array_equal(np.asarray(labels.data), view.labels[sid].astype(int) + 1)
+        np.testing.assert_allclose(labels.scale, view.geometry[sid].scale)
+        here = [int(widget.table.item(i, COL_SLIDE).text()) for i in range(FAST["k"])]
+        assert here == list(view.counts[sid])
+        assert image.metadata["histocluster"]["slide_path"].endswith(
+            {"CMU-1-Small-Region": ".svs"}.get(sid, ".tiff")
+        )
+
+
+def test_gallery_shows_a_cluster_across_slides_and_a_click_jumps_to_the_tile(
+    qtbot, clustered_cohort
+):
+    viewer, widget, store = clustered_cohort
+    view = widget.view
+    # The cluster present on the most slides.
+    spread = [sum(int((view.labels[s] == c).any()) for s in SLIDES) for c in range(view.k)]
+    cluster = int(np.argmax(spread))
+    widget.table.cellClicked.emit(cluster, 1)  # clicking a row opens its gallery
+    size = int(view.totals[cluster])
+    qtbot.waitUntil(
+        lambda: widget.gallery.count() == min(size, 24) and not widget.gallery_loading,
+        timeout=TIMEOUT_MS,
+    )
+    tiles = widget.gallery.tiles()
+    assert all(view.labels[s][r, c] == cluster for s, r, c in tiles)
+    assert len({s for s, _, _ in tiles}) == spread[cluster]  # drawn from every slide it is on
+    order = gallery_order(FeatureStore.open(store), view.run, cluster, view.labels)
+    assert len(order) == size and [(t.slide_id, t.row, t.col) for t in order[: len(tiles)]] == tiles
+    # Click a tile of a slide other than the one shown: that slide opens, centred on the tile.
+    i = next(i for i, (s, _, _) in enumerate(tiles) if s != widget._current)
+    sid, row, col = tiles[i]
+    widget.gallery.click(i)
+    assert widget._current == sid and kinds(viewer)[:2] == ["Image", "Labels"]
+    assert viewer.layers[0].name == sid
+    labels = viewer.layers[f"{sid} clusters"]
+    assert widget.tile_at(tuple(viewer.camera.center[-2:])) == (row, col)
+    mark = viewer.layers[MARK_LAYER]
+    ys, xs = mark.data[0][:, 0], mark.data[0][:, 1]
+    centre = labels.data_to_world((row, col))
+    assert ys.min() < centre[0] < ys.max() and xs.min() < centre[1] < xs.max()
+
+
+def test_a_multi_slide_store_opens_one_slide_in_the_reader(make_napari_viewer, clustered_cohort):
+    _, widget, store = clustered_cohort
+    viewer = make_napari_viewer()
+    layers = viewer.open(str(store), plugin="histocluster")
+    assert [type(layer).__name__ for layer in layers] == ["Image", "Labels"]
+    sid = layers[0].name
+    assert sid in SLIDES and layers[1].name == f"{sid} clusters"
+    np.testing.assert_array_equal(
+        np.asarray(layers[1].data), widget.view.labels[sid].astype(int) + 1
+    )
+
+
+def test_cohort_slide_ids_are_the_file_stems(cohort_dir):
+    assert sorted(slide_id(p) for p in cohort_dir.iterdir()) == sorted(SLIDES)
