@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from PIL import Image
 
 from engine.errors import HistoclusterError
 from engine.evaluate.images import find_undecodable, is_image_file
@@ -454,8 +455,6 @@ def _image_mask_pairs(folder: Path) -> tuple[list[Path], list[Path]]:
 
 def _image_size(path: Path) -> tuple[int, int] | None:
     """(width, height) from the file's header, or None when it cannot be read."""
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             return im.size
@@ -469,8 +468,6 @@ def _mask_values(images: Sequence[Path], masks: Sequence[Path]) -> dict[int, Pat
     Raises :class:`DatasetError` naming the mask for a mask that is not single-channel or not
     the size of its image (a mask is never stretched to fit: it would mislabel the pixels).
     """
-    from PIL import Image
-
     values: dict[int, Path] = {}
     for img, p in zip(images, masks, strict=True):
         try:
