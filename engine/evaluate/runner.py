@@ -76,6 +76,7 @@ class EvalResult:
     ran: int
     resumed: int
     skipped_files: int
+    warnings: tuple[str, ...] = ()
 
 
 def check_config(cfg: EvalConfig) -> None:
@@ -208,16 +209,16 @@ def run(
     device = _device(cfg)
     load = load_encoder or _default_loader(cfg.trust_checkpoint)
 
+    warnings: list[str] = []
     samples = load_samples(cfg.dataset, cfg.task)
     samples, skipped = drop_undecodable(samples, workers=max(1, cfg.workers), progress=progress)
     cfg.out.mkdir(parents=True, exist_ok=True)
     if skipped:
         listing = "\n".join(f"{p}\t{reason}" for p, reason in sorted(skipped.items()))
         atomic_write_text(cfg.out / "skipped_files.txt", listing + "\n")
-        print(
-            f"warning: {len(skipped)} file(s) could not be decoded and were skipped — "
-            f"listed in {cfg.out / 'skipped_files.txt'}",
-            file=sys.stderr,
+        warnings.append(
+            f"{len(skipped)} file(s) could not be decoded and were skipped — "
+            f"listed in {cfg.out / 'skipped_files.txt'}"
         )
     plan = _splits(cfg, samples)
     write_config(
@@ -262,7 +263,9 @@ def run(
             _write_reports_quietly(cfg)
         raise
     md, png = write_reports(cfg)
-    return EvalResult(results.path, md, png, len(cells), ran, resumed, len(skipped))
+    return EvalResult(
+        results.path, md, png, len(cells), ran, resumed, len(skipped), tuple(warnings)
+    )
 
 
 def _write_reports_quietly(cfg: EvalConfig) -> None:
