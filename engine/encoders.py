@@ -162,10 +162,16 @@ _ENTRIES: tuple[EncoderEntry, ...] = (
         )
         for arch, dim in (("resnet18", 512), ("resnet50", 2048))
     ),
+    # ---- pathology foundation models -------------------------------------------------------
+    # Each comment says where the settings were read ("card": the model card or official README;
+    # otherwise the authors' own loading code or another named source), read with the search
+    # tool; "not retrieved" marks what no source confirmed.
     EncoderEntry(
-        # https://huggingface.co/MahmoodLab/UNI (gated): timm.create_model("vit_large_patch16_224",
-        # img_size=224, patch_size=16, init_values=1e-5, num_classes=0, dynamic_img_size=True);
-        # ImageNet normalisation; config.json: global_pool "token", 1024 features; trained at 20x.
+        # Card https://huggingface.co/MahmoodLab/UNI (gated) and the authors' loader
+        # github.com/mahmoodlab/UNI uni/get_encoder/get_encoder.py: timm.create_model(
+        # "vit_large_patch16_224", img_size=224, patch_size=16, init_values=1e-5, num_classes=0,
+        # dynamic_img_size=True), strict load of pytorch_model.bin, ImageNet normalisation,
+        # class token (1024-d). Trained at 20x (0.5 um/px).
         name="uni",
         family="timm",
         arch="vit_large_patch16_224",
@@ -185,10 +191,12 @@ _ENTRIES: tuple[EncoderEntry, ...] = (
         card="https://huggingface.co/MahmoodLab/UNI",
     ),
     EncoderEntry(
-        # https://huggingface.co/MahmoodLab/UNI2-h (gated): timm_kwargs of the card —
-        # vit_giant_patch14_224, img_size 224, patch 14, depth 24, 24 heads, init_values 1e-5,
-        # embed_dim 1536, mlp_ratio 2.66667*2, num_classes 0, no_embed_class, SwiGLUPacked, SiLU,
-        # reg_tokens 8, dynamic_img_size; class token, 1536-d; ImageNet normalisation.
+        # Card https://huggingface.co/MahmoodLab/UNI2-h (gated); the same timm_kwargs in
+        # github.com/mahmoodlab/UNI uni/get_encoder/get_encoder.py ('uni2-h') and in kaiko-ai/eva
+        # backbones/pathology/mahmood.py: vit_giant_patch14_224, img_size 224, patch 14, depth 24,
+        # 24 heads, init_values 1e-5, embed_dim 1536, mlp_ratio 2.66667*2, num_classes 0,
+        # no_embed_class, SwiGLUPacked, SiLU, reg_tokens 8, dynamic_img_size; pytorch_model.bin;
+        # ImageNet normalisation; class token, 1536-d.
         name="uni2-h",
         family="timm",
         arch="vit_giant_patch14_224",
@@ -220,10 +228,14 @@ _ENTRIES: tuple[EncoderEntry, ...] = (
         card="https://huggingface.co/MahmoodLab/UNI2-h",
     ),
     EncoderEntry(
-        # https://huggingface.co/paige-ai/Virchow2 (gated): timm "hf-hub:paige-ai/Virchow2" with
-        # mlp_layer=SwiGLUPacked, act_layer=SiLU; config.json: vit_huge_patch14_224, img_size 224,
-        # init_values 1e-5, mlp_ratio 5.3375, reg_tokens 4, global_pool "", dynamic_img_size;
-        # embedding = cat(class token, mean of patch tokens output[:, 5:]) = 2560-d; 0.5 um/px.
+        # Card https://huggingface.co/paige-ai/Virchow2 (gated, CC-BY-NC-ND-4.0): timm
+        # "hf-hub:paige-ai/Virchow2" with mlp_layer=SwiGLUPacked, act_layer=SiLU; embedding =
+        # cat(output[:, 0], output[:, 5:].mean(1)) (tokens 1-4 are registers) = 2560-d. Its
+        # config.json, as reproduced by mahmoodlab/TRIDENT patch_encoder_models/load.py and
+        # kaiko-ai/eva (num_register_tokens=4): vit_huge_patch14_224, img_size 224, init_values
+        # 1e-5, num_classes 0, reg_tokens 4, mlp_ratio 5.3375, global_pool "", dynamic_img_size;
+        # ImageNet mean/std. Trained at mixed magnifications (5x-40x, arXiv 2408.00738); 0.5 um/px
+        # is the nominal 20x, not a card value.
         name="virchow2",
         family="timm",
         arch="vit_huge_patch14_224",
@@ -251,14 +263,21 @@ _ENTRIES: tuple[EncoderEntry, ...] = (
         card="https://huggingface.co/paige-ai/Virchow2",
     ),
     EncoderEntry(
-        # https://huggingface.co/bioptimus/H-optimus-0: timm "hf-hub:bioptimus/H-optimus-0" with
-        # init_values=1e-5, dynamic_img_size=False; config.json: vit_giant_patch14_reg4_dinov2,
-        # global_pool "token", 1536 features, input 224, mean (0.707223, 0.578729, 0.703617),
-        # std (0.211883, 0.230117, 0.177517), Apache 2.0; tiles of 224 px at 0.5 um/px.
+        # Card https://huggingface.co/bioptimus/H-optimus-0: timm "hf-hub:bioptimus/H-optimus-0"
+        # with init_values=1e-5, dynamic_img_size=False; config.json: vit_giant_patch14_reg4_dinov2,
+        # global_pool "token", 1536 features, 224 px, mean (0.707223, 0.578729, 0.703617), std
+        # (0.211883, 0.230117, 0.177517), Apache 2.0; 224-px tiles at 0.5 um/px. Same kwargs in
+        # mahmoodlab/TRIDENT (local pytorch_model.bin, strict).
         name="h-optimus-0",
         family="timm",
         arch="vit_giant_patch14_reg4_dinov2",
-        kwargs=_kw(img_size=224, init_values=1e-5, dynamic_img_size=False, num_classes=0),
+        kwargs=_kw(
+            img_size=224,
+            init_values=1e-5,
+            dynamic_img_size=False,
+            num_classes=0,
+            global_pool="token",
+        ),
         dim=1536,
         input_px=224,
         mean=(0.707223, 0.578729, 0.703617),
@@ -272,29 +291,41 @@ _ENTRIES: tuple[EncoderEntry, ...] = (
         card="https://huggingface.co/bioptimus/H-optimus-0",
     ),
     EncoderEntry(
-        # https://huggingface.co/bioptimus/H-optimus-1 (gated): same architecture and
-        # normalisation constants as H-optimus-0 (vit_giant_patch14_reg4_dinov2, 1536-d class token).
+        # https://huggingface.co/bioptimus/H-optimus-1 (gated): timm "hf_hub:bioptimus/H-optimus-1"
+        # with init_values=1e-5, dynamic_img_size=False; architecture, file (pytorch_model.bin) and
+        # normalisation as H-optimus-0 per mahmoodlab/TRIDENT (HOptimus1InferenceEncoder). The
+        # card's licence text was not retrieved: read it before use.
         name="h-optimus-1",
         family="timm",
         arch="vit_giant_patch14_reg4_dinov2",
-        kwargs=_kw(img_size=224, init_values=1e-5, dynamic_img_size=False, num_classes=0),
+        kwargs=_kw(
+            img_size=224,
+            init_values=1e-5,
+            dynamic_img_size=False,
+            num_classes=0,
+            global_pool="token",
+        ),
         dim=1536,
         input_px=224,
         mean=(0.707223, 0.578729, 0.703617),
         std=(0.211883, 0.230117, 0.177517),
         embedding="cls",
         mpp=0.5,
-        licence="other (Bioptimus non-commercial)",
+        licence="other (gated; terms on the model card)",
         hub_id="bioptimus/H-optimus-1",
         filename="pytorch_model.bin",
         gated=True,
         card="https://huggingface.co/bioptimus/H-optimus-1",
     ),
     EncoderEntry(
-        # https://huggingface.co/prov-gigapath/prov-gigapath (gated): tile encoder
-        # timm "hf_hub:prov-gigapath/prov-gigapath"; config.json: vit_giant_patch14_dinov2 with
-        # img_size 224, patch_size 16, embed_dim 1536, depth 40, 24 heads, init_values 1e-5,
-        # mlp_ratio 5.33334, num_classes 0; class token 1536-d; ImageNet normalisation.
+        # Card https://huggingface.co/prov-gigapath/prov-gigapath (gated; licence
+        # "prov-gigapath-license", research use only) and github.com/prov-gigapath/prov-gigapath
+        # README: timm "hf_hub:prov-gigapath/prov-gigapath", Resize(256, bicubic) + CenterCrop(224),
+        # ImageNet normalisation, model(x) = class token (1536-d). Its config.json, as used for
+        # local loading by mahmoodlab/TRIDENT (GigaPathInferenceEncoder): vit_giant_patch14_dinov2,
+        # img_size 224, in_chans 3, patch_size 16, embed_dim 1536, depth 40, 24 heads, init_values
+        # 1e-5, mlp_ratio 5.33334, num_classes 0, global_pool "token". Tiles at 20x (0.5 um/px).
+        # Tiles are resized to 224 here (the card's 256 -> centre 224 crop is not applied).
         name="prov-gigapath",
         family="timm",
         arch="vit_giant_patch14_dinov2",
@@ -315,16 +346,17 @@ _ENTRIES: tuple[EncoderEntry, ...] = (
         std=IMAGENET_STD,
         embedding="cls",
         mpp=0.5,
-        licence="Apache-2.0 (research use)",
+        licence="other (prov-gigapath licence; research use only)",
         hub_id="prov-gigapath/prov-gigapath",
         filename="pytorch_model.bin",
         gated=True,
         card="https://huggingface.co/prov-gigapath/prov-gigapath",
     ),
     EncoderEntry(
-        # https://huggingface.co/owkin/phikon: ViTModel (iBOT ViT-B/16); config.json: hidden 768,
-        # 12 layers, 12 heads, intermediate 3072, patch 16, image 224, layer_norm_eps 1e-12;
-        # features = last_hidden_state[:, 0, :] (768-d); ImageNet normalisation; 20x.
+        # Card https://huggingface.co/owkin/phikon: ViTModel (iBOT ViT-B/16); config.json: hidden
+        # 768, 12 layers, 12 heads, intermediate 3072, patch 16, image 224, layer_norm_eps 1e-12;
+        # features = last_hidden_state[:, 0, :] (768-d); ImageNet normalisation; 20x. TRIDENT loads
+        # it the same way (ViTModel.from_pretrained(dir, add_pooling_layer=False)).
         name="phikon",
         family="transformers",
         arch="ViTModel",
@@ -350,8 +382,11 @@ _ENTRIES: tuple[EncoderEntry, ...] = (
         card="https://huggingface.co/owkin/phikon",
     ),
     EncoderEntry(
-        # https://huggingface.co/owkin/phikon-v2: Dinov2Model ViT-L/16 (AutoModel), features =
-        # last_hidden_state[:, 0, :] (1024-d); ImageNet normalisation; model.safetensors.
+        # https://huggingface.co/owkin/phikon-v2: AutoModel (Dinov2Model) ViT-L/16, no registers,
+        # features = last_hidden_state[:, 0, :] (1024-d), model.safetensors + config.json, ImageNet
+        # normalisation, 224-px tiles at 20x — per mahmoodlab/TRIDENT (Phikonv2InferenceEncoder)
+        # and arXiv 2409.09173. The card's config.json itself was not retrieved: a local copy is
+        # built from the directory's own config.json, these values serve only without one.
         name="phikon-v2",
         family="transformers",
         arch="Dinov2Model",
@@ -377,10 +412,13 @@ _ENTRIES: tuple[EncoderEntry, ...] = (
         card="https://huggingface.co/owkin/phikon-v2",
     ),
     EncoderEntry(
-        # Lunit, "Benchmarking self-supervised learning on diverse pathology datasets" (CVPR 2023),
-        # github.com/lunit-io/benchmark-ssl-pathology release "pretrained-weights": DINO ViT-S/16,
-        # timm VisionTransformer(patch 16, embed 384, 6 heads, num_classes 0); normalisation
-        # mean (0.70322989, 0.53606487, 0.66096631), std (0.21716536, 0.26081574, 0.20723464).
+        # README of github.com/lunit-io/benchmark-ssl-pathology (CVPR 2023): DINO ViT-S/16 =
+        # timm VisionTransformer(img_size=224, patch_size=16, embed_dim=384, num_heads=6,
+        # num_classes=0), strict load of release "pretrained-weights"/dino_vit_small_patch16_ep200
+        # .torch (a plain state dict); Lunit non-commercial licence (LICENSE). Normalisation
+        # mean (0.70322989, 0.53606487, 0.66096631), std (0.21716536, 0.26081574, 0.20723464)
+        # from kaiko-ai/eva backbones/pathology/lunit.py (not in the README). TCGA patches at
+        # 20x and 40x: no single um/px.
         name="lunit-dino-vits16",
         family="timm",
         arch="vit_small_patch16_224",
@@ -390,7 +428,7 @@ _ENTRIES: tuple[EncoderEntry, ...] = (
         mean=(0.70322989, 0.53606487, 0.66096631),
         std=(0.21716536, 0.26081574, 0.20723464),
         embedding="cls",
-        mpp=0.5,
+        mpp=None,
         licence="other (Lunit non-commercial)",
         url=(
             "https://github.com/lunit-io/benchmark-ssl-pathology/releases/download/"
@@ -398,6 +436,30 @@ _ENTRIES: tuple[EncoderEntry, ...] = (
         ),
         filename="dino_vit_small_patch16_ep200.torch",
         card="https://github.com/lunit-io/benchmark-ssl-pathology",
+    ),
+    EncoderEntry(
+        # github.com/kaiko-ai/towards_large_pathology_fms (README + hubconf.py, arXiv 2404.15217):
+        # timm.create_model("vit_base_patch16_224", dynamic_img_size=True, num_classes=0), strict
+        # load of release 0.0.1 vitb16.pth (a plain state dict); preprocessing Resize(224) +
+        # CenterCrop(224), mean = std = (0.5, 0.5, 0.5); model(x) = class token, 768-d; Kaiko
+        # Non-Commercial Public License v1. The card gives no magnification.
+        name="kaiko-vitb16",
+        family="timm",
+        arch="vit_base_patch16_224",
+        kwargs=_kw(img_size=224, num_classes=0, dynamic_img_size=True),
+        dim=768,
+        input_px=224,
+        mean=HALF,
+        std=HALF,
+        embedding="cls",
+        mpp=None,
+        licence="other (Kaiko non-commercial)",
+        url=(
+            "https://github.com/kaiko-ai/towards_large_pathology_fms/releases/download/0.0.1/"
+            "vitb16.pth"
+        ),
+        filename="vitb16.pth",
+        card="https://github.com/kaiko-ai/towards_large_pathology_fms",
     ),
 )
 

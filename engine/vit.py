@@ -79,17 +79,27 @@ def _import_transformers(e: EncoderEntry) -> Any:
 
 
 def build_model(
-    e: EncoderEntry, *, blocks: int | None = None, config: Mapping[str, Any] | None = None
+    e: EncoderEntry,
+    *,
+    blocks: int | None = None,
+    config: Mapping[str, Any] | None = None,
+    meta: bool = False,
 ) -> TokenEncoder:
     """The entry's architecture with random weights (``blocks``: fewer transformer blocks, for tests
-    of the released layout; ``config``: a ``transformers`` directory's config.json values)."""
+    of the released layout; ``config``: a ``transformers`` directory's config.json values;
+    ``meta``: timm only, parameters on the meta device — shapes without memory or init time, to be
+    filled by ``load_state_dict(..., assign=True)``)."""
     if e.family == "timm":
         import timm
 
         kwargs = {k: _resolve(v) for k, v in e.kwargs.items()}
         if blocks is not None:
             kwargs["depth"] = int(blocks)
-        model = timm.create_model(e.arch, pretrained=False, **kwargs)
+        if meta:
+            with torch.device("meta"):
+                model = timm.create_model(e.arch, pretrained=False, weight_init="skip", **kwargs)
+        else:
+            model = timm.create_model(e.arch, pretrained=False, **kwargs)
         return TokenEncoder(model, "timm", e.embedding, getattr(model, "num_prefix_tokens", 1))
     if e.family == "transformers":
         transformers = _import_transformers(e)
@@ -203,7 +213,8 @@ def load_weights(
     file = weights_file(e, path)
     if e.family == "transformers":
         return _load_transformers(e, file, blocks), file
-    model = build_model(e, blocks=blocks)
+    # Built on the meta device: a ViT-g's random init would take longer than reading its weights.
+    model = build_model(e, blocks=blocks, meta=True)
     state = _state_dict(read_weights(file), file)
     target = model.model
     reference = target.state_dict()
@@ -214,7 +225,10 @@ def load_weights(
             f"{file}: keys do not fit {e.name} ({e.arch}) ({problems}) — not the released "
             f"{e.name} weights; nothing was loaded"
         )
-    full = {k: state.get(k, v) for k, v in reference.items()}
-    full = {k: v.float() if v.is_floating_point() else v for k, v in full.items()}
-    target.load_state_dict(full, strict=True)
+    full = {k: v.float().contiguous() if v.is_floating_point() else v for k, v in state.items()}
+    target.load_state_dict(full, strict=True, assign=True)
+    left = [n for n, t in (*target.named_parameters(), *target.named_buffers()) if t.is_meta]
+    if left:  # a non-persistent buffer the file cannot hold: build it for real, then load
+        model = build_model(e, blocks=blocks)
+        model.model.load_state_dict(full, strict=True)
     return model.float().eval(), file
