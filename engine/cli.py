@@ -264,32 +264,35 @@ def _is_main_rank() -> bool:
 
 
 class TerminalProgress:
-    """A :data:`~engine.progress.Progress` that draws one tqdm bar per stage on stderr."""
+    """A :data:`~engine.progress.Progress` that draws one tqdm bar per stage on stderr.
+
+    Each stage keeps its bar (stacked in the order the stages first report), so stages that
+    alternate (``cells`` and ``train``) update their own lines instead of printing new ones.
+    """
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
-        self._stage: str | None = None
-        self._bar: Any = None
+        self._bars: dict[str, Any] = {}
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if not self.enabled:
             return
-        if stage != self._stage:
-            self.close()
+        bar = self._bars.get(stage)
+        if bar is None:
             from tqdm import tqdm
 
-            self._stage = stage
-            self._bar = tqdm(total=total, desc=stage, file=sys.stderr, smoothing=0.1)
-        bar = self._bar
+            bar = self._bars[stage] = tqdm(
+                total=total, desc=stage, file=sys.stderr, smoothing=0.1, position=len(self._bars)
+            )
         if bar.total != total:
             bar.total = total
         if done != bar.n:
             bar.update(done - bar.n)
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-        self._bar, self._stage = None, None
+        for bar in reversed(list(self._bars.values())):
+            bar.close()
+        self._bars = {}
 
 
 # ------------------------------------------------------------------------------ errors
