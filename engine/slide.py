@@ -61,7 +61,9 @@ def find_slides(path: str | Path, recursive: bool = False) -> list[Path]:
     """The slide files directly inside directory ``path`` (or below it when ``recursive``), sorted."""
     root = Path(path)
     entries = root.rglob("*") if recursive else root.iterdir()
-    return sorted(f for f in entries if (f.is_file() or f.suffix.lower() == ".mrxs") and is_slide_file(f))
+    return sorted(
+        f for f in entries if (f.is_file() or f.suffix.lower() == ".mrxs") and is_slide_file(f)
+    )
 
 
 def max_image_pixels() -> int:
