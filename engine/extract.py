@@ -20,6 +20,11 @@ How it works:
 - Under torchrun, ranks split the pending chunks (not whole slides): rank 0 creates the store,
   ranks prepare slides round-robin, then each rank encodes and writes its own chunks.
 - An unreadable slide is reported and skipped; the others finish; the exit status is then 1.
+  A batch that fails to read is read again tile by tile (:mod:`engine.tile_reader`): readable
+  tiles are encoded, unreadable ones recorded in the store's ``failed`` array, named in the
+  summary (exit status 1) and read again only with ``--retry-failed``. A reader worker that
+  dies or cannot hand over its batch ends the run with one line; what was encoded is kept.
+- One extraction at a time per store: ``<out>.lock`` names the process writing it.
   A JSON summary (tiles, seconds, tiles/s, failures) and the resolved configuration are written
   next to the store as ``<out>.summary.json`` and ``<out>.config.json``.
 
@@ -36,7 +41,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +49,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Dataset
 
 from engine import cli
 from engine.cli import option
@@ -55,8 +59,10 @@ from engine.errors import HistoclusterError, one_line
 from engine.files import atomic_write_json
 from engine.models import default_encoder_spec, load_encoder
 from engine.progress import Progress, no_progress
-from engine.slide import SLIDE_SUFFIXES, SlideCache, find_slides, open_slide, slide_id
+from engine.slide import SLIDE_SUFFIXES, find_slides, open_slide, slide_id
 from engine.store import Block, FeatureStore, SlideFeatures
+from engine.store_lock import StoreLock
+from engine.tile_reader import SlideJob, TileBatches, read_batches
 from engine.tiling import TileGrid, Tiling
 from engine.tissue import TISSUE_METHODS
 
@@ -74,7 +80,6 @@ __all__ = [
 ]
 
 DEVICES = ("auto", "cpu", "cuda")
-_OPEN_SLIDES_PER_WORKER = 4
 
 
 def auto_workers(local_world_size: int = 1) -> int:
@@ -126,6 +131,9 @@ class ExtractConfig:
     overwrite: bool = option(
         False, help="replace an existing store made with another encoder or tiling"
     )
+    retry_failed: bool = option(
+        False, help="read again the tiles an earlier run recorded as unreadable"
+    )
     quiet: bool = option(False, help="no progress bar or summary line")
     trust_checkpoint: bool = option(
         False,
@@ -135,6 +143,9 @@ class ExtractConfig:
         10.0, cli=False, help="seconds between writes of a chunk still in progress"
     )
     channels_last: bool = option(True, cli=False, help="run the encoder in channels_last layout")
+    reader_timeout_s: float = option(
+        300.0, cli=False, help="seconds without a batch from the reader workers before giving up"
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.slides, str | Path):
@@ -169,7 +180,10 @@ class ExtractSummary:
     encode_tiles_per_s: float = 0.0
     slides: int = 0
     tiles_already_done: int = 0
-    failures: list[dict[str, str]] = field(default_factory=list)
+    tiles_unreadable: int = 0
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    """Slides that failed (``slide``, ``error``), and slides with unreadable tiles (with
+    ``tiles_unreadable`` and ``tiles_encoded`` too); any of them makes the exit status 1."""
     precision: str = "fp32"
     device: str = "cpu"
     world_size: int = 1
@@ -261,19 +275,6 @@ def _mpp_for(path: Path, slide_mpp: dict[str, float] | float | None) -> float | 
 # ----------------------------------------------------------------------------- the plan
 
 
-@dataclass(frozen=True)
-class SlideJob:
-    """What a reader needs to read one slide's tiles: file, mpp used and the grid's origins."""
-
-    slide_id: str
-    path: str
-    mpp: tuple[float, float]
-    target_mpp: float
-    tile_px: int
-    xs: np.ndarray  # (cols,) int64 level-0 x of each grid column
-    ys: np.ndarray  # (rows,) int64 level-0 y of each grid row
-
-
 @dataclass
 class Plan:
     """This rank's batches. Batch i holds tiles ``rows/cols[start[i]:stop[i]]`` of chunk ``chunk[i]``."""
@@ -287,6 +288,7 @@ class Plan:
     stop: np.ndarray  # (batches,) int64
     last: np.ndarray  # (batches,) bool: the last batch of its chunk
     already_done: int = 0
+    already_failed: int = 0  # unreadable tiles recorded earlier and not retried
 
     @property
     def n_tiles(self) -> int:
@@ -319,18 +321,25 @@ def make_plan(
     batch_size: int,
     rank: int = 0,
     world_size: int = 1,
+    retry_failed: bool = False,
 ) -> Plan:
     """Split the pending chunks of ``slide_ids`` over ranks (balanced by tiles, deterministic)
-    and cut this rank's chunks into batches."""
+    and cut this rank's chunks into batches. Tiles recorded as unreadable are left out unless
+    ``retry_failed`` (they keep their place in the batch cut either way)."""
     chunks: list[tuple[int, Block, list[np.ndarray]]] = []
     jobs: list[SlideJob] = []
-    already_done = 0
+    already_done = already_failed = 0
     tiling = store.tiling
     for sid in slide_ids:
         sf = store.slide(sid)
         selected = sf.selected
         done = sf.done
         already_done += int((selected & done).sum())
+        skip = done
+        if not retry_failed:
+            failed = sf.failed
+            already_failed += int(failed.sum())
+            skip = done | failed
         origins = sf.origins
         attrs = sf.attrs
         jobs.append(
@@ -346,7 +355,7 @@ def make_plan(
         )
         for block in sf.blocks():
             sl = (slice(block.r0, block.r1), slice(block.c0, block.c1))
-            batches = chunk_batches(selected[sl], done[sl], batch_size)
+            batches = chunk_batches(selected[sl], skip[sl], batch_size)
             if batches:
                 chunks.append((len(jobs) - 1, block, batches))
     load = np.zeros(world_size, dtype=np.int64)
@@ -384,53 +393,37 @@ def make_plan(
         np.asarray(stop, dtype=np.int64),
         np.asarray(last, dtype=bool),
         already_done,
+        already_failed,
     )
-
-
-class TileBatches(Dataset):
-    """Batch i of a :class:`Plan` -> {"index": i, "tiles": (B,H,W,3) uint8, "error": ""}.
-
-    Read in DataLoader workers: each worker opens a slide the first time it needs it and keeps
-    a few open (a :class:`~engine.slide.SlideCache`, empty in each worker). A read that fails
-    gives an empty ``tiles`` and the one-line ``error``.
-    """
-
-    def __init__(self, plan: Plan) -> None:
-        self.plan = plan
-        self.slides = SlideCache(_OPEN_SLIDES_PER_WORKER)
-
-    def __len__(self) -> int:
-        return len(self.plan)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        p = self.plan
-        job = p.jobs[int(p.slide[i])]
-        rows = p.rows[p.start[i] : p.stop[i]]
-        cols = p.cols[p.start[i] : p.stop[i]]
-        tiles = np.empty((len(rows), job.tile_px, job.tile_px, 3), dtype=np.uint8)
-        try:
-            slide = self.slides.get(job.path, job.mpp)
-            for k, (r, c) in enumerate(zip(rows, cols, strict=True)):
-                tiles[k] = slide.read_tile_at_mpp(
-                    (int(job.xs[c]), int(job.ys[r])), job.target_mpp, job.tile_px
-                )
-        except HistoclusterError as e:
-            return {"index": i, "tiles": torch.empty(0, dtype=torch.uint8), "error": str(e)}
-        except Exception as e:  # a codec error deep in a reader: report the slide, keep going
-            msg = f"{job.path}: failed to read tiles ({type(e).__name__}: {one_line(e)}) — the file may be corrupt; re-copy it"
-            return {"index": i, "tiles": torch.empty(0, dtype=torch.uint8), "error": msg}
-        return {"index": i, "tiles": torch.from_numpy(tiles), "error": ""}
-
-
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)
 
 
 # ----------------------------------------------------------------------------- writing
 
 
+@dataclass
+class _OpenChunk:
+    """A chunk being filled: its features (h, w, dim), done and failed (h, w) buffers."""
+
+    sf: SlideFeatures
+    block: Block
+    features: np.ndarray
+    done: np.ndarray
+    failed: np.ndarray
+    failed_changed: bool
+    since: float
+
+    def write(self) -> None:
+        """Features, then done flags, then (if any changed) the unreadable-tile flags."""
+        self.sf.write_block(self.block, self.features, self.done)
+        if self.failed_changed:
+            self.sf.write_failed_block(self.block, self.failed)
+            self.failed_changed = False
+        self.since = time.monotonic()
+
+
 class ChunkWriter:
-    """Collects a chunk's features and writes it whole: features first, then done flags.
+    """Collects a chunk's features and writes it whole: features first, then done flags, then
+    the flags of its unreadable tiles.
 
     A chunk is written when its last batch arrives, and also every ``flush_every_s`` seconds
     while it is in progress (so a slow chunk loses little when killed).
@@ -439,9 +432,7 @@ class ChunkWriter:
     def __init__(self, store: FeatureStore, flush_every_s: float) -> None:
         self.store = store
         self.flush_every_s = flush_every_s
-        self._open: dict[
-            tuple[str, int, int], tuple[SlideFeatures, Block, np.ndarray, np.ndarray, float]
-        ] = {}
+        self._open: dict[tuple[str, int, int], _OpenChunk] = {}
 
     def add(
         self,
@@ -451,29 +442,38 @@ class ChunkWriter:
         cols: np.ndarray,
         feats: np.ndarray,
         last: bool,
+        failed: np.ndarray | None = None,
     ) -> None:
-        """Place ``feats`` (B, dim) of tiles ``rows``, ``cols`` (B,) into their chunk's buffer."""
+        """Place ``feats`` (B, dim) of tiles ``rows``, ``cols`` (B,) into their chunk's buffer;
+        tiles where ``failed`` (B,) bool is true are recorded as unreadable instead."""
         key = (slide_id, int(chunk[0]), int(chunk[1]))
-        if key not in self._open:
+        c = self._open.get(key)
+        if c is None:
             sf = self.store.slide(slide_id)
             block = sf.block_at(*chunk)
             f, d = sf.read_block(block)
-            self._open[key] = (sf, block, f.copy(), d.copy(), time.monotonic())
-        sf, block, f, d, since = self._open[key]
-        f[rows - block.r0, cols - block.c0] = feats.astype(np.float16)
-        d[rows - block.r0, cols - block.c0] = True
+            fl = sf.read_failed_block(block)
+            c = self._open[key] = _OpenChunk(
+                sf, block, f.copy(), d.copy(), fl.copy(), False, time.monotonic()
+            )
+        r, k = rows - c.block.r0, cols - c.block.c0
+        ok = np.ones(len(rows), bool) if failed is None else ~failed
+        c.features[r[ok], k[ok]] = feats[ok].astype(np.float16)
+        c.done[r[ok], k[ok]] = True
+        new_failed = ~ok
+        if c.failed[r, k].any() or new_failed.any():
+            c.failed[r, k] = new_failed
+            c.failed_changed = True
         if last:
-            sf.write_block(block, f, d)
+            c.write()
             del self._open[key]
-        elif time.monotonic() - since >= self.flush_every_s:
-            sf.write_block(block, f, d)
-            self._open[key] = (sf, block, f, d, time.monotonic())
+        elif time.monotonic() - c.since >= self.flush_every_s:
+            c.write()
 
     def flush(self, slide_id: str | None = None) -> None:
         """Write every open chunk (of one slide, or all)."""
         for key in [k for k in self._open if slide_id is None or k[0] == slide_id]:
-            sf, block, f, d, _ = self._open.pop(key)
-            sf.write_block(block, f, d)
+            self._open.pop(key).write()
 
 
 # ----------------------------------------------------------------------------- the run
@@ -517,15 +517,27 @@ def _prepare_slide(store: FeatureStore, path: Path, tiling: Tiling, slide_mpp: A
 
 def _open_store(
     out: Path, encoder: EncoderId, tiling: Tiling, overwrite: bool, info: DistInfo
-) -> None:
-    """Rank 0 creates (or checks) the store; the others learn whether it said yes."""
-    if not info.distributed:
-        FeatureStore.create_or_open(out, encoder, tiling, overwrite=overwrite)
-        return
-    error = None
-    if info.is_main:
+) -> StoreLock | None:
+    """Rank 0 locks the store and creates (or checks) it; the others learn whether it said yes.
+
+    Returns the lock rank 0 holds (None on the other ranks); release it when the run ends.
+    """
+
+    def lock_and_open() -> StoreLock:
+        lock = StoreLock(out).acquire()
         try:
             FeatureStore.create_or_open(out, encoder, tiling, overwrite=overwrite)
+        except BaseException:
+            lock.release()
+            raise
+        return lock
+
+    if not info.distributed:
+        return lock_and_open()
+    error, lock = None, None
+    if info.is_main:
+        try:
+            lock = lock_and_open()
         except HistoclusterError as e:
             error = str(e)
         except OSError as e:
@@ -533,6 +545,7 @@ def _open_store(
     error = _broadcast(error, info)
     if error:
         raise HistoclusterError(error)
+    return lock
 
 
 def run(
@@ -564,8 +577,10 @@ def run(
     tile_encoder = TileEncoder(encoder, device, cfg.precision, cfg.channels_last)
     out = Path(cfg.out)
     tiling = cfg.tiling
-    with _naming_os_errors(out):
-        _open_store(out, encoder.identity(), tiling, cfg.overwrite, info)
+    with _naming_os_errors(out), ExitStack() as held:
+        lock = _open_store(out, encoder.identity(), tiling, cfg.overwrite, info)
+        if lock is not None:
+            held.callback(lock.release)
         store = FeatureStore.open(out, mode="r+")
         if info.is_main:
             cli.write_config(
@@ -581,21 +596,25 @@ def run(
 
         failures = _prepare_slides(store, paths, tiling, slide_mpp, info, progress)
         ready = [slide_id(p) for p in paths if str(p) not in failures]
-        plan = make_plan(store, ready, cfg.batch_size, info.rank, info.world_size)
+        plan = make_plan(store, ready, cfg.batch_size, info.rank, info.world_size, cfg.retry_failed)
         path_of = {slide_id(p): str(p) for p in paths}
 
         t_enc = time.perf_counter()
-        tiles_done, failed_here = _encode(plan, store, tile_encoder, workers, cfg, progress)
+        encoded = _encode(plan, store, tile_encoder, workers, cfg, progress)
         encode_s = time.perf_counter() - t_enc
 
         # gather and summarise
-        for sid, msg in failed_here.items():
+        for sid, msg in encoded.slide_errors.items():
             failures[path_of[sid]] = msg
-        parts = _gather((tiles_done, encode_s, failures), info)
+        parts = _gather((encoded.tiles, encode_s, failures, encoded.tile_errors), info)
         barrier()
         all_failures: dict[str, str] = {}
-        for _, _, f in parts:
+        tile_errors: dict[str, str] = {}
+        for _, _, f, t in parts:
             all_failures.update(f)
+            for sid, msg in t.items():
+                tile_errors.setdefault(sid, msg)
+        unreadable = _unreadable_tiles(store, ready, path_of, all_failures, tile_errors)
         tiles = sum(p[0] for p in parts)
         encode_s = max(p[1] for p in parts)
         seconds = time.perf_counter() - t0
@@ -607,7 +626,9 @@ def run(
             encode_tiles_per_s=round(tiles / encode_s, 3) if encode_s > 0 else 0.0,
             slides=len(paths) - len(all_failures),
             tiles_already_done=plan.already_done,  # counted over all slides on every rank
-            failures=[{"slide": s, "error": m} for s, m in sorted(all_failures.items())],
+            tiles_unreadable=sum(int(u["tiles_unreadable"]) for u in unreadable),
+            failures=[{"slide": s, "error": m} for s, m in sorted(all_failures.items())]
+            + unreadable,
             precision=tile_encoder.precision,
             device=str(device),
             world_size=info.world_size,
@@ -615,6 +636,37 @@ def run(
         if info.is_main:
             atomic_write_json(cfg.summary_path(), asdict(summary))
     return summary
+
+
+def _unreadable_tiles(
+    store: FeatureStore,
+    slide_ids: Sequence[str],
+    path_of: dict[str, str],
+    slide_failures: dict[str, str],
+    tile_errors: dict[str, str],
+) -> list[dict[str, Any]]:
+    """One failure entry per slide with tiles recorded as unreadable (this run or an earlier one)."""
+    out = []
+    for sid in slide_ids:
+        path = path_of[sid]
+        if path in slide_failures:
+            continue
+        sf = store.slide(sid)
+        n = sf.n_failed()
+        if n == 0:
+            continue
+        first = tile_errors.get(sid, "recorded by an earlier run")
+        out.append(
+            {
+                "slide": path,
+                "error": f"{path}: {n} of {int(sf.selected.sum())} tissue tiles unreadable, "
+                f"{sf.n_encoded()} encoded (first: {first}) — they are recorded as failed in the "
+                "store; re-copy the file, then rerun with --retry-failed",
+                "tiles_unreadable": n,
+                "tiles_encoded": sf.n_encoded(),
+            }
+        )
+    return out
 
 
 @contextmanager
@@ -652,6 +704,15 @@ def _prepare_slides(
     return failures
 
 
+@dataclass
+class _Encoded:
+    """What this rank's encoding did: tiles encoded, slides that failed, unreadable tiles."""
+
+    tiles: int = 0
+    slide_errors: dict[str, str] = field(default_factory=dict)  # {slide id: error}
+    tile_errors: dict[str, str] = field(default_factory=dict)  # {slide id: first tile error}
+
+
 def _encode(
     plan: Plan,
     store: FeatureStore,
@@ -659,27 +720,23 @@ def _encode(
     workers: int,
     cfg: ExtractConfig,
     progress: Progress,
-) -> tuple[int, dict[str, str]]:
-    """Read, encode and write every batch of ``plan``; returns (tiles encoded, {slide id: error})."""
+) -> _Encoded:
+    """Read, encode and write every batch of ``plan``."""
     device = tile_encoder.device
     writer = ChunkWriter(store, cfg.flush_every_s)
-    failed: dict[str, str] = {}
-    tiles_done = 0
-    dataset = TileBatches(plan)
-    loader = DataLoader(
-        dataset,
-        batch_size=None,
-        shuffle=False,
-        num_workers=workers,
+    result = _Encoded()
+    failed = result.slide_errors
+    seen = 0  # tiles encoded or found unreadable
+    batches = read_batches(
+        TileBatches(plan),
+        workers,
         pin_memory=device.type == "cuda",
-        worker_init_fn=_worker_init if workers > 0 else None,
-        prefetch_factor=2 if workers > 0 else None,
-        persistent_workers=False,
+        timeout_s=cfg.reader_timeout_s,
     )
-    pending: tuple[int, torch.Tensor, Any] | None = None
+    pending: tuple[int, torch.Tensor, torch.Tensor, Any] | None = None
 
-    def finish(i: int, feats: torch.Tensor, event: Any) -> None:
-        nonlocal tiles_done
+    def finish(i: int, feats: torch.Tensor, unreadable: torch.Tensor, event: Any) -> None:
+        nonlocal seen
         if event is not None:
             event.synchronize()
         sid = plan.jobs[int(plan.slide[i])].slide_id
@@ -687,14 +744,16 @@ def _encode(
             return
         rows = plan.rows[plan.start[i] : plan.stop[i]]
         cols = plan.cols[plan.start[i] : plan.stop[i]]
-        writer.add(sid, tuple(plan.chunk[i]), rows, cols, feats.numpy(), bool(plan.last[i]))
-        tiles_done += len(rows)
-        progress("encode", tiles_done, plan.n_tiles)
+        bad = unreadable.numpy()
+        writer.add(sid, tuple(plan.chunk[i]), rows, cols, feats.numpy(), bool(plan.last[i]), bad)
+        result.tiles += int((~bad).sum())
+        seen += len(rows)
+        progress("encode", seen, plan.n_tiles)
 
     progress("encode", 0, plan.n_tiles)
     try:
         with torch.inference_mode():  # the CUDA host copies too
-            for item in loader:
+            for item in batches:
                 i = int(item["index"])
                 sid = plan.jobs[int(plan.slide[i])].slide_id
                 if sid in failed:
@@ -706,7 +765,9 @@ def _encode(
                     failed[sid] = item["error"]
                     writer.flush(sid)  # what was encoded is valid
                     continue
-                feats = tile_encoder(item["tiles"])
+                if item["tile_error"]:
+                    result.tile_errors.setdefault(sid, item["tile_error"])
+                feats = tile_encoder(item["tiles"])  # unreadable tiles are white: same batch shape
                 if device.type == "cuda":
                     host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
                     host.copy_(feats, non_blocking=True)
@@ -714,15 +775,15 @@ def _encode(
                     event.record()
                     if pending is not None:
                         finish(*pending)
-                    pending = (i, host, event)
+                    pending = (i, host, item["failed"], event)
                 else:
-                    finish(i, feats, None)
+                    finish(i, feats, item["failed"], None)
             if pending is not None:
                 finish(*pending)
     finally:
         writer.flush()
-        dataset.slides.close()
-    return tiles_done, failed
+        batches.close()
+    return result
 
 
 def _validate(cfg: ExtractConfig) -> None:
@@ -769,12 +830,17 @@ _DESCRIPTION = (
 
 def report(cfg: ExtractConfig, summary: ExtractSummary) -> str:
     """The one summary line printed after a run."""
+    whole = [f for f in summary.failures if "tiles_unreadable" not in f]
+    partial = [f for f in summary.failures if "tiles_unreadable" in f]
     failed = (
-        f"; {len(summary.failures)} failed: "
-        + ", ".join(Path(f["slide"]).name for f in summary.failures)
-        if summary.failures
+        f"; {len(whole)} failed: " + ", ".join(Path(f["slide"]).name for f in whole)
+        if whole
         else ""
     )
+    if partial:
+        failed += f"; {summary.tiles_unreadable} tiles unreadable in " + ", ".join(
+            f"{Path(f['slide']).name} ({f['tiles_unreadable']})" for f in partial
+        )
     return (
         f"extracted {summary.tiles} tiles ({summary.tiles_already_done} already done) from "
         f"{summary.slides} slide(s) in {summary.seconds:.1f} s ({summary.tiles_per_s:.1f} tiles/s, "

@@ -22,6 +22,7 @@ import tifffile
 import torch
 from PIL import Image
 
+from engine import cli
 from engine.encode import TileEncoder
 from engine.errors import HistoclusterError
 from engine.extract import ExtractConfig, build_parser, chunk_batches, main, parse_slide_mpp, run
@@ -29,6 +30,7 @@ from engine.models import IMAGENET_MEAN, IMAGENET_STD, build_backbone, load_enco
 from engine.progress import Cancelled
 from engine.slide import open_slide
 from engine.store import CHUNK, FeatureStore
+from engine.store_lock import StoreLock
 from engine.tiling import TileGrid
 from tests.helpers import decode_svs_level0
 
@@ -232,16 +234,18 @@ def test_bad_slides_are_reported_skipped_and_the_rest_finish(
     assert FeatureStore.open(out).slide("nompp").attrs["mpp"] == [0.499, 0.499]
 
 
-def test_slide_failing_while_encoded_keeps_its_finished_chunks(
+def test_unreadable_tiles_mid_slide_are_recorded_and_the_rest_encoded(
     pyramidal_tiff: Path, cmu_svs: Path, tiny_encoder: Path, tmp_path: Path
 ) -> None:
-    """Corrupt JPEG tiles at the bottom of level 0 (the thumbnail comes from level 1): reading
-    fails mid-slide in a worker; the slide is reported, its finished chunks kept, the next slide done."""
+    """Corrupt JPEG tiles at the bottom of level 0 (the thumbnail comes from level 1): the
+    batches touching them are read tile by tile; every readable tile is encoded, the unreadable
+    ones recorded as failed and named; the next slide is done; exit status 1."""
     raw = bytearray(pyramidal_tiff.read_bytes())
     with tifffile.TiffFile(pyramidal_tiff) as tif:
         page = tif.pages[0]
         per_row = -(-page.imagewidth // page.tilewidth)
         offsets, counts = page.dataoffsets[-per_row:], page.databytecounts[-per_row:]
+        damaged_y0 = (len(page.dataoffsets) // per_row - 1) * page.tilelength
     for o, c in zip(offsets, counts, strict=True):
         raw[o + 2 : o + c] = (
             np.random.default_rng(0).integers(0, 256, c - 2, dtype=np.uint8).tobytes()
@@ -254,17 +258,34 @@ def test_slide_failing_while_encoded_keeps_its_finished_chunks(
     args = _args([corrupt, ok], out, tiny_encoder, "--tile-px", "64", "--mpp", "0.5")
     assert main(args) == 1
     summary = json.loads(out.with_name("features.zarr.summary.json").read_text())
-    assert [Path(f["slide"]).name for f in summary["failures"]] == ["a_corrupt.tiff"]
-    assert "corrupt" in summary["failures"][0]["error"]
     store = FeatureStore.open(out)
     bad = store.slide("a_corrupt")
     assert bad.attrs["level"] == 0 and bad.shape == (47, 35)
-    done = np.asarray(bad.done[...])
-    assert np.array_equal(done[:CHUNK], bad.selected[:CHUNK])  # chunks above the damage: done
-    assert done.sum() < bad.selected.sum()
-    assert np.abs(bad.read_features()[:CHUNK][done[:CHUNK]]).sum() > 0
+    done, failed = bad.done, bad.failed
+    reaches = bad.origins[..., 1] + bad.attrs["tile_l0"][1] > damaged_y0 - 1  # touches the damage
+    assert failed.sum() > 0 and not (failed & ~reaches).any() and not (done & failed).any()
+    assert np.array_equal(done | failed, bad.selected)  # every readable tile is encoded
+    assert np.abs(bad.read_features()[done]).astype(np.float32).sum(axis=1).min() > 0
+    [entry] = summary["failures"]
+    assert Path(entry["slide"]).name == "a_corrupt.tiff" and summary["slides"] == 2
+    assert entry["tiles_unreadable"] == failed.sum() == summary["tiles_unreadable"]
+    assert entry["tiles_encoded"] == done.sum()
+    assert f"{failed.sum()} of {bad.selected.sum()} tissue tiles unreadable" in entry["error"]
+    assert "--retry-failed" in entry["error"]
     good = store.slide("b_ok")
-    assert np.array_equal(np.asarray(good.done[...]), good.selected) and good.selected.sum() > 0
+    assert np.array_equal(good.done, good.selected) and good.selected.sum() > 0
+    assert store.coverage(out, corrupt, store.encoder, store.tiling).complete  # nothing pending
+
+    # a rerun reads nothing again and still says so; --retry-failed reads the failed tiles again
+    assert main(args) == 1
+    again = json.loads(out.with_name("features.zarr.summary.json").read_text())
+    assert again["tiles"] == 0 and again["tiles_unreadable"] == failed.sum()
+    assert "earlier run" in again["failures"][0]["error"]
+    calls: list[tuple[str, int, int]] = []
+    cfg = cli.parse_config(ExtractConfig, [*args, "--retry-failed"])
+    summary = run(cfg, progress=lambda *call: calls.append(call))
+    assert calls[-1] == ("encode", failed.sum(), failed.sum()) and summary.tiles == 0
+    assert np.array_equal(store.slide("a_corrupt").failed, failed)
 
 
 def test_store_of_other_tiling_is_refused_unless_overwrite(
@@ -428,3 +449,141 @@ def test_file_size_limit_is_one_line_and_the_store_resumes(
     assert FeatureStore.open(out).slide("CMU-1-Small-Region").n_encoded() < 565
     assert main(_args([cmu_svs], out, tiny_encoder)) == 0
     _assert_same_store(reference, out)
+
+
+def test_one_corrupt_jpeg_tile_costs_only_its_tiles_and_retry_recovers_them(
+    tiny_encoder: Path, tmp_path: Path
+) -> None:
+    """The sample slide with one 256-px JPEG tile of level 0 overwritten (the issue's case): the
+    2 x 2 grid tiles of 128 px on it are recorded unreadable, every other tile is encoded with
+    exactly the features of a clean run; restored, ``--retry-failed`` encodes the four."""
+    sample = REPO / "sample_data" / "sample_slide.tiff"
+    data = sample.read_bytes()
+    clean = tmp_path / "clean" / "sample_slide.tiff"
+    clean.parent.mkdir()
+    clean.write_bytes(data)
+    grid = TileGrid(open_slide(clean), target_mpp=0.5, tile_px=128)
+    with tifffile.TiffFile(clean) as tif:
+        page = tif.pages[0]
+        per_row = -(-page.imagewidth // page.tilewidth)
+        # a tile inside tissue whose bytes lie outside the file fingerprint's first and last MiB
+        spans = list(zip(page.dataoffsets, page.databytecounts, strict=True))
+    inside = [
+        t
+        for t, (o, _) in enumerate(spans)
+        if (1 << 20) < o < len(data) - (1 << 20)
+        and grid.selected[2 * (t // per_row) : 2 * (t // per_row) + 2, 2 * (t % per_row) :][
+            :, :2
+        ].all()
+    ]
+    assert inside, "no tissue tile in the middle of the file"
+    t = inside[len(inside) // 2]
+    (o, c), r, k = spans[t], 2 * (t // per_row), 2 * (t % per_row)
+    raw = bytearray(data)
+    raw[o + 2 : o + c] = np.random.default_rng(0).integers(0, 256, c - 2, np.uint8).tobytes()
+    damaged = tmp_path / "sample_slide.tiff"
+    damaged.write_bytes(bytes(raw))
+
+    ref, out = tmp_path / "ref.zarr", tmp_path / "features.zarr"
+    flags = ("--tile-px", "128", "--mpp", "0.5", "--workers", "0")
+    assert main(_args([clean], ref, tiny_encoder, *flags)) == 0
+    assert main(_args([damaged], out, tiny_encoder, *flags)) == 1
+    sf, want = (
+        FeatureStore.open(out).slide("sample_slide"),
+        FeatureStore.open(ref).slide("sample_slide"),
+    )
+    expected = np.zeros(sf.shape, bool)
+    expected[r : r + 2, k : k + 2] = True
+    assert np.array_equal(sf.failed, expected)
+    assert np.array_equal(sf.done, want.selected & ~expected)
+    np.testing.assert_array_equal(sf.read_features()[sf.done], want.read_features()[sf.done])
+
+    damaged.write_bytes(data)  # re-copied: same content fingerprint, the store is reused
+    assert main(_args([damaged], out, tiny_encoder, *flags, "--retry-failed")) == 0
+    summary = json.loads(out.with_name("features.zarr.summary.json").read_text())
+    assert summary["tiles"] == 4 and summary["failures"] == [] and summary["tiles_unreadable"] == 0
+    assert not sf.failed.any() and np.array_equal(sf.done, want.selected)
+    np.testing.assert_array_equal(sf.read_features(), want.read_features())
+
+
+def _cli(args: list[str], limit: str = "", **kw: object) -> subprocess.Popen[str]:
+    quoted = " ".join(f"'{a}'" for a in args)
+    return subprocess.Popen(
+        ["bash", "-c", f"{limit}exec '{sys.executable}' -m engine.extract {quoted}"],
+        env=_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw,
+    )  # fmt: skip
+
+
+def test_reader_that_cannot_hand_over_a_batch_ends_the_run_in_one_line(
+    cmu_svs: Path, tiny_encoder: Path, tmp_path: Path
+) -> None:
+    """The issue's hang: under ``ulimit -f`` a worker cannot put a 2.4 MB batch in shared
+    memory. One line and status 2 instead of waiting for ever; the store then resumes."""
+    out = tmp_path / "features.zarr"
+    args = _args([cmu_svs], out, tiny_encoder, "--tile-px", "64", "--mpp", "1.0",
+                 "--batch-size", "256", "--workers", "1")  # fmt: skip
+    proc = _cli(args, limit="ulimit -f 1200; ")
+    try:
+        _, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 2, err[-2000:]
+    assert err.startswith("error: a tile-reading worker could not hand over a batch")
+    assert "ulimit -f" in err and len(err.strip().splitlines()) == 1, err
+    assert main(_args([cmu_svs], out, tiny_encoder, "--tile-px", "64", "--mpp", "1.0")) == 0
+    sf = FeatureStore.open(out).slide("CMU-1-Small-Region")
+    assert np.array_equal(sf.done, sf.selected) and sf.selected.sum() > 0
+
+
+def test_second_extraction_on_a_store_is_refused_naming_the_first(
+    cmu_svs: Path, tiny_encoder: Path, tmp_path: Path
+) -> None:
+    """While this process holds the store's lock, a real extract process is refused in one line
+    naming this pid; once released, it runs."""
+    png = _crop_png(cmu_svs, tmp_path / "crop.png", dpi=True)
+    out = tmp_path / "features.zarr"
+    with StoreLock(out):
+        proc = _cli(_args([png], out, tiny_encoder, "--workers", "0"))
+        _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 2, err[-2000:]
+    assert err.startswith(f"error: {out}: an extraction (pid {os.getpid()} on ")
+    assert "choose another --out" in err and len(err.strip().splitlines()) == 1
+    assert main(_args([png], out, tiny_encoder, "--workers", "0")) == 0
+
+
+def test_two_extractions_started_together_never_collide(
+    cmu_svs: Path, tiny_encoder: Path, tmp_path: Path
+) -> None:
+    """Two real processes started at once on one new store: one writes, the other is refused
+    in one line naming it (or, if the first finished already, finds nothing left to do)."""
+    png = _crop_png(cmu_svs, tmp_path / "crop.png", dpi=True)
+    out = tmp_path / "features.zarr"
+    procs = [_cli(_args([png], out, tiny_encoder, "--workers", "0")) for _ in range(2)]
+    results = [(p.wait(timeout=240), p.communicate()[1]) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes in ([0, 0], [0, 2]), results
+    for code, err in results:
+        assert "Traceback" not in err
+        if code == 2:
+            assert (
+                f"error: {out}: an extraction (pid " in err and len(err.strip().splitlines()) == 1
+            )
+    sf = FeatureStore.open(out).slide("crop")
+    assert np.array_equal(sf.done, sf.selected)
+
+
+def test_store_lock_in_one_process_is_refused_and_kept(tmp_path: Path) -> None:
+    out = tmp_path / "features.zarr"
+    with StoreLock(out):
+        with pytest.raises(
+            HistoclusterError, match=f"another extraction in this process \\(pid {os.getpid()}\\)"
+        ):
+            StoreLock(out).acquire()
+        # the first lock still holds against other processes
+        probe = (
+            "from engine.store_lock import StoreLock; import sys; StoreLock(sys.argv[1]).acquire()"
+        )
+        proc = subprocess.run([sys.executable, "-c", probe, str(out)], env=_env(), cwd=REPO,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert proc.returncode == 1 and f"pid {os.getpid()} on" in proc.stderr
+    StoreLock(out).acquire().release()
