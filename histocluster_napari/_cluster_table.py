@@ -56,7 +56,7 @@ class ClusterTable(QTableWidget):
         header.setMinimumSectionSize(24)
         self.setWordWrap(False)
         self.verticalHeader().setDefaultSectionSize(THUMB_PX + 6)
-        self.setMinimumHeight(4 * (THUMB_PX + 6) + 30)
+        self.setMinimumHeight(3 * (THUMB_PX + 6) + 30)
         self._updating = False
         self.itemChanged.connect(self._on_item_changed)
 

@@ -32,7 +32,7 @@ class GalleryView(QListWidget):
         self.setGridSize(QSize(THUMB_PX + 12, THUMB_PX + 30))
         self.setWordWrap(True)
         self.setUniformItemSizes(True)
-        self.setMinimumHeight(2 * (THUMB_PX + 30) + 8)
+        self.setMinimumHeight(THUMB_PX + 30 + 12)
         self.itemClicked.connect(self._on_click)
         self.verticalScrollBar().valueChanged.connect(self._on_scroll)
         self.cluster: int | None = None

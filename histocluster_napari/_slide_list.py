@@ -28,7 +28,7 @@ class SlideList(QTableWidget):
         header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
         for col in (1, 2, 3):
             header.setSectionResizeMode(col, QHeaderView.ResizeMode.ResizeToContents)
-        self.setMinimumHeight(110)
+        self.setMinimumHeight(90)
         self._ids: list[str] = []
         self.cellClicked.connect(lambda row, _col: self.slide_chosen.emit(self._ids[row]))
 

@@ -350,7 +350,12 @@ class HistoClusterWidget(Container):
         path = getattr(layer.source, "path", None)
         return Path(path) if path else None
 
-    def _on_layers_changed(self, _event: Any = None) -> None:
+    def _on_layers_changed(self, event: Any = None) -> None:
+        layer = getattr(event, "value", None) if getattr(event, "type", "") == "inserted" else None
+        meta = layer.metadata.get("histocluster", {}) if isinstance(layer, Labels) else {}
+        if layer is not self._labels_layer and meta.get("store") and self._view is None:
+            # A store opened by the reader (File > Open, drag and drop): take it over as a cohort.
+            QTimer.singleShot(0, lambda: self._adopt_store(layer))
         current = self.slide.value
         self.slide.reset_choices()
         if current is None and self.slide.choices:
@@ -492,6 +497,16 @@ class HistoClusterWidget(Container):
         self._enter_cohort(slides)
         return self._open_existing_run()
 
+    def _adopt_store(self, labels: Labels) -> None:
+        """Replace the reader's layers of a store by the widget's cohort view of that store."""
+        if self.busy or self._view is not None or labels not in self._viewer.layers:
+            return
+        meta = labels.metadata["histocluster"]
+        for layer in list(self._viewer.layers):
+            if layer is labels or (isinstance(layer, Image) and layer.name == meta.get("slide_id")):
+                self._viewer.layers.remove(layer)
+        self.open_store(Path(meta["store"]))
+
     def _enter_cohort(self, slides: list[Path]) -> None:
         self._forget_view()
         self._cohort = list(slides)
@@ -546,12 +561,17 @@ class HistoClusterWidget(Container):
             self.table.set_slide_counts(None)
 
     def _swap_image(self, sid: str) -> None:
+        """Put slide ``sid`` into the one cohort image layer (its data replaced in place).
+
+        Replacing the data, rather than removing the layer and adding another, keeps one image
+        layer in the viewer; it also avoids a crash of vispy on Mesa's llvmpipe when a layer is
+        removed and another added while a Labels layer is drawn.
+        """
         layer = self._cohort_layer
-        if layer is not None and layer in self._viewer.layers:
-            if layer.name == sid:
-                return
-            self._viewer.layers.remove(layer)
-        self._cohort_layer = None
+        if layer is not None and layer not in self._viewer.layers:
+            layer = self._cohort_layer = None
+        if layer is not None and layer.name == sid and layer.visible:
+            return
         source = self._source_of(sid)
         mpp = self._view.mpp.get(sid) if self._view is not None else None
         slide, mpp_known = open_for_viewing(source, mpp=mpp) if source else (None, False)
@@ -559,10 +579,20 @@ class HistoClusterWidget(Container):
             show_warning(
                 f"{source}: slide {sid!r} not found or unreadable — showing its clusters only"
             )
+            if layer is not None:
+                layer.visible = False
             return
         data, kwargs, _ = slide_layer_data(slide, mpp_known=mpp_known, name=sid)
-        self._cohort_layer = self._viewer.add_image(data, **kwargs)
-        self._viewer.layers.move(self._viewer.layers.index(self._cohort_layer), 0)
+        if layer is None:
+            self._cohort_layer = self._viewer.add_image(data, **kwargs)
+            self._viewer.layers.move(self._viewer.layers.index(self._cohort_layer), 0)
+        else:
+            layer.data = data
+            layer.scale = kwargs["scale"]
+            layer.units = kwargs["units"]
+            layer.metadata = kwargs["metadata"]
+            layer.name = sid
+            layer.visible = True
         self._viewer.reset_view()
 
     # ================================================================== running
@@ -849,6 +879,7 @@ class HistoClusterWidget(Container):
                 opacity=OVERLAY_OPACITY,
                 scale=geom.scale,
                 translate=(geom.translate[0] + oy, geom.translate[1] + ox),
+                units=image.units[-2:] if image is not None else None,
             )
             layer.editable = False
             self._labels_layer = layer
@@ -1045,14 +1076,27 @@ class HistoClusterWidget(Container):
         geom = self._geometry()
         assert geom is not None
         image = self._image_layer()
-        if name in self._viewer.layers:
-            self._viewer.layers.remove(name)
+        width = 0.08 * geom.tile_l0[0] * geom.mpp[0]
+        if name in self._viewer.layers and isinstance(self._viewer.layers[name], Shapes):
+            # Redrawn in place: removing a layer and adding another while a Labels layer is
+            # drawn can crash vispy on Mesa's llvmpipe (see _swap_image).
+            layer = self._viewer.layers[name]
+            layer.data = []
+            layer.add(
+                rects,
+                shape_type="rectangle",
+                edge_color=colors,
+                face_color="transparent",
+                edge_width=width,
+            )
+            self._viewer.layers.selection.active = self.clusters_layer or layer
+            return layer
         layer = self._viewer.add_shapes(
             rects,
             shape_type="rectangle",
             edge_color=colors,
             face_color="transparent",
-            edge_width=0.08 * geom.tile_l0[0] * geom.mpp[0],
+            edge_width=width,
             name=name,
             units=image.units[-2:] if image is not None else None,
         )
@@ -1129,6 +1173,12 @@ class HistoClusterWidget(Container):
     def gallery_loading(self) -> bool:
         return self._gallery_loading
 
+    @property
+    def camera(self) -> Any:
+        """The viewer's camera (``viewer.scene.camera`` from napari 0.9, else ``viewer.camera``)."""
+        scene = getattr(self._viewer, "scene", None)
+        return scene.camera if scene is not None else self._viewer.camera
+
     def jump_to_tile(self, sid: str, row: int, col: int) -> None:
         """Open slide ``sid`` if needed, centre and zoom on tile (row, col) and outline it."""
         if self._view is None:
@@ -1144,10 +1194,11 @@ class HistoClusterWidget(Container):
         rect = self._tile_rect(row, col)
         self._draw_rects(MARK_LAYER, [rect], ["magenta"])
         centre = rect.mean(axis=0)
-        self._viewer.camera.center = (float(centre[0]), float(centre[1]))
+        camera = self.camera
+        camera.center = (float(centre[0]), float(centre[1]))
         side = float(np.ptp(rect[:, 0]))
         canvas = getattr(self._viewer, "_canvas_size", None) or (600, 600)
-        self._viewer.camera.zoom = min(canvas) / (4.0 * side)  # the tile spans a quarter
+        camera.zoom = min(canvas) / (4.0 * side)  # the tile spans a quarter of the canvas
         self._query_tile = (row, col)
         cluster = int(self._view.labels[sid][row, col])
         self.status.value = f"{sid}, tile ({row}, {col}): cluster {cluster}"

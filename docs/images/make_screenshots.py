@@ -108,6 +108,7 @@ def cohort() -> int:
         widget.target_mpp.value = 1.0
         widget.open_folder(folder)
         viewer.window.show()
+        viewer.window._qt_window.resize(1900, 1050)
         widget.run_cluster()
         _spin(3600, lambda: not widget.busy)
         view = widget.view
@@ -120,7 +121,8 @@ def cohort() -> int:
         widget.table.set_selected([green, blue])
         widget.show_slide("sample_slide")
         widget.table.cellClicked.emit(green, 1)
-        _spin(600, lambda: widget.gallery.count() >= 24 and not widget.gallery_loading)
+        want = min(24, int(view.totals[green]))
+        _spin(600, lambda: widget.gallery.count() >= want and not widget.gallery_loading)
         _spin(2)
         viewer.window._qt_window.grab().save(str(OUT / "cohort.png"))
         widget.gallery.grab().save(str(OUT / "gallery.png"))

@@ -3,6 +3,7 @@ time, the gallery of a cluster across slides, a multi-slide store through the re
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +11,10 @@ import pytest
 
 from engine.slide import slide_id
 from engine.store import FeatureStore
+from engine.tiling import Tiling
 from histocluster_napari._cluster_table import COL_COUNT, COL_SLIDE
 from histocluster_napari._gallery import gallery_order
+from histocluster_napari._session import ClusterJob, cluster
 from histocluster_napari._widget import MARK_LAYER, HistoClusterWidget
 from tests.napari.conftest import FAST
 from tests.napari.test_widget import TIMEOUT_MS, wait_idle
@@ -35,17 +38,42 @@ def kinds(viewer) -> list[str]:
     return [type(layer).__name__ for layer in viewer.layers]
 
 
+@pytest.fixture(scope="module")
+def cohort_store(tmp_path_factory, cohort_dir) -> Path:
+    """The cohort extracted and clustered once, headless (tests copy it)."""
+    store = tmp_path_factory.mktemp("cohort_store") / "cohort.zarr"
+    tiling = Tiling(tile_px=FAST["tile_px"], target_mpp=FAST["target_mpp"])
+    slides = tuple(sorted(cohort_dir.iterdir()))
+    cluster(ClusterJob(slides, None, FAST["encoder"], tiling, FAST["k"], store))
+    return store
+
+
 @pytest.fixture
-def clustered_cohort(make_napari_viewer, qtbot, cohort_dir, tmp_path, isolated_cache):
+def clustered_cohort(make_napari_viewer, qtbot, cohort_dir, cohort_store, tmp_path, isolated_cache):
+    """A viewer and widget on a copy of the clustered cohort, opened as a folder."""
+    store = tmp_path / "cohort.zarr"
+    shutil.copytree(cohort_store, store)
+    viewer, widget = cohort_widget(make_napari_viewer, cohort_dir, store)
+    qtbot.waitUntil(lambda: widget.view is not None and not widget.busy, timeout=TIMEOUT_MS)
+    return viewer, widget, store
+
+
+def test_opening_a_folder_then_cluster_extracts_and_clusters_every_slide(
+    make_napari_viewer, qtbot, cohort_dir, tmp_path, isolated_cache
+):
     store = tmp_path / "cohort.zarr"
     viewer, widget = cohort_widget(make_napari_viewer, cohort_dir, store)
     assert widget.slide_list.slide_ids() == SLIDES
     assert kinds(viewer) == ["Image"] and viewer.layers[0].name == SLIDES[0]
-    assert widget.slide_list.status_of("sample_slide") == "not extracted"
+    assert [widget.slide_list.status_of(s) for s in SLIDES] == ["not extracted"] * 3
     widget.run_cluster()
     wait_idle(qtbot, widget)
     assert widget.view is not None, widget.status.value
-    return viewer, widget, store
+    assert widget.view.slide_ids == SLIDES and FeatureStore.open(store).cluster_runs() == [
+        widget.view.run
+    ]
+    assert [widget.slide_list.status_of(s) for s in SLIDES] == ["encoded"] * 3
+    assert kinds(viewer) == ["Image", "Labels"]
 
 
 def test_a_cohort_is_clustered_once_and_shown_one_slide_at_a_time(qtbot, clustered_cohort):
@@ -99,7 +127,7 @@ def test_gallery_shows_a_cluster_across_slides_and_a_click_jumps_to_the_tile(
     assert widget._current == sid and kinds(viewer)[:2] == ["Image", "Labels"]
     assert viewer.layers[0].name == sid
     labels = viewer.layers[f"{sid} clusters"]
-    assert widget.tile_at(tuple(viewer.camera.center[-2:])) == (row, col)
+    assert widget.tile_at(tuple(widget.camera.center[-2:])) == (row, col)
     mark = viewer.layers[MARK_LAYER]
     ys, xs = mark.data[0][:, 0], mark.data[0][:, 1]
     centre = labels.data_to_world((row, col))
@@ -120,3 +148,19 @@ def test_a_multi_slide_store_opens_one_slide_in_the_reader(make_napari_viewer, c
 
 def test_cohort_slide_ids_are_the_file_stems(cohort_dir):
     assert sorted(slide_id(p) for p in cohort_dir.iterdir()) == sorted(SLIDES)
+
+
+def test_a_store_dropped_on_the_viewer_becomes_the_widget_cohort(
+    make_napari_viewer, qtbot, clustered_cohort
+):
+    _, first, store = clustered_cohort
+    first.curation.name_cluster(0, "stroma")
+    first.save_curation()
+    viewer = make_napari_viewer()
+    widget = HistoClusterWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="HistoCluster")
+    viewer.open(str(store), plugin="histocluster")  # what drag and drop of the .zarr does
+    qtbot.waitUntil(lambda: widget.view is not None and not widget.busy, timeout=TIMEOUT_MS)
+    assert widget.slide_list.slide_ids() == SLIDES and widget.view.run == first.view.run
+    assert widget.curation.name_of(0) == "stroma"
+    assert kinds(viewer) == ["Image", "Labels"]  # the reader's layers replaced, not stacked
