@@ -1,4 +1,4 @@
-"""``python -m engine.export``: the tiles of chosen clusters as a labelled patch set.
+"""``python -m engine.export``: the tiles of chosen clusters, or of predicted classes, as a labelled patch set.
 
 Writes, under ``--out DIR`` (see :mod:`engine.export_dir`)::
 
@@ -6,6 +6,10 @@ Writes, under ``--out DIR`` (see :mod:`engine.export_dir`)::
     DIR/manifest.csv                           one row per file (see MANIFEST_COLUMNS)
     DIR/export.json                            every export into DIR: configuration, classes, status
     DIR/<slide_id>.geojson                     with --geojson: a MultiPolygon per class (QuPath)
+
+The tiles are a cluster run's (``--clusters``, or a curation), or a classifier's confident
+predictions (``--predictions NAME --classes ink,crease --min-prob 0.9``: a tile whose predicted
+class is one of ``--classes`` with at least that probability; see :mod:`engine.export_predictions`).
 
 Several exports can go into one DIR: classes add up (the same class name gathers tiles from
 several clusters or runs). A file that exists is never overwritten without ``--overwrite``.
@@ -46,6 +50,7 @@ from engine.export_dir import (
     existing_classes,
     load_record,
     manifest_is_clean,
+    manifest_is_current,
     read_manifest,
     remove_stale_temps,
     rewrite_manifest,
@@ -53,6 +58,7 @@ from engine.export_dir import (
     write_slide_geojson,
 )
 from engine.export_plan import ExportPlan, PlannedTile, plan_export, tile_boxes, tile_geometry
+from engine.export_predictions import PredictionChoice
 from engine.files import atomic_write
 from engine.mosaic import cluster_colors
 from engine.progress import Cancelled, Progress, no_progress
@@ -81,7 +87,9 @@ class ExportConfig:
     """``python -m engine.export`` arguments (see ``--help``)."""
 
     store: Path = option(
-        positional=True, parse=Path, help="the features.zarr holding the cluster run"
+        positional=True,
+        parse=Path,
+        help="the features.zarr holding the cluster run (or the prediction)",
     )
     out: Path = option(
         parse=Path, help="output folder; may already hold earlier exports (classes add up)"
@@ -110,11 +118,30 @@ class ExportConfig:
         "selected clusters and per-tile overrides decide the tiles (default without --clusters: "
         "the run's saved curation)",
     )
+    predictions: str | None = option(
+        None,
+        metavar="NAME",
+        help="export by prediction: the tiles a classifier (python -m engine.classify apply "
+        "--name NAME) gives one of --classes with at least --min-prob; instead of "
+        "--run/--clusters/--curation",
+    )
+    classes: tuple[str, ...] = option(
+        (),
+        sep=",",
+        metavar="A,B",
+        show_default=False,
+        help="with --predictions: comma-separated predicted classes to export, each under its "
+        "own name (default: every class of the prediction)",
+    )
+    min_prob: float = option(
+        0.5,
+        help="with --predictions: the least probability of the predicted class, from 0 to 1",
+    )
     slides: tuple[str, ...] = option(
         (),
         metavar="ID",
         show_default=False,
-        help="export only tiles of these slides (default: all slides of the run)",
+        help="export only tiles of these slides (default: all slides of the run or prediction)",
     )
     tile_px: int | None = option(
         None,
@@ -125,10 +152,13 @@ class ExportConfig:
         help="micrometres per pixel of the tiles (default: the store's target_mpp); alone it keeps the physical size",
     )
     format: Literal["png", "jpg"] = option("png", help="image format")
-    max_per_cluster: int = option(0, help="at most this many tiles per cluster, 0 = all")
+    max_per_cluster: int = option(
+        0, help="at most this many tiles per cluster (with --predictions: per class), 0 = all"
+    )
     order: Literal["nearest", "random"] = option(
         "nearest",
-        help="which tiles --max-per-cluster keeps: nearest the centroid or a random draw",
+        help="which tiles --max-per-cluster keeps: nearest the centroid (with --predictions: "
+        "the most probable) or a random draw",
     )
     seed: int = option(0, help="seed of --order random")
     geojson: bool = option(
@@ -146,8 +176,11 @@ class ExportConfig:
         d["store"] = str(Path(self.store).resolve())
         d["out"] = str(Path(self.out).resolve())
         d["curation"] = str(Path(self.curation).resolve()) if self.curation else None
-        for k in ("clusters", "names", "slides"):
+        for k in ("clusters", "names", "slides", "classes"):
             d[k] = list(d[k])
+        if self.predictions is None:  # a cluster export's record (and id) as before predictions
+            for k in ("predictions", "classes", "min_prob"):
+                d.pop(k)
         return d
 
     def signature(self, choice_key: Any = None) -> str:
@@ -167,11 +200,13 @@ class ExportResult:
     ``written`` files now, ``resumed`` files found complete from an interrupted run of the same
     export; ``per_class`` {class: files of this export}, ``per_slide`` {slide_id: {class: files}};
     ``failures`` one line per slide that could not be read (its tiles were skipped).
+    ``run`` is "" and ``prediction`` the prediction's name for an export by prediction.
     """
 
     out: Path
     run: str
     export_id: str
+    prediction: str | None = None
     written: int = 0
     resumed: int = 0
     per_class: dict[str, int] = field(default_factory=dict)
@@ -221,19 +256,21 @@ def _cluster_choice(
 def _slides(
     cfg: ExportConfig,
     store: FeatureStore,
-    run: str,
-    attrs: dict[str, Any],
+    what: str,
+    run_slides: Sequence[str],
     extra: Sequence[str] = (),
 ) -> list[str]:
-    """The slides to export: ``--slides`` or all of the run's (plus ``extra`` holding chosen tiles)."""
-    run_slides = list(attrs.get("slides", []))
+    """The slides to export: ``--slides`` or all of the run's (plus ``extra`` holding chosen tiles).
+
+    ``what`` names the tiles' source in messages ("cluster run 'r'", "prediction 'p'").
+    """
     allowed = sorted(set(run_slides) | set(extra))
     slides = sorted(set(cfg.slides)) if cfg.slides else allowed
     unknown = [s for s in slides if s not in allowed]
     if unknown:
         raise HistoclusterError(
-            f"{store.path}: cluster run {run!r} has no slide {', '.join(map(repr, unknown))} "
-            f"(slides: {', '.join(run_slides)}) — check --slides"
+            f"{store.path}: {what} has no slide {', '.join(map(repr, unknown))} "
+            f"(slides: {', '.join(allowed)}) — check --slides"
         )
     return slides
 
@@ -250,12 +287,41 @@ def run(cfg: ExportConfig, *, progress: Progress = no_progress) -> ExportResult:
     the GeoJSON (with ``--geojson``) covers exactly the listed files; then it is re-raised.
     """
     store = FeatureStore.open(cfg.store)
+    if cfg.predictions is not None:
+        return export_choice(store, cfg, None, _prediction_choice(cfg, store), progress=progress)
     run_name, choice = _choose(cfg, store)
     return export_choice(store, cfg, run_name, choice, progress=progress)
 
 
+def _prediction_choice(cfg: ExportConfig, store: FeatureStore) -> PredictionChoice:
+    """The ``--predictions``/``--classes``/``--min-prob`` choice, checked."""
+    given = [
+        flag
+        for flag, on in (
+            ("--run", cfg.run is not None),
+            ("--clusters", bool(cfg.clusters)),
+            ("--names", bool(cfg.names)),
+            ("--curation", cfg.curation is not None),
+        )
+        if on
+    ]
+    if given:
+        raise HistoclusterError(
+            f"{store.path}: give either --predictions or {'/'.join(given)} — a prediction "
+            "names its own classes (choose them with --classes)"
+        )
+    assert cfg.predictions is not None
+    return PredictionChoice(store, cfg.predictions, cfg.classes, cfg.min_prob)
+
+
 def _choose(cfg: ExportConfig, store: FeatureStore) -> tuple[str, TileChoice]:
     """The run and the choice of tiles: ``--clusters``/``--names``, else a curation."""
+    if cfg.classes or cfg.min_prob != 0.5:
+        flag = "--classes" if cfg.classes else "--min-prob"
+        raise HistoclusterError(
+            f"{store.path}: {flag} chooses predicted classes and needs --predictions NAME — "
+            "name cluster classes with --clusters/--names instead"
+        )
     if cfg.clusters and cfg.curation is not None:
         raise HistoclusterError(
             f"{cfg.curation}: give either --clusters or --curation — the curation names its own clusters"
@@ -324,16 +390,26 @@ def run_curation(
 def export_choice(
     store: FeatureStore,
     cfg: ExportConfig,
-    run_name: str,
+    run_name: str | None,
     choice: TileChoice,
     *,
     progress: Progress = no_progress,
 ) -> ExportResult:
-    """Write the tiles ``choice`` gives a class (see :class:`~engine.export_plan.TileChoice`)."""
+    """Write the tiles ``choice`` gives a class (see :class:`~engine.export_choice.TileChoice`).
+
+    ``run_name`` None: an export without a cluster run (by prediction); the slides are then
+    ``choice.extra_slides``, and the rows' ``run``/``cluster``/``distance`` are empty.
+    """
     _check_numbers(cfg)
     out = Path(cfg.out)
-    attrs = store.read_cluster_run(run_name, slide_ids=[]).attrs
-    slides = _slides(cfg, store, run_name, attrs, choice.extra_slides)
+    if run_name is None:
+        what = f"prediction {cfg.predictions!r}" if cfg.predictions else "the choice"
+        slides = _slides(cfg, store, what, [], choice.extra_slides)
+    else:
+        attrs = store.read_cluster_run(run_name, slide_ids=[]).attrs
+        slides = _slides(
+            cfg, store, f"cluster run {run_name!r}", attrs.get("slides", []), choice.extra_slides
+        )
     if out.exists() and not out.is_dir():
         raise HistoclusterError(f"{out}: exists and is not a directory — choose another --out")
     record = load_record(out)
@@ -397,8 +473,12 @@ def export_choice(
         entry = record["classes"].setdefault(
             klass.name, {"color": [int(v) for v in klass.color], "sources": []}
         )
-        for c in klass.clusters:
-            src = {"store": src_store, "run": run_name, "cluster": int(c)}
+        sources: list[dict[str, Any]] = [
+            {"store": src_store, "run": run_name, "cluster": int(c)} for c in klass.clusters
+        ]
+        if klass.prediction is not None:
+            sources.append({"store": src_store, "prediction": klass.prediction})
+        for src in sources:
             if src not in entry["sources"]:
                 entry["sources"].append(src)
     entry = next((e for e in record["exports"] if e.get("id") == key), None)
@@ -420,11 +500,17 @@ def export_choice(
     if replace:
         manifest = [r for r in manifest if r["path"] not in replace]
         rewrite_manifest(out, manifest)
-    elif not manifest_is_clean(out):
-        rewrite_manifest(out, manifest)  # drop a row cut short by a kill
+    elif not manifest_is_clean(out) or not manifest_is_current(out):
+        rewrite_manifest(out, manifest)  # drop a row cut short by a kill; an older header
     remove_stale_temps({out / c.name for c in classes})
 
-    result = ExportResult(out=out, run=run_name, export_id=key, resumed=len(adopt))
+    result = ExportResult(
+        out=out,
+        run=run_name or "",
+        export_id=key,
+        prediction=cfg.predictions if run_name is None else None,
+        resumed=len(adopt),
+    )
     result.warnings.extend(choice.warnings)
     try:
         _write_tiles(store, cfg, plan, run_name, key, todo, adopt, result, progress)
@@ -438,8 +524,9 @@ def export_choice(
         out, cfg, record, entry, plan, key, result, "incomplete" if result.failures else "complete"
     )
     if not plan.tiles:
+        what = f"run {run_name!r}" if run_name else f"prediction {cfg.predictions!r}"
         result.warnings.append(
-            f"{store.path}: the chosen tiles of run {run_name!r} are none in the chosen slides — nothing exported"
+            f"{store.path}: the chosen tiles of {what} are none in the chosen slides — nothing exported"
         )
     return result
 
@@ -448,7 +535,7 @@ def _write_tiles(
     store: FeatureStore,
     cfg: ExportConfig,
     plan: ExportPlan,
-    run_name: str,
+    run_name: str | None,
     key: str,
     todo: list[PlannedTile],
     adopt: list[PlannedTile],
@@ -467,12 +554,14 @@ def _write_tiles(
 
     def row_of(t: PlannedTile) -> dict[str, Any]:
         return {
-            "path": t.path, "class": t.cls, "cluster": t.cluster, "run": run_name,
+            "path": t.path, "class": t.cls, "cluster": "" if run_name is None else t.cluster,
+            "run": run_name or "",
             "slide_path": plan.slides[t.slide_id]["source_path"], "slide_id": t.slide_id,
             "row": t.row, "col": t.col, "l0_x": t.l0_x, "l0_y": t.l0_y, "l0_w": t.l0_w,
             "l0_h": t.l0_h, "level": levels.get(t.slide_id, ""), "mpp": f"{mpp:.6g}",
             "tile_px": tile_px, "export": key,
             "distance": "" if math.isnan(t.distance) else f"{t.distance:.6f}",
+            "prob": "" if math.isnan(t.prob) else f"{t.prob:.6f}",
         }  # fmt: skip
 
     with SlideCache(capacity=4) as cache, ManifestAppender(out) as manifest:
@@ -572,11 +661,10 @@ def _now() -> str:
 
 
 def report(cfg: ExportConfig, result: ExportResult) -> str:
-    """The summary: files written, per class, per slide, GeoJSON files (warnings on stderr)."""
-    for w in result.warnings:
-        print(f"warning: {w}", file=sys.stderr)
+    """The summary: files written, per class, per slide, GeoJSON files (cli.main prints warnings)."""
+    source = f" of prediction {result.prediction!r}" if result.prediction else ""
     lines = [
-        f"{cfg.out}: wrote {result.written} tiles"
+        f"{cfg.out}: wrote {result.written} tiles{source}"
         + (f" (+{result.resumed} from an interrupted run)" if result.resumed else "")
     ]
     for name, n in result.per_class.items():
@@ -591,7 +679,12 @@ def report(cfg: ExportConfig, result: ExportResult) -> str:
 _EPILOG = f"""\
 manifest.csv columns: {", ".join(MANIFEST_COLUMNS)}
   (path is relative to DIR; l0_* in level-0 pixels of the slide; distance to the cluster centroid
-  in the clustering's feature space; export is the id of the export in export.json).
+  in the clustering's feature space; prob, with --predictions, the probability of the predicted
+  class (run, cluster and distance are then empty); export is the id of the export in export.json).
+
+export by prediction: --predictions NAME (made by python -m engine.classify apply --name NAME)
+writes a tile under class C when its predicted class is C, C is one of --classes and its
+probability is at least --min-prob; most probable first under --max-per-cluster.
 
 tile size: by default each file is the grid tile the features came from. --tile-px alone keeps
 its physical size at another pixel size, --mpp alone keeps it at another resolution, both give
@@ -604,6 +697,7 @@ exit status: 0 done; 1 done, but some slides could not be read (named); 2 bad in
 
 example:
   python -m engine.export features.zarr --run k8 --clusters 3,5 --names ink,crease --out patches --geojson
+  python -m engine.export features.zarr --predictions p --classes ink,crease --min-prob 0.9 --out sure --geojson
 """
 
 
@@ -614,7 +708,8 @@ def main(argv: list[str] | None = None) -> int:
         run,
         argv,
         prog="python -m engine.export",
-        description="Export the tiles of chosen clusters as an ImageFolder patch set "
+        description="Export the tiles of chosen clusters, or of a classifier's confident predicted "
+        "classes, as an ImageFolder patch set "
         "(DIR/<class>/<slide_id>_<l0_x>_<l0_y>.png) with manifest.csv, export.json and optional "
         "GeoJSON for QuPath.",
         epilog=_EPILOG,

@@ -1,9 +1,10 @@
-"""Which tiles of a cluster run ``engine.export`` writes, and under which class name.
+"""Which tiles ``engine.export`` writes, and under which class name.
 
 A :class:`TileChoice` gives, for each slide, every tile a class index or -1 (not exported).
 Export never writes a tile whose index is -1, so a tile lands only under a name the choice gave
 it. :class:`ClusterChoice` is the command line's whole clusters under names
-(``--clusters 3,5 --names ink,crease``); ``engine.export_curation.CurationChoice`` is a curation's.
+(``--clusters 3,5 --names ink,crease``); ``engine.export_curation.CurationChoice`` is a curation's;
+``engine.export_predictions.PredictionChoice`` is a classifier's confident predicted classes.
 """
 
 from __future__ import annotations
@@ -14,27 +15,40 @@ from typing import Any, Protocol
 
 import numpy as np
 
-__all__ = ["ClusterChoice", "Color", "ExportClass", "TileChoice"]
+__all__ = ["ClusterChoice", "Color", "ExportClass", "TileChoice", "no_probability"]
 
 Color = tuple[int, int, int]
 
 
+def no_probability(rows: np.ndarray) -> np.ndarray:
+    """(n,) NaN: the probabilities of a choice that has none."""
+    return np.full(len(rows), np.nan)
+
+
 @dataclass(frozen=True)
 class ExportClass:
-    """One class folder: its name, colour (r, g, b 0-255) and the clusters it is made from."""
+    """One class folder: its name, colour (r, g, b 0-255) and where its tiles come from.
+
+    ``clusters``: the run's clusters it is made from; ``prediction``: the stored prediction whose
+    class of that name it is (export by prediction), else None.
+    """
 
     name: str
     color: Color
     clusters: tuple[int, ...] = ()
+    prediction: str | None = None
 
 
 class TileChoice(Protocol):
-    """Which tiles of a cluster run go under which class (what export applies).
+    """Which tiles go under which class (what export applies).
 
     ``classes``: the class folders, in output order. ``assign(slide_id, labels)`` gets a slide's
-    (rows, cols) int run labels (-1 outside tissue, or all -1 for a slide outside the run) and
-    returns (rows, cols) int16 indices into ``classes``, -1 for tiles not exported.
-    ``extra_slides``: slides outside the run that hold chosen tiles. ``key()``: a JSON value that
+    (rows, cols) int run labels (-1 outside tissue, or all -1 for a slide outside the run, and
+    for every slide of an export without a run) and returns (rows, cols) int16 indices into
+    ``classes``, -1 for tiles not exported. ``probability(slide_id, rows, cols)``: (n,) float64,
+    the probability of each given tile's class (after ``assign`` of that slide), NaN where the
+    choice has none (clusters, curations). ``extra_slides``: slides outside the run that hold
+    chosen tiles (without a run: every slide to export). ``key()``: a JSON value that
     changes whenever the assignment may change (part of the export's id: a rerun with the same
     key resumes, another key is another export). ``describe()``: recorded in ``export.json``.
     ``warnings``: lines for the user (e.g. overrides pointing at no tile).
@@ -50,6 +64,8 @@ class TileChoice(Protocol):
     def warnings(self) -> Sequence[str]: ...
 
     def assign(self, slide_id: str, labels: np.ndarray) -> np.ndarray: ...
+
+    def probability(self, slide_id: str, rows: np.ndarray, cols: np.ndarray) -> np.ndarray: ...
 
     def key(self) -> Any: ...
 
@@ -92,6 +108,9 @@ class ClusterChoice:
             lut[c] = index[name]
         labels = np.asarray(labels, dtype=np.int64)
         return lut[np.where(labels < 0, len(self.colors), labels)]
+
+    def probability(self, slide_id: str, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        return no_probability(rows)
 
     def key(self) -> Any:
         return {"clusters": list(self.clusters), "names": list(self.names)}

@@ -17,7 +17,7 @@ import numpy as np
 
 from engine.curation import DOCUMENT, Curation
 from engine.errors import HistoclusterError, one_line
-from engine.export_choice import ExportClass
+from engine.export_choice import ExportClass, no_probability
 from engine.mosaic import cluster_colors
 from engine.store import FeatureStore
 
@@ -77,6 +77,9 @@ class CurationChoice:
 
     def assign(self, slide_id: str, labels: np.ndarray) -> np.ndarray:
         return self.curation.class_map(slide_id, labels, self._names, selected_only=True)
+
+    def probability(self, slide_id: str, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        return no_probability(rows)
 
     def key(self) -> Any:
         doc = self.curation.to_json()

@@ -10,6 +10,9 @@
 Consistency rule: every file listed in the manifest exists and is complete (tiles are written
 atomically, then their row is appended); a file without a row (written just before a kill) is
 adopted by a rerun of the same export. A row cut short by a kill is dropped when read.
+
+A manifest written before a column existed (``prob`` came with export by prediction) reads with
+that column empty, and is rewritten with the current header before rows are appended to it.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ __all__ = [
     "check_class_names",
     "existing_classes",
     "load_record",
+    "manifest_is_clean",
+    "manifest_is_current",
     "read_manifest",
     "remove_stale_temps",
     "rewrite_manifest",
@@ -51,7 +56,7 @@ PARTIAL = ".partial"  # temporary suffix of exports written before engine.files
 MAX_NAME_BYTES = 255  # a file name component, in bytes (ext4, APFS, NTFS in UTF-16 units)
 MANIFEST_COLUMNS = (
     "path", "class", "cluster", "run", "slide_path", "slide_id", "row", "col",
-    "l0_x", "l0_y", "l0_w", "l0_h", "level", "mpp", "tile_px", "distance", "export",
+    "l0_x", "l0_y", "l0_w", "l0_h", "level", "mpp", "tile_px", "distance", "prob", "export",
 )  # fmt: skip
 _RESERVED = {MANIFEST.lower(), EXPORT_JSON.lower()}
 _BAD_CHARS = re.compile(r'[<>:"|?*\x00-\x1f\x7f]')
@@ -121,7 +126,10 @@ def check_class_names(names: Sequence[str], existing: Iterable[str] = ()) -> lis
 
 
 def read_manifest(out: str | Path) -> list[dict[str, str]]:
-    """Rows of ``DIR/manifest.csv`` (empty when absent); a last row cut short by a kill is dropped."""
+    """Rows of ``DIR/manifest.csv`` (empty when absent); a last row cut short by a kill is dropped.
+
+    Every row has every column of :data:`MANIFEST_COLUMNS` (those an older manifest lacks are "").
+    """
     path = Path(out) / MANIFEST
     if not path.exists():
         return []
@@ -134,7 +142,22 @@ def read_manifest(out: str | Path) -> list[dict[str, str]]:
         return []
     if reader.fieldnames is None or "path" not in reader.fieldnames:
         raise HistoclusterError(f"{path}: not an engine.export manifest — choose another --out")
-    return [row for row in reader if None not in row and all(v is not None for v in row.values())]
+    missing = [c for c in MANIFEST_COLUMNS if c not in reader.fieldnames]
+    rows = [row for row in reader if None not in row and all(v is not None for v in row.values())]
+    for row in rows:
+        for c in missing:
+            row[c] = ""
+    return rows
+
+
+def manifest_is_current(out: str | Path) -> bool:
+    """True when ``manifest.csv`` is absent or empty, or its header is :data:`MANIFEST_COLUMNS`."""
+    path = Path(out) / MANIFEST
+    if not path.exists() or path.stat().st_size == 0:
+        return True
+    with open(path, encoding="utf-8", newline="") as f:
+        header = next(csv.reader([f.readline()]), [])
+    return tuple(header) == MANIFEST_COLUMNS
 
 
 def manifest_is_clean(out: str | Path) -> bool:
@@ -150,7 +173,9 @@ def manifest_is_clean(out: str | Path) -> bool:
 def rewrite_manifest(out: str | Path, rows: Sequence[Mapping[str, Any]]) -> None:
     """Replace ``DIR/manifest.csv`` by ``rows`` (header included), atomically."""
     buf = io.StringIO(newline="")
-    writer = csv.DictWriter(buf, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(
+        buf, fieldnames=MANIFEST_COLUMNS, lineterminator="\n", extrasaction="ignore"
+    )
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(Path(out) / MANIFEST, buf.getvalue())

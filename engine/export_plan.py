@@ -1,8 +1,8 @@
 """The files of one ``engine.export``: which tiles, in which order, at which geometry.
 
 Which class a tile goes to is a :class:`~engine.export_choice.TileChoice`'s decision; this
-module orders the chosen tiles (nearest their centroid first, or seeded random), caps them, and
-turns grid tiles into level-0 regions and file names.
+module orders the chosen tiles (nearest their centroid first, then the most probable; or seeded
+random), caps them, and turns grid tiles into level-0 regions and file names.
 """
 
 from __future__ import annotations
@@ -30,7 +30,10 @@ __all__ = [
 
 @dataclass(slots=True)
 class PlannedTile:
-    """One file to write: ``path`` relative to DIR ('/'-separated), its class, tile and region."""
+    """One file to write: ``path`` relative to DIR ('/'-separated), its class, tile and region.
+
+    ``distance`` to the tile's cluster centroid and ``prob`` of its class: NaN when unknown.
+    """
 
     path: str
     cls: str
@@ -43,6 +46,7 @@ class PlannedTile:
     l0_w: int
     l0_h: int
     distance: float
+    prob: float = float("nan")
 
 
 @dataclass
@@ -97,7 +101,7 @@ def tile_boxes(
 
 def plan_export(
     store: FeatureStore,
-    run: str,
+    run: str | None,
     choice: TileChoice,
     slides: Sequence[str],
     *,
@@ -113,14 +117,19 @@ def plan_export(
 
     Tiles are grouped by (class, cluster): a class's own clusters first, in its order, then
     clusters whose tiles were moved into it (cluster -1: tiles outside the run's labels, whose
-    distance is NaN). Within a group tiles go nearest the cluster centroid first (ties by slide,
-    row, col), or in a seeded random order; ``max_per_cluster`` (0 = all) caps each group.
+    distance is NaN). Within a group tiles go nearest the cluster centroid first, then the most
+    probable (``choice.probability``; ties by slide, row, col), or in a seeded random order;
+    ``max_per_cluster`` (0 = all) caps each group. ``run`` None (export by prediction): every
+    tile's label is -1, so each class is one group, most probable first.
     Reports ``progress("plan", slides done, slides)``.
     """
-    stored = store.read_cluster_run(run, slide_ids=[])
-    centroids = np.asarray(stored.centroids, dtype=np.float32)
-    normalize = stored.attrs.get("normalize", "l2")
-    run_slides = set(stored.attrs.get("slides", []))
+    if run is None:
+        centroids, normalize, run_slides = np.zeros((0, store.dim), np.float32), "l2", set()
+    else:
+        stored = store.read_cluster_run(run, slide_ids=[])
+        centroids = np.asarray(stored.centroids, dtype=np.float32)
+        normalize = stored.attrs.get("normalize", "l2")
+        run_slides = set(stored.attrs.get("slides", []))
     classes = list(choice.classes)
     parts: list[tuple[np.ndarray, ...]] = []
     facts: dict[str, dict[str, Any]] = {}
@@ -131,7 +140,7 @@ def plan_export(
         facts[sid] = attrs
         if sid in run_slides:
             labels = store.read_cluster_labels(run, sid).astype(np.int64)
-        else:  # a slide outside the run, holding tiles an override moved to a class
+        else:  # a slide outside the run (or no run), holding chosen tiles
             labels = np.full(sf.shape, -1, np.int64)
         labels = np.where(labels < len(centroids), labels, -1)
         cls = np.asarray(choice.assign(sid, labels), dtype=np.int16)
@@ -139,6 +148,7 @@ def plan_export(
         if len(rows) == 0:
             continue
         lab = labels[rows, cols]
+        prob = np.asarray(choice.probability(sid, rows, cols), dtype=np.float64)
         dist = np.full(len(rows), np.nan)  # no centroid for a tile outside the run's labels
         known = np.flatnonzero(lab >= 0)
         if len(known):
@@ -150,12 +160,17 @@ def plan_export(
         region = (tile_px * mpp / slide_mpp[0], tile_px * mpp / slide_mpp[1])
         boxes = tile_boxes(rows, cols, attrs["stride_l0"], attrs["tile_l0"], region)
         parts.append(
-            (np.full(len(rows), si), rows, cols, cls[rows, cols].astype(np.int64), lab, dist, boxes)
-        )
+            (
+                np.full(len(rows), si), rows, cols, cls[rows, cols].astype(np.int64), lab, dist,
+                prob, boxes,
+            )
+        )  # fmt: skip
     progress("plan", len(slides), len(slides))
     if not parts:
         return ExportPlan([], facts, tile_px, mpp)
-    si, rows, cols, cls, lab, dist, boxes = (np.concatenate(p) for p in zip(*parts, strict=True))
+    si, rows, cols, cls, lab, dist, prob, boxes = (
+        np.concatenate(p) for p in zip(*parts, strict=True)
+    )
     rng = np.random.default_rng(seed)
     tiles: list[PlannedTile] = []
     for ci, klass in enumerate(classes):
@@ -167,7 +182,7 @@ def plan_export(
             idx = np.flatnonzero(mine & (lab == c))
             if len(idx) == 0:
                 continue
-            idx = idx[np.lexsort((cols[idx], rows[idx], si[idx], dist[idx]))]
+            idx = idx[np.lexsort((cols[idx], rows[idx], si[idx], -prob[idx], dist[idx]))]
             if order == "random":
                 idx = idx[rng.permutation(len(idx))]
             if max_per_cluster:
@@ -188,6 +203,7 @@ def plan_export(
                         x1 - x0,
                         y1 - y0,
                         float(dist[i]),
+                        float(prob[i]),
                     )
                 )
     return ExportPlan(tiles, facts, tile_px, mpp)
