@@ -241,8 +241,17 @@ def parse_slide_mpp(value: str | None) -> dict[str, float] | float | None:
             f"{value}: --slide-mpp is neither a number nor an existing CSV file — give e.g. "
             "--slide-mpp 0.25 or a CSV of slide,mpp rows"
         )
+    try:
+        return _read_slide_mpp_csv(path)
+    except UnicodeDecodeError:
+        raise HistoclusterError(
+            f"{path}: --slide-mpp is not a text CSV (binary content) — give a CSV of slide,mpp rows"
+        ) from None
+
+
+def _read_slide_mpp_csv(path: Path) -> dict[str, float]:
     table: dict[str, float] = {}
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         for n, row in enumerate(csv.reader(f), start=1):
             if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
                 continue
@@ -745,7 +754,14 @@ def _encode(
         rows = plan.rows[plan.start[i] : plan.stop[i]]
         cols = plan.cols[plan.start[i] : plan.stop[i]]
         bad = unreadable.numpy()
-        writer.add(sid, tuple(plan.chunk[i]), rows, cols, feats.numpy(), bool(plan.last[i]), bad)
+        values = feats.numpy()
+        if not np.isfinite(values[~bad]).all():  # never write NaN / inf into a store
+            raise HistoclusterError(
+                f"{cfg.encoder}: gives non-finite features (NaN or inf) on {plan.jobs[int(plan.slide[i])].path} "
+                "— the checkpoint is damaged or its training diverged; use another encoder "
+                "(nothing of this batch was written)"
+            )
+        writer.add(sid, tuple(plan.chunk[i]), rows, cols, values, bool(plan.last[i]), bad)
         result.tiles += int((~bad).sum())
         seen += len(rows)
         progress("encode", seen, plan.n_tiles)

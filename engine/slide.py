@@ -8,6 +8,7 @@ that behaves the same. Coordinates are named by frame: ``l0_xy`` is in level-0 p
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import re
@@ -30,6 +31,9 @@ SLIDE_SUFFIXES: tuple[str, ...] = (
     ".png", ".jpg", ".jpeg",
 )  # fmt: skip
 """Suffixes of the files treated as slides: OpenSlide's formats and plain images (one list, used everywhere)."""
+
+MIN_MPP, MAX_MPP = 0.01, 1000.0
+"""Plausible micrometres per pixel of a slide given by the user (beyond: a typo, not a scanner)."""
 
 MAX_IMAGE_PIXELS_ENV = "HISTOCLUSTER_MAX_IMAGE_PIXELS"
 DEFAULT_MAX_IMAGE_PIXELS = 400_000_000
@@ -103,6 +107,11 @@ def _as_mpp_pair(mpp: MppLike, path: Path) -> tuple[float, float] | None:
     if len(pair) != 2 or not all(math.isfinite(v) and v > 0 for v in pair):
         raise SlideError(
             f"{path}: invalid mpp {mpp!r} — give a positive number of micrometres per pixel"
+        )
+    if not all(MIN_MPP <= v <= MAX_MPP for v in pair):
+        raise SlideError(
+            f"{path}: mpp {mpp!r} is not a microscope's resolution — give micrometres per pixel "
+            f"between {MIN_MPP} and {MAX_MPP} (40x is about 0.25, 20x about 0.5)"
         )
     return pair  # type: ignore[return-value]
 
@@ -336,6 +345,17 @@ def open_slide(path: str | Path, mpp: MppLike = None) -> Slide:
 
     path = Path(path)
     if not path.exists():
+        try:
+            os.stat(path)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise SlideError(
+                    f"{path}: a symbolic link loop — point at the slide file itself"
+                ) from None
+        if path.is_symlink():
+            raise SlideError(
+                f"{path}: a symbolic link to a missing file ({os.readlink(path)}) — check the link"
+            )
         raise SlideError(f"{path}: no such file — check the path")
     if path.is_dir() and path.suffix.lower() != ".mrxs":
         raise SlideError(f"{path}: is a directory, not a slide — give the slide file itself")

@@ -731,7 +731,13 @@ class FeatureStore:
                 r, c = np.nonzero(sel & done)
                 if len(r) == 0:
                     continue
-                parts.append((r + block.r0, c + block.c0, feats[r, c].astype(np.float32)))
+                values = feats[r, c].astype(np.float32)
+                if not np.isfinite(values).all():
+                    raise StoreError(
+                        f"{sf.where}: non-finite features (NaN or inf) in chunk {block.index} — "
+                        f"{sf.fix} with an encoder that gives finite features"
+                    )
+                parts.append((r + block.r0, c + block.c0, values))
                 count += len(r)
                 if count >= max_tiles:
                     yield _concat(sid, parts)
@@ -927,6 +933,40 @@ class FeatureStore:
             raise StoreError(
                 f"{path}: damaged ({one_line(e)}) — delete the file to start it afresh"
             ) from e
+
+    # ------------------------------------------------------------------ map embedding (engine.embed)
+
+    def embedding_attrs(self, run: str) -> dict[str, Any] | None:
+        """The attrs of ``clusters/<run>/embedding`` (the map's tile coordinates), or None when absent."""
+        group = self._cluster_group(run).get("embedding")
+        return group.attrs.asdict() if isinstance(group, zarr.Group) else None
+
+    def start_embedding(self, run: str, attrs: Mapping[str, Any]) -> None:
+        """Replace ``clusters/<run>/embedding`` by an empty one with ``attrs`` (JSON values)."""
+        group = self._cluster_group(run)
+        if "embedding" in group:
+            del group["embedding"]
+        group.create_group("embedding", attributes=_jsonable(dict(attrs))).create_group("slides")
+
+    def update_embedding_attrs(self, run: str, attrs: Mapping[str, Any]) -> None:
+        """Merge ``attrs`` into the embedding's attrs (e.g. ``slides_done``, ``complete``)."""
+        self._cluster_group(run)["embedding"].attrs.update(_jsonable(dict(attrs)))
+
+    def write_embedding(self, run: str, slide_id: str, xy: np.ndarray) -> None:
+        """Store one slide's map coordinates ``xy`` (rows, cols, 2) float32, NaN where no tile."""
+        slides = self._cluster_group(run)["embedding"]["slides"]  # type: ignore[index]
+        if slide_id in slides:  # type: ignore[operator]
+            del slides[slide_id]  # type: ignore[union-attr]
+        xy = np.asarray(xy, dtype=np.float32)
+        chunks = (min(_BIG_CHUNK, xy.shape[0]), min(_BIG_CHUNK, xy.shape[1]), 2)
+        slides.create_group(slide_id).create_array("xy", data=xy, chunks=chunks)  # type: ignore[union-attr]
+
+    def read_embedding(self, run: str) -> dict[str, np.ndarray]:
+        """{slide_id: xy (rows, cols, 2) float32, NaN where no tile} of the slides written so far."""
+        where = self.path / "clusters" / run / "embedding"
+        with _damage_guard(where, f"delete {where} and rerun python -m engine.embed"):
+            slides = self._cluster_group(run)["embedding"]["slides"]  # type: ignore[index]
+            return {sid: np.asarray(slides[sid]["xy"][...]) for sid in sorted(slides.group_keys())}  # type: ignore[union-attr,index]
 
     def _clusters(self) -> zarr.Group:
         group = self.root.get("clusters")
