@@ -3,6 +3,7 @@
 
     .venv/bin/python benchmarks/read_tiles.py [SLIDE] [--scale 0.25] [--tiles 600]
                                               [--rounds 3] [--mpp 0.5] [--tile-px 224]
+                                              [--decoder simplejpeg|pillow]
 
 Without SLIDE it reads the generated 40x benchmark slide (``benchmarks/make_40x_slide.py``,
 0.25 um/px, written once into ``$TMPDIR/histocluster-bench`` and reused; ``--scale 1`` is the
@@ -52,7 +53,9 @@ def pick_tiles(slide_path: Path, mpp: float, tile_px: int, n: int) -> list[tuple
         ]
 
 
-def read_all(kind: str, path: Path, xys: list[tuple[int, int]], mpp: float, px: int):
+def read_all(
+    kind: str, path: Path, xys: list[tuple[int, int]], mpp: float, px: int, decoder: str = ""
+):
     """Read every tile with a fresh reader of ``kind``; (CPU s, wall s, tiles (N, px, px, 3))."""
     out = np.empty((len(xys), px, px, 3), np.uint8)
     cpu, wall = time.process_time(), time.perf_counter()
@@ -64,6 +67,7 @@ def read_all(kind: str, path: Path, xys: list[tuple[int, int]], mpp: float, px: 
             reader = JpegTileReader.from_slide(slide)
             if reader is None or not reader.fits(mpp, px):
                 raise SystemExit(f"{path}: not readable by JpegTileReader at {mpp} um/px")
+            reader.decoder = decoder or reader.decoder
             with reader:
                 for k, xy in enumerate(xys):
                     out[k] = reader.read_tile(xy, mpp, px)
@@ -83,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--mpp", type=float, default=0.5)
     p.add_argument("--tile-px", type=int, default=224)
+    p.add_argument("--decoder", choices=("simplejpeg", "pillow"), default=decoder_name())
     p.add_argument("--bench-dir", default=str(Path(tempfile.gettempdir()) / "histocluster-bench"))
     a = p.parse_args(argv)
     if a.slide:
@@ -97,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{path.name}: {slide.dimensions[0]} x {slide.dimensions[1]} px at "
             f"{slide.mpp[0]:.4g} um/px, {slide.level_count} levels; tiles {a.tile_px} px at "
             f"{a.mpp} um/px; reduced read {reader.plan(a.mpp, a.tile_px) if reader else None}; "
-            f"decoder {decoder_name()}; load average {os.getloadavg()[0]:.1f}"
+            f"decoder {a.decoder}; load average {os.getloadavg()[0]:.1f}"
         )
     xys = pick_tiles(path, a.mpp, a.tile_px, a.tiles)
     print(f"{len(xys)} consecutive tissue tiles, {a.rounds} interleaved rounds")
@@ -108,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(a.rounds):
         order = ("openslide", "jpeg") if r % 2 == 0 else ("jpeg", "openslide")
         for kind in order:
-            cpu, wall, tiles[kind] = read_all(kind, path, xys, a.mpp, a.tile_px)
+            cpu, wall, tiles[kind] = read_all(kind, path, xys, a.mpp, a.tile_px, a.decoder)
             rates[kind].append(len(xys) / cpu)
             walls[kind].append(len(xys) / wall)
         ratios.append(rates["jpeg"][-1] / rates["openslide"][-1])
