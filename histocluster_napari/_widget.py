@@ -134,6 +134,9 @@ class HistoClusterWidget(Container):
         self._save_timer = QTimer()
         self._save_timer.setSingleShot(True)
         self._save_timer.timeout.connect(self.save_curation)
+        self._rows_bridge = _GalleryBridge()
+        self._rows_bridge.event.connect(self._show_rows)
+        self._open_slides: dict[tuple, tuple[Any, bool]] = {}  # slides opened for viewing
         self._gallery_bridge = _GalleryBridge()
         self._gallery_bridge.event.connect(self._on_gallery_event)
         self._gallery_generation = 0
@@ -512,6 +515,7 @@ class HistoClusterWidget(Container):
         self._cohort = list(slides)
         self.slide.visible = False
         self.slide_list.setVisible(True)
+        self.slide_list.set_rows(cohort_rows(None, self._cohort))  # names now, counts soon
         self._refresh_slide_list()
         self.show_slide(slide_id(slides[0]))
 
@@ -529,14 +533,32 @@ class HistoClusterWidget(Container):
         self.status.value = f"Opening the latest cluster run of {path.name}…"
         return self._start(_session.open_run, path, on_done=self._show_view)
 
-    def _refresh_slide_list(self) -> None:
+    def _refresh_slide_list(self, wait: bool = False) -> None:
+        """Re-read the slides' tissue/encoded counts, in a worker (``wait``: here, now)."""
         if self._cohort is None:
             return
         try:
             store = self.job().store_path()
         except HistoclusterError:
             store = None
-        self.slide_list.set_rows(cohort_rows(store, self._cohort))
+        slides, bridge = list(self._cohort), self._rows_bridge
+        if wait:
+            self._show_rows(cohort_rows(store, slides))
+            return
+        worker = create_worker(
+            lambda: bridge.event.emit(cohort_rows(store, slides)),
+            _start_thread=False,
+            _ignore_errors=True,
+        )
+        worker.start()
+
+    def _show_rows(self, rows: list) -> None:
+        if self._cohort is None or [r.path for r in rows] != list(self._cohort):
+            return  # rows of a cohort no longer shown
+        try:
+            self.slide_list.set_rows(rows)
+        except RuntimeError:  # the widget was closed while the rows were read
+            return
         if self._current is not None:
             self.slide_list.highlight(self._current)
 
@@ -574,8 +596,12 @@ class HistoClusterWidget(Container):
             return
         source = self._source_of(sid)
         mpp = self._view.mpp.get(sid) if self._view is not None else None
-        slide, mpp_known = open_for_viewing(source, mpp=mpp) if source else (None, False)
+        key = (source, mpp)
+        if key not in self._open_slides:
+            self._open_slides[key] = open_for_viewing(source, mpp=mpp) if source else (None, False)
+        slide, mpp_known = self._open_slides[key]
         if slide is None:
+            del self._open_slides[key]
             show_warning(
                 f"{source}: slide {sid!r} not found or unreadable — showing its clusters only"
             )
@@ -1158,6 +1184,10 @@ class HistoClusterWidget(Container):
         kind, gen, payload, error = event
         if gen != self._gallery_generation:
             return  # an older cluster's tiles
+        try:
+            self.gallery.objectName()
+        except RuntimeError:  # the widget was closed while tiles were read
+            return
         if kind == "order":
             self._gallery_order = payload
             self._gallery_loading = False

@@ -72,7 +72,8 @@ def test_opening_a_folder_then_cluster_extracts_and_clusters_every_slide(
     assert widget.view.slide_ids == SLIDES and FeatureStore.open(store).cluster_runs() == [
         widget.view.run
     ]
-    assert [widget.slide_list.status_of(s) for s in SLIDES] == ["encoded"] * 3
+    statuses = lambda: [widget.slide_list.status_of(s) for s in SLIDES]  # noqa: E731
+    qtbot.waitUntil(lambda: statuses() == ["encoded"] * 3, timeout=TIMEOUT_MS)  # read in a worker
     assert kinds(viewer) == ["Image", "Labels"]
 
 
