@@ -62,7 +62,7 @@ from engine.progress import Progress, no_progress
 from engine.slide import SLIDE_SUFFIXES, find_slides, open_slide, slide_id
 from engine.store import Block, FeatureStore, SlideFeatures
 from engine.store_lock import StoreLock
-from engine.tile_reader import SlideJob, TileBatches, read_batches
+from engine.tile_reader import READERS, SlideJob, TileBatches, read_batches
 from engine.tiling import TileGrid, Tiling
 from engine.tissue import TISSUE_METHODS
 
@@ -121,6 +121,14 @@ class ExtractConfig:
         "auto",
         choices=PRECISIONS,
         help="encoder precision; auto = bf16/fp16 on CUDA, bf16 on CPUs with native bf16, else fp32",
+    )
+    reader: str = option(
+        "auto",
+        choices=READERS,
+        help="how tiles are read: jpeg decodes a JPEG-tiled TIFF's (SVS, pyramidal TIFF) own tiles at "
+        "1/2, 1/4 or 1/8 scale when the tiles are that much smaller than a stored level; openslide "
+        "always reads through OpenSlide and resizes; auto = jpeg where it fits, else openslide. "
+        "Features are bit-identical across resume and torchrun for a given reader",
     )
     slide_mpp: str | None = option(
         None,
@@ -331,6 +339,7 @@ def make_plan(
     rank: int = 0,
     world_size: int = 1,
     retry_failed: bool = False,
+    reader: str = "openslide",
 ) -> Plan:
     """Split the pending chunks of ``slide_ids`` over ranks (balanced by tiles, deterministic)
     and cut this rank's chunks into batches. Tiles recorded as unreadable are left out unless
@@ -360,6 +369,7 @@ def make_plan(
                 tiling.tile_px,
                 origins[0, :, 0].copy(),
                 origins[:, 0, 1].copy(),
+                reader,
             )
         )
         for block in sf.blocks():
@@ -605,7 +615,9 @@ def run(
 
         failures = _prepare_slides(store, paths, tiling, slide_mpp, info, progress)
         ready = [slide_id(p) for p in paths if str(p) not in failures]
-        plan = make_plan(store, ready, cfg.batch_size, info.rank, info.world_size, cfg.retry_failed)
+        plan = make_plan(
+            store, ready, cfg.batch_size, info.rank, info.world_size, cfg.retry_failed, cfg.reader
+        )
         path_of = {slide_id(p): str(p) for p in paths}
 
         t_enc = time.perf_counter()

@@ -21,9 +21,21 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from engine.errors import HistoclusterError, one_line
-from engine.slide import SlideCache
+from engine.jpeg_tiles import JpegTileReader
+from engine.slide import Slide, SlideCache
 
-__all__ = ["BatchPlan", "SlideJob", "TileBatches", "read_batch", "read_batches"]
+__all__ = [
+    "READERS",
+    "BatchPlan",
+    "SlideJob",
+    "TileBatches",
+    "TileSources",
+    "read_batch",
+    "read_batches",
+]
+
+READERS = ("auto", "jpeg", "openslide")
+"""How tiles are read: see :class:`TileSources`."""
 
 _OPEN_SLIDES_PER_WORKER = 4
 _WHITE = 255
@@ -40,6 +52,70 @@ class SlideJob:
     tile_px: int
     xs: np.ndarray  # (cols,) int64 level-0 x of each grid column
     ys: np.ndarray  # (rows,) int64 level-0 y of each grid row
+    reader: str = "openslide"  # one of READERS
+
+
+class TileSources:
+    """Open slides (a :class:`SlideCache`) and, where the job's reader allows, a
+    :class:`~engine.jpeg_tiles.JpegTileReader` that decodes a JPEG-tiled TIFF's own tiles at
+    reduced size. ``auto`` uses the JPEG reader where it fits the tile scale, else OpenSlide;
+    ``jpeg`` insists (a slide it cannot serve fails); ``openslide`` never uses it.
+    Picklable: a worker process starts empty.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.slides = SlideCache(capacity)
+        self._jpeg: dict[str, JpegTileReader | None] = {}
+
+    def slide(self, job: SlideJob) -> Slide:
+        return self.slides.get(job.path, job.mpp)
+
+    def jpeg(self, job: SlideJob) -> JpegTileReader | None:
+        """The reduced-size JPEG reader of ``job``'s slide, or None when OpenSlide reads it."""
+        if job.reader == "openslide":
+            return None
+        if job.path not in self._jpeg:
+            reader = JpegTileReader.from_slide(self.slide(job))  # type: ignore[arg-type]
+            if reader is not None and not reader.fits(job.target_mpp, job.tile_px):
+                reader.close()
+                reader = None
+            if reader is None and job.reader == "jpeg":
+                raise HistoclusterError(
+                    f"{job.path}: --reader jpeg needs a JPEG-tiled TIFF whose tiles are 1/2, 1/4 or "
+                    "1/8 of a stored level at this --mpp — use --reader auto or openslide"
+                )
+            while len(self._jpeg) >= _OPEN_SLIDES_PER_WORKER:
+                old = self._jpeg.pop(next(iter(self._jpeg)))
+                if old is not None:
+                    old.close()
+            self._jpeg[job.path] = reader
+        return self._jpeg[job.path]
+
+    def read_tile(self, job: SlideJob, xy: tuple[int, int]) -> np.ndarray:
+        """(tile_px, tile_px, 3) uint8 of the tile at level-0 ``xy``."""
+        reader = self.jpeg(job)
+        if reader is not None:
+            return reader.read_tile(xy, job.target_mpp, job.tile_px)
+        return self.slide(job).read_tile_at_mpp(xy, job.target_mpp, job.tile_px)
+
+    def forget(self, path: str) -> None:
+        """Close ``path`` everywhere (after a read error, which OpenSlide latches on its handle)."""
+        self.slides.forget(path)
+        reader = self._jpeg.pop(path, None)
+        if reader is not None:
+            reader.close()
+
+    def close(self) -> None:
+        """Close every open slide and JPEG reader."""
+        for path in list(self._jpeg):
+            self.forget(path)
+        self.slides.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"capacity": self.slides.capacity}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["capacity"])  # type: ignore[misc]
 
 
 class BatchPlan(Protocol):
@@ -61,7 +137,7 @@ def _tile_error(row: int, col: int, e: BaseException) -> str:
 
 
 def read_batch(
-    slides: SlideCache, job: SlideJob, rows: np.ndarray, cols: np.ndarray, out: np.ndarray
+    slides: TileSources, job: SlideJob, rows: np.ndarray, cols: np.ndarray, out: np.ndarray
 ) -> tuple[np.ndarray, str]:
     """Read tiles ``rows``, ``cols`` (B,) of ``job`` into ``out`` (B, tile_px, tile_px, 3) uint8.
 
@@ -71,12 +147,11 @@ def read_batch(
     failed = np.zeros(len(rows), dtype=bool)
 
     def read(k: int) -> None:
-        slide = slides.get(job.path, job.mpp)  # a slide that cannot be opened fails as a whole
+        slides.slide(job)  # a slide that cannot be opened fails as a whole
+        slides.jpeg(job)  # so does --reader jpeg on a slide it cannot serve
         r, c = int(rows[k]), int(cols[k])
         try:
-            out[k] = slide.read_tile_at_mpp(
-                (int(job.xs[c]), int(job.ys[r])), job.target_mpp, job.tile_px
-            )
+            out[k] = slides.read_tile(job, (int(job.xs[c]), int(job.ys[r])))
         except Exception as e:  # a codec error deep in a reader
             raise _Unreadable(_tile_error(r, c, e)) from e
 
@@ -116,7 +191,7 @@ class TileBatches(Dataset):
 
     def __init__(self, plan: BatchPlan) -> None:
         self.plan = plan
-        self.slides = SlideCache(_OPEN_SLIDES_PER_WORKER)  # empty in each worker (picklable)
+        self.slides = TileSources(_OPEN_SLIDES_PER_WORKER)  # empty in each worker (picklable)
 
     def __len__(self) -> int:
         return len(self.plan)

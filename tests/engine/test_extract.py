@@ -63,6 +63,7 @@ def _args(slides: list[Path], out: Path, encoder: Path, *extra: str) -> list[str
         "--batch-size", str(BATCH),
         "--workers", "1",
         "--precision", "fp32",  # explicit: auto picks bf16 on CPUs with native bf16
+        "--reader", "openslide",  # these figures are of the OpenSlide path; the jpeg reader has its own tests
         "--quiet",
         *extra,
     ]  # fmt: skip
@@ -146,7 +147,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(
     script = (
         "from engine.extract import ExtractConfig, run\n"
         f"run(ExtractConfig(slides=[{str(cmu_svs)!r}], out={str(out)!r}, encoder={str(tiny_encoder)!r}, "
-        f"tile_px={TILE_PX}, mpp={MPP}, batch_size=8, workers=1, quiet=True, flush_every_s=0.0, precision='fp32'))\n"
+        f"tile_px={TILE_PX}, mpp={MPP}, batch_size=8, workers=1, quiet=True, flush_every_s=0.0, precision='fp32', reader='openslide'))\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", script], env=_env(), cwd=REPO)
     done_path = out / "slides" / "CMU-1-Small-Region" / "done" / "c"
@@ -587,3 +588,86 @@ def test_store_lock_in_one_process_is_refused_and_kept(tmp_path: Path) -> None:
                               capture_output=True, text=True, timeout=60)  # fmt: skip
         assert proc.returncode == 1 and f"pid {os.getpid()} on" in proc.stderr
     StoreLock(out).acquire().release()
+
+
+def _features(store: Path, sid: str = "CMU-1-Small-Region") -> tuple[np.ndarray, np.ndarray]:
+    sf = FeatureStore.open(store).slide(sid)
+    return sf.read_features().astype(np.float32), sf.done
+
+
+def test_jpeg_reader_matches_openslide_and_is_deterministic(
+    cmu_svs: Path, tiny_encoder: Path, tmp_path: Path
+) -> None:
+    """At 1.0 um/px the CMU slide's tiles are 1/2 of level 0: --reader jpeg decodes them reduced."""
+    runs = {}
+    for name, reader in (("openslide", "openslide"), ("jpeg", "jpeg"), ("jpeg2", "jpeg")):
+        out = tmp_path / f"{name}.zarr"
+        args = [str(cmu_svs), "--out", str(out), "--encoder", str(tiny_encoder), "--tile-px", "32"]
+        assert (
+            main(
+                [
+                    *args,
+                    "--mpp",
+                    "1.0",
+                    "--workers",
+                    "1",
+                    "--precision",
+                    "fp32",
+                    "--quiet",
+                    "--reader",
+                    reader,
+                ]
+            )
+            == 0
+        )
+        runs[name] = _features(out)
+    (a, done_a), (b, done_b), (c, _) = runs["openslide"], runs["jpeg"], runs["jpeg2"]
+    assert (done_a == done_b).all() and done_a.sum() > 50
+    np.testing.assert_array_equal(b, c)  # one reader: bit-identical runs
+    x, y = a[done_a], b[done_b]
+    cos = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
+    assert cos.min() >= 0.99, cos.min()
+    assert not np.array_equal(a, b)  # the other reader really ran
+
+
+def test_reader_jpeg_refuses_a_scale_it_cannot_serve(
+    cmu_svs: Path, tiny_encoder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """At 0.5 um/px the CMU tiles are level 0 itself: --reader jpeg fails the slide, auto reads it."""
+    out = tmp_path / "f.zarr"
+    at_level_0 = ("--mpp", "0.5", "--tile-px", "64")
+    assert main(_args([cmu_svs], out, tiny_encoder, *at_level_0, "--reader", "jpeg")) == 1
+    assert "--reader jpeg needs" in capsys.readouterr().err
+    assert (
+        main(_args([cmu_svs], tmp_path / "g.zarr", tiny_encoder, *at_level_0, "--reader", "auto"))
+        == 0
+    )
+
+
+def test_jpeg_reader_resumes_bit_identically(
+    cmu_svs: Path, tiny_encoder: Path, tmp_path: Path
+) -> None:
+    """A run cancelled midway and resumed equals one uninterrupted run, with --reader jpeg."""
+    from engine.progress import Cancelled
+
+    def cfg(out: Path) -> ExtractConfig:
+        return ExtractConfig(
+            slides=(str(cmu_svs),), out=str(out), encoder=str(tiny_encoder), tile_px=TILE_PX,
+            mpp=MPP, batch_size=8, workers=0, precision="fp32", reader="jpeg", quiet=True,
+            flush_every_s=0.0,
+        )  # fmt: skip
+
+    whole = tmp_path / "whole.zarr"
+    run(cfg(whole))
+
+    def cancel_midway(stage: str, done: int, total: int) -> None:
+        if stage == "encode" and done >= total // 2 > 0:
+            raise Cancelled
+
+    part = tmp_path / "part.zarr"
+    with pytest.raises(Cancelled):
+        run(cfg(part), progress=cancel_midway)
+    first = FeatureStore.open(part).slide("CMU-1-Small-Region").done.sum()
+    assert 0 < first < FeatureStore.open(whole).slide("CMU-1-Small-Region").done.sum()
+    run(cfg(part))
+    _assert_same_store(whole, part)
