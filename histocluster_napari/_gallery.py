@@ -42,6 +42,8 @@ class GalleryTile:
     col: int
     distance: float
     nearest: bool
+    note: str = ""
+    """What the tooltip says instead of the cluster-gallery wording (e.g. a review's margin)."""
 
 
 def gallery_order(

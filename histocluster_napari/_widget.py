@@ -55,7 +55,8 @@ from engine.slide import slide_id
 from engine.store import FeatureStore
 from engine.tiling import Tiling
 from engine.tissue import TISSUE_METHODS
-from histocluster_napari import _session
+from histocluster_napari import _classifier, _session
+from histocluster_napari._classifier_panel import ClassifierPanel
 from histocluster_napari._cluster_table import ClusterTable
 from histocluster_napari._cohort import cohort_rows, folder_slides, store_slides
 from histocluster_napari._gallery import PAGE, GalleryTile, gallery_order, read_gallery
@@ -235,6 +236,7 @@ class HistoClusterWidget(Container):
         self.export_dir = FileEdit(label="export to", mode="d", value="")
         self.export_button = PushButton(text="Export selected")
         self.gallery = GalleryView()
+        self.classifier = ClassifierPanel(self)
 
         run_box = Container(
             widgets=[
@@ -285,6 +287,7 @@ class HistoClusterWidget(Container):
         self._run_box, self._inputs = run_box, inputs
         self.native.layout().addWidget(self.table)
         self.native.layout().addWidget(self._actions.native)
+        self.native.layout().addWidget(self.classifier.native)
         self.native.layout().addWidget(self.gallery)
         for box in (self._actions, inputs, open_box):
             box.native.setContentsMargins(0, 0, 0, 0)
@@ -577,6 +580,7 @@ class HistoClusterWidget(Container):
             self._swap_image(sid)
             self.slide_list.highlight(sid)
         self._draw_labels()
+        self.classifier.redraw()
         if self._view is not None and sid in self._view.counts:
             self.table.set_slide_counts(self._view.counts[sid])
         else:
@@ -746,7 +750,7 @@ class HistoClusterWidget(Container):
             self._on_worker_error(event[1])
 
     def _on_progress(self, stage: str, done: int, total: int) -> None:
-        label = _session.STAGES.get(stage, stage)
+        label = _session.STAGES.get(stage) or _classifier.STAGES.get(stage, stage)
         if stage != self._stage or self._pbar is None:
             self._close_pbar()
             self._stage = stage
@@ -770,6 +774,7 @@ class HistoClusterWidget(Container):
         self.extract_button.enabled = not busy
         self.cancel_button.enabled = busy
         self.export_button.enabled = not busy
+        self.classifier.set_busy(busy)
         self.progress_bar.visible = busy
         if busy:
             self.progress_bar.value = 0
@@ -812,6 +817,7 @@ class HistoClusterWidget(Container):
             self.save_curation()
             self._view.curation.disconnect(self._on_curation_change)
         self._view = None
+        self.classifier.forget()
         self.gallery.clear_tiles(None)
         self.table.setRowCount(0)
         if self._labels_layer is not None and self._labels_layer in self._viewer.layers:
@@ -822,6 +828,7 @@ class HistoClusterWidget(Container):
         if self._view is not None:
             self._view.curation.disconnect(self._on_curation_change)
         self._view = view
+        self.classifier.forget()
         view.curation.connect(self._on_curation_change)
         if self._current not in view.labels:
             layer = self._slide_layer() if self._cohort is None else None
@@ -843,6 +850,7 @@ class HistoClusterWidget(Container):
             self.k.value = view.k
             self.k.changed.connect(self._on_k_changed)
         self.correction_class.reset_choices()
+        self.classifier.open_saved(view)
         self.show_slide(self._current)
         self._refresh_slide_list()
         self.gallery.clear_tiles(None)
@@ -914,7 +922,7 @@ class HistoClusterWidget(Container):
             layer.scale = geom.scale
             layer.translate = (geom.translate[0] + oy, geom.translate[1] + ox)
             layer.name = name
-            layer.visible = True
+            layer.visible = self.classifier.prediction is None or layer.visible
         if image is not None:
             layer.units = image.units[-2:]
         layer.metadata = {
@@ -1135,18 +1143,26 @@ class HistoClusterWidget(Container):
         """Fill the gallery with ``cluster``'s tiles across slides (a worker reads them)."""
         if self._view is None or not 0 <= cluster < self._view.k:
             return None
+        view = self._view
+
+        def order() -> list[GalleryTile]:
+            store = FeatureStore.open(view.store_path)
+            return gallery_order(store, view.run, cluster, view.labels)
+
+        return self.fill_gallery(cluster, order)
+
+    def fill_gallery(self, cluster: int | None, order_fn: Any) -> Any:
+        """Fill the gallery with the tiles ``order_fn()`` lists (called in a worker), page by page."""
         self._gallery_stop.set()
         self._gallery_generation += 1
         self._gallery_stop = threading.Event()
         self.gallery.clear_tiles(cluster)
         self._gallery_order, self._gallery_next = [], 0
-        view, gen, bridge = self._view, self._gallery_generation, self._gallery_bridge
+        gen, bridge = self._gallery_generation, self._gallery_bridge
 
         def work() -> None:
             try:
-                store = FeatureStore.open(view.store_path)
-                order = gallery_order(store, view.run, cluster, view.labels)
-                bridge.event.emit(("order", gen, order, None))
+                bridge.event.emit(("order", gen, order_fn(), None))
             except BaseException as e:
                 bridge.event.emit(("end", gen, None, e))
 
