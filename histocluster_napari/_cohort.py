@@ -19,14 +19,16 @@ class SlideRow:
     slide_id: str
     tissue: int | None
     encoded: int | None
+    unreadable: int = 0
 
     @property
     def status(self) -> str:
         if self.tissue is None:
             return "not extracted" if self.path.exists() else "file missing"
-        if self.encoded == self.tissue:
-            return "encoded"
-        return f"{self.encoded} / {self.tissue} encoded"
+        bad = f", {self.unreadable} unreadable" if self.unreadable else ""
+        if self.encoded == self.tissue - self.unreadable:
+            return f"encoded{bad}"
+        return f"{self.encoded} / {self.tissue} encoded{bad}"
 
 
 def folder_slides(folder: Path) -> list[Path]:
@@ -63,7 +65,13 @@ def cohort_rows(store_path: Path | None, slides: Sequence[Path]) -> list[SlideRo
             sf = store.slide(sid)
             selected = sf.selected
             rows.append(
-                SlideRow(Path(path), sid, int(selected.sum()), int((selected & sf.done).sum()))
+                SlideRow(
+                    Path(path),
+                    sid,
+                    int(selected.sum()),
+                    int((selected & sf.done).sum()),
+                    sf.n_failed(),
+                )
             )
         else:
             rows.append(SlideRow(Path(path), sid, None, None))

@@ -137,3 +137,30 @@ def curated_label_image(labels: np.ndarray, curation: Curation, slide_id: str) -
 def label_image(labels: np.ndarray) -> np.ndarray:
     """(rows, cols) cluster ids with -1 outside tissue -> (rows, cols) uint16 ``id + 1``, 0 outside."""
     return (np.asarray(labels).astype(np.int32) + 1).clip(0).astype(np.uint16)
+
+
+HATCH_SUB = 8
+"""Label pixels per tile side in the hatching of unreadable tiles."""
+HATCH_RGBA = np.array([1.0, 0.15, 0.15, 1.0], np.float32)
+
+
+def hatch_image(failed: np.ndarray, sub: int = HATCH_SUB) -> np.ndarray:
+    """(rows * sub, cols * sub) uint8: diagonal stripes (1) over each failed tile, 0 elsewhere."""
+    failed = np.asarray(failed, bool)
+    j = np.arange(sub)
+    stripes = ((j[:, None] + j[None, :]) % 4 == 0).astype(np.uint8)  # (sub, sub)
+    return np.kron(failed.astype(np.uint8), stripes)
+
+
+def hatch_placement(geom: GridGeometry, sub: int = HATCH_SUB) -> tuple[tuple, tuple]:
+    """(scale, translate) of :func:`hatch_image`: ``sub`` x ``sub`` label pixels per grid step,
+    the first one's centre ``scale / 2`` in from the tile's top-left edge."""
+    (sy, sx), (ty, tx) = geom.scale, geom.translate
+    scale = (sy / sub, sx / sub)
+    return scale, (ty - sy / 2 + scale[0] / 2, tx - sx / 2 + scale[1] / 2)
+
+
+def hatch_colormap() -> Any:
+    return DirectLabelColormap(
+        color_dict={None: TRANSPARENT, 0: TRANSPARENT, 1: HATCH_RGBA}, background_value=0
+    )

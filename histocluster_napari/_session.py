@@ -161,10 +161,12 @@ class ClusterJob:
 
 @dataclass
 class FeatureReport:
-    """What ``ensure_features`` did: tiles encoded now, and one line per slide that failed."""
+    """What ``ensure_features`` did: tiles encoded now, one line per slide that failed or has
+    unreadable tiles, and the unreadable tiles (recorded in the store, not an error)."""
 
     encoded: int = 0
     failures: list[str] = field(default_factory=list)
+    unreadable: int = 0
 
 
 def ensure_features(job: ClusterJob, *, progress: Progress = no_progress) -> FeatureReport:
@@ -173,7 +175,9 @@ def ensure_features(job: ClusterJob, *, progress: Progress = no_progress) -> Fea
     Slides that ``FeatureStore.coverage`` calls complete are not touched. A cache store that
     cannot serve the request (its encoder file or a slide changed) is replaced; a store the
     user named is never replaced: its problem is reported. Slides that cannot be read are listed
-    in ``failures`` (the others are encoded); when none can be used, that is an error.
+    in ``failures`` (the others are encoded); when none can be read at all, that is an error. A
+    slide with some unreadable tiles is not: they are recorded in the store as failed (shown
+    hatched), counted in ``unreadable`` and named in ``failures``.
     """
     progress("checking", 0, len(job.slides))
     todo: list[Path] = []
@@ -214,9 +218,10 @@ def ensure_features(job: ClusterJob, *, progress: Progress = no_progress) -> Fea
     # ``progress`` raising Cancelled stops the run once what was encoded is in the store.
     summary = engine_extract.run(cfg, progress=progress)
     failures = [f["error"] for f in summary.failures]
-    if len(summary.failures) == len(todo) and summary.failures:
-        raise HistoclusterError(summary.failures[0]["error"])
-    return FeatureReport(int(summary.tiles), failures)
+    unreadable_slides = [f for f in summary.failures if "tiles_unreadable" not in f]
+    if unreadable_slides and len(unreadable_slides) == len(todo):
+        raise HistoclusterError(unreadable_slides[0]["error"])
+    return FeatureReport(int(summary.tiles), failures, int(summary.tiles_unreadable))
 
 
 def gui_batch_size() -> int:
@@ -248,6 +253,7 @@ class ClusterView:
     geometry: dict[str, GridGeometry]
     labels: dict[str, np.ndarray]  # slide id -> (rows, cols) int16, -1 outside tissue
     counts: dict[str, np.ndarray]  # slide id -> (k,) int64 tiles per cluster
+    failed: dict[str, np.ndarray]  # slide id -> (rows, cols) bool tiles unreadable (not clustered)
     exemplars: list[list[np.ndarray]]  # per cluster, up to 3 (tile_px, tile_px, 3) uint8 tiles
     curation: Curation
     carried: list[str] = field(default_factory=list)  # what carry_over moved and cleared
@@ -258,6 +264,11 @@ class ClusterView:
     @property
     def k(self) -> int:
         return self.curation.k
+
+    @property
+    def n_failed(self) -> int:
+        """Unreadable tiles over the whole cohort."""
+        return int(sum(int(f.sum()) for f in self.failed.values()))
 
     @property
     def totals(self) -> np.ndarray:
@@ -394,6 +405,7 @@ def _view(
         for s in sids
     }
     attrs = {s: store.slide(s).attrs for s in sids}
+    failed = {s: np.asarray(store.slide(s).failed, bool) for s in sids}
     return ClusterView(
         store_path=Path(store.path),
         run=run,
@@ -403,6 +415,7 @@ def _view(
         geometry={s: GridGeometry.from_store_attrs(attrs[s]) for s in sids},
         labels=labels,
         counts=counts,
+        failed=failed,
         exemplars=exemplars or [[] for _ in range(k)],
         curation=curation,
     )

@@ -95,6 +95,10 @@ def _chunk(tile: int) -> int:
     return tile * max(1, round(CHUNK_TARGET_PX / tile))
 
 
+UNREADABLE_GREY = 128
+"""What the viewer shows where a slide's pixels cannot be read."""
+
+
 class LevelArray:
     """Array-like (h, w, 3) uint8 view of one pyramid level; indexing reads just that region.
 
@@ -123,12 +127,39 @@ class LevelArray:
             return np.empty((max(0, y1 - y0), max(0, x1 - x0), 3), np.uint8)[..., cs]
         e = self.extra
         l0_xy = (round(x0 * e * self.downsample), round(y0 * e * self.downsample))
-        region = self.slide.read_region(l0_xy, self.level, ((x1 - x0) * e, (y1 - y0) * e))
+        size = ((x1 - x0) * e, (y1 - y0) * e)
+        try:
+            region = self.slide.read_region(l0_xy, self.level, size)
+        except HistoclusterError:
+            region = self._salvage(l0_xy, size)
         if e > 1:
             region = np.asarray(
                 Image.fromarray(region).reduce(e) if region.shape[0] >= e else region[::e, ::e]
             )[: y1 - y0, : x1 - x0]
         return region[..., cs]
+
+    def _salvage(self, l0_xy: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+        """(h, w, 3) uint8 of a region with unreadable parts: the slide is reopened (OpenSlide
+        errors latch) and read in pieces of its own tiles; pieces that fail stay grey."""
+        try:
+            self.slide = open_slide(self.slide.path, getattr(self.slide, "mpp", None))
+        except HistoclusterError:
+            return np.full((size[1], size[0], 3), UNREADABLE_GREY, np.uint8)
+        w, h = size
+        out = np.full((h, w, 3), UNREADABLE_GREY, np.uint8)
+        tw, th = slide_tile_size(self.slide, self.level)
+        ds = self.downsample
+        for py in range(0, h, th):
+            for px in range(0, w, tw):
+                pw, ph = min(tw, w - px), min(th, h - py)
+                xy = (l0_xy[0] + round(px * ds), l0_xy[1] + round(py * ds))
+                try:
+                    out[py : py + ph, px : px + pw] = self.slide.read_region(
+                        xy, self.level, (pw, ph)
+                    )
+                except HistoclusterError:
+                    self.slide = open_slide(self.slide.path, getattr(self.slide, "mpp", None))
+        return out
 
 
 def slide_pyramid(slide: Slide) -> list[da.Array]:

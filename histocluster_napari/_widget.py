@@ -65,6 +65,9 @@ from histocluster_napari._overlay import (
     GridGeometry,
     cluster_colors,
     curated_label_image,
+    hatch_colormap,
+    hatch_image,
+    hatch_placement,
     labels_colormap,
 )
 from histocluster_napari._slide_layers import METADATA_KEY, open_for_viewing, slide_layer_data
@@ -75,6 +78,7 @@ if TYPE_CHECKING:
     import napari
 
 SIMILAR_SUFFIX = " similar"
+UNREADABLE_SUFFIX = " unreadable"
 MARK_LAYER = "gallery tile"
 ENCODER_FILTER = "Encoder checkpoints (*.pt *.pth *.ckpt *.tar *.bin);;All files (*)"
 RECLUSTER_DELAY_MS = 400
@@ -123,6 +127,7 @@ class HistoClusterWidget(Container):
         self._current: str | None = None  # slide id shown
         self._cohort_layer: Image | None = None
         self._labels_layer: Labels | None = None
+        self._failed_layer: Labels | None = None
         self._query_tile: tuple[int, int] | None = None
         self._bridge = _Bridge()
         self._bridge.event.connect(self._on_event)
@@ -667,7 +672,8 @@ class HistoClusterWidget(Container):
             if report.failures
             else ""
         )
-        self.status.value = _html(f"Encoded {report.encoded} tiles.{failed}")
+        bad = f" {report.unreadable} tiles unreadable (hatched red)." if report.unreadable else ""
+        self.status.value = _html(f"Encoded {report.encoded} tiles.{bad}{failed}")
         for line in report.failures:
             show_warning(line)
 
@@ -863,6 +869,11 @@ class HistoClusterWidget(Container):
         ]
         moved = [line for line in view.carried[1:]] if view.carried else []
         lines += moved + view.warnings
+        if view.n_failed:
+            lines.append(
+                f"{view.n_failed} tiles could not be read (hatched red; not clustered or "
+                "exported — extract with --retry-failed to read them again)."
+            )
         self.status.value = _html(" ".join(lines))
         self.status.tooltip = _html(
             f"feature store: {view.store_path}, cluster run {view.run!r}\n"
@@ -900,6 +911,7 @@ class HistoClusterWidget(Container):
         if view is None or sid is None or geom is None:
             if self._labels_layer is not None and self._labels_layer in self._viewer.layers:
                 self._labels_layer.visible = False
+            self._draw_failed()
             return
         data = curated_label_image(view.labels[sid], view.curation, sid)
         image = self._image_layer()
@@ -931,6 +943,43 @@ class HistoClusterWidget(Container):
         }
         self._refresh_colors()
         self._update_layer_features()
+        self._draw_failed()
+
+    def _draw_failed(self) -> None:
+        """Hatch (red stripes) the shown slide's unreadable tiles; the layer exists once needed."""
+        view, sid, geom = self._view, self._current, self._geometry()
+        failed = view.failed.get(sid) if view is not None and sid is not None else None
+        layer = self._failed_layer
+        if layer is not None and layer not in self._viewer.layers:
+            layer = self._failed_layer = None
+        if failed is None or geom is None or not failed.any():
+            if layer is not None:
+                layer.visible = False
+            return
+        image = self._image_layer()
+        name = (image.name if image is not None else sid) + UNREADABLE_SUFFIX
+        scale, (ty, tx) = hatch_placement(geom)
+        oy, ox = self._offset()
+        data = hatch_image(failed)
+        if layer is None:
+            layer = self._viewer.add_labels(
+                data, name=name, scale=scale, translate=(ty + oy, tx + ox), opacity=0.9
+            )
+            layer.editable = False
+            layer.colormap = hatch_colormap()
+            self._failed_layer = layer
+        else:
+            layer.data = data
+            layer.scale, layer.translate = scale, (ty + oy, tx + ox)
+            layer.name = name
+            layer.visible = True
+        if self.clusters_layer is not None:
+            self._viewer.layers.selection.active = self.clusters_layer
+
+    @property
+    def failed_layer(self) -> Labels | None:
+        """The hatching of the shown slide's unreadable tiles (None or hidden when it has none)."""
+        return self._failed_layer
 
     @property
     def clusters_layer(self) -> Labels | None:
