@@ -59,6 +59,7 @@ from histocluster_napari import _classifier, _session
 from histocluster_napari._classifier_panel import ClassifierPanel
 from histocluster_napari._cluster_table import ClusterTable
 from histocluster_napari._cohort import cohort_rows, folder_slides, store_slides
+from histocluster_napari._encoder_choice import EncoderChoice
 from histocluster_napari._gallery import PAGE, GalleryTile, gallery_order, read_gallery
 from histocluster_napari._gallery_view import GalleryView
 from histocluster_napari._overlay import (
@@ -80,24 +81,11 @@ if TYPE_CHECKING:
 SIMILAR_SUFFIX = " similar"
 UNREADABLE_SUFFIX = " unreadable"
 MARK_LAYER = "gallery tile"
-ENCODER_FILTER = "Encoder checkpoints (*.pt *.pth *.ckpt *.tar *.bin);;All files (*)"
 RECLUSTER_DELAY_MS = 400
 SAVE_DELAY_MS = 300
 OVERLAY_OPACITY = 0.6
 KEYS = {"Shift-F": "find similar", "Shift-M": "move", "Shift-X": "exclude", "Shift-U": "restore"}
 """Viewer keys: tile under the cursor -> similar tiles / to the correction class / excluded / back."""
-
-
-class SpecEdit(FileEdit):
-    """A file picker whose text may also be a name (``resnet18-random``): the value is the text."""
-
-    @property
-    def value(self) -> str:  # type: ignore[override]
-        return str(self.line_edit.value).strip()
-
-    @value.setter
-    def value(self, value: str | Path) -> None:
-        self.line_edit.value = str(value)
 
 
 class _Bridge(QObject):
@@ -172,14 +160,9 @@ class HistoClusterWidget(Container):
             "file has no resolution metadata; 0 = from the file.",
             visible=False,
         )
-        self.encoder = SpecEdit(
+        self.encoder = EncoderChoice(
             label="encoder",
-            mode="r",
-            filter=ENCODER_FILTER,
             value=default_encoder_spec(),
-            tooltip="A checkpoint file load_encoder accepts (engine.pretrain's encoder.pt, the "
-            "paper's released ResNet-18, a torchvision state_dict) or a name such as "
-            "resnet18-random.",
         )
         self.tile_px = SpinBox(label="tile px", value=224, min=16, max=4096, step=16)
         self.target_mpp = FloatSpinBox(
@@ -426,6 +409,10 @@ class HistoClusterWidget(Container):
         text = self.store.line_edit.value.strip()
         return Path(text).expanduser() if text else None
 
+    def encoder_spec(self) -> str:
+        """The encoder spec chosen (a registry name, a checkpoint file or ``name:path``)."""
+        return self.encoder.value or default_encoder_spec()
+
     def job(self) -> _session.ClusterJob:
         """The clustering the inputs describe (raises HistoclusterError when they are incomplete)."""
         mpp: float | None = self.slide_mpp.value if self.slide_mpp.value > 0 else None
@@ -450,7 +437,7 @@ class HistoClusterWidget(Container):
         return _session.ClusterJob(
             slides=slides,
             slide_mpp=mpp,
-            encoder=self.encoder.value or default_encoder_spec(),
+            encoder=self.encoder_spec(),
             tiling=self.tiling(),
             k=int(self.k.value),
             store=self._store_value(),
