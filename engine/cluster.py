@@ -10,8 +10,9 @@ centroid, read back from the slides, as in the paper's Figure 3) and ``overlays/
 (``FeatureStore.run_file``). The run is marked complete only once all of it is written, so a
 cancelled or killed run is never listed and the same command run again replaces it.
 
-Progress stages: ``kmeans`` (rows), ``assign`` (tiles), ``exemplars`` (tiles read),
-``overlays`` (slides).
+Progress stages: ``features`` (tiles read into memory, once per run, or not at all when a
+``ClusterFeatures`` held by the caller still holds them), ``kmeans`` (rows), ``assign``
+(tiles), ``exemplars`` (tiles read), ``overlays`` (slides).
 
     python -m engine.cluster features.zarr --k 8 --name k8 --exemplars 3
 """
@@ -21,7 +22,7 @@ from __future__ import annotations
 import io
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -30,8 +31,9 @@ import numpy as np
 
 from engine import cli
 from engine.cli import option
+from engine.cluster_features import ClusterFeatures, FeatureTable
 from engine.errors import HistoclusterError, SlideError, one_line
-from engine.kmeans import assign, fit_streamed_kmeans, l2_normalize
+from engine.kmeans import KMeansFit, assign, fit_kmeans, fit_streamed_kmeans, l2_normalize
 from engine.mosaic import cluster_colors, exemplar_mosaic, label_overlay
 from engine.progress import Progress, Throttle, no_progress
 from engine.slide import SlideCache
@@ -40,6 +42,7 @@ from engine.store import FeatureStore
 __all__ = [
     "ALGORITHM",
     "ClusterConfig",
+    "ClusterFeatures",
     "ClusterResult",
     "Exemplar",
     "default_run_name",
@@ -153,6 +156,9 @@ class ClusterResult:
     nearest tiles. exemplar_tiles: per cluster, those tiles' pixels (tile_px, tile_px, 3) uint8
     (grey when the slide cannot be read; empty lists with ``--exemplars 0``). pictures: the
     files written beside the run. warnings: one line each (tiles not encoded, unreadable slides).
+    slide_attrs: {slide_id: the store's attrs of the slide (source path, mpp, grid geometry)}.
+    failed: {slide_id: (rows, cols) bool, selected tiles recorded unreadable (labelled -1)}.
+    The last two let a caller show the run without reading the store again.
     """
 
     run: str
@@ -165,6 +171,8 @@ class ClusterResult:
     exemplar_tiles: list[list[np.ndarray]] = field(default_factory=list)
     pictures: list[Path] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    slide_attrs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failed: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def normalizer(kind: Normalize):
@@ -229,29 +237,200 @@ def _check(store: FeatureStore, cfg: ClusterConfig) -> tuple[list[str], str]:
 
 
 def run_clustering(
-    store: FeatureStore, cfg: ClusterConfig, *, progress: Progress = no_progress
+    store: FeatureStore,
+    cfg: ClusterConfig,
+    *,
+    progress: Progress = no_progress,
+    features: ClusterFeatures | None = None,
 ) -> ClusterResult:
     """Cluster ``store`` (open for writing) as ``cfg`` says; see the module doc.
 
+    ``features``: a :class:`~engine.cluster_features.ClusterFeatures` the caller keeps across
+    runs (the GUI, between k changes): its table of normalised features is reused while the
+    store's features are unchanged, and so are the exemplar pixels it read. Without one, the
+    features are read once for this run (stage ``features``), or streamed twice from the store
+    (fit, then assignment) when they are over the cache's ``max_bytes``. Results are the same
+    either way, bit for bit: same seed, same centroids and labels.
+
     A ``Cancelled`` raised by ``progress`` stops the run at that report; the store then holds
     no new complete run (an existing run of the same name is kept when the cancel came before
-    the writing started, i.e. in ``kmeans`` or ``assign``).
+    the writing started, i.e. in ``features``, ``kmeans`` or ``assign``).
     """
     slides, run_name = _check(store, cfg)
     norm = normalizer(cfg.normalize)
+    holder = features if features is not None else ClusterFeatures(tile_capacity=0)
+    table = holder.table(store, slides, cfg.normalize, norm, progress=progress)
+    if table is not None:
+        done = _fit_in_memory(store, cfg, table, progress)
+    else:
+        done = _fit_streamed(store, cfg, slides, norm, progress)
+    fit, labels, counts, n_tiles = done.fit, done.labels, done.counts, done.n_tiles
+
     warnings: list[str] = []
-    sfs = {s: store.slide(s) for s in slides}  # one each: origins are read once per instance
-    pending = {s: int(sf.pending().sum()) for s, sf in sfs.items()}
-    for s, n in pending.items():
+    for s, n in done.pending.items():
         if n:
             warnings.append(
                 f"{store.path}: slide {s!r} has {n} tissue tiles not encoded yet (labelled -1) — finish python -m engine.extract"
             )
-    n_tiles = store.n_tissue_tiles(slides)
-    if n_tiles < cfg.k:
-        raise HistoclusterError(
-            f"{store.path}: {n_tiles} encoded tissue tiles in {', '.join(slides)}, fewer than k={cfg.k} — lower --k or add slides"
+    k, m = cfg.k, cfg.exemplars
+    exemplars: list[list[Exemplar]] = []
+    for c in range(k):
+        row = []
+        for j in range(m):
+            si, r, col = (int(v) for v in done.best_id[c, j])
+            if si < 0:
+                continue
+            ox, oy = (int(v) for v in done.origins(slides[si])[r, col])
+            row.append(Exemplar(c, slides[si], r, col, ox, oy, float(done.best_d[c, j])))
+        exemplars.append(row)
+
+    counts_json = {s: [int(v) for v in counts[s]] for s in slides}
+    totals = np.sum([counts[s] for s in slides], axis=0)
+    colors = cluster_colors(k)
+    attrs = {
+        "algorithm": ALGORITHM,
+        "seed": cfg.seed,
+        "normalize": cfg.normalize,
+        "encoder": store.encoder.to_attrs(),
+        "n_fit_tiles": int(fit.n_fit),
+        "n_tiles": int(n_tiles),
+        "passes": fit.passes,
+        "steps": fit.steps,
+        "tiles_pending": done.pending,
+        "counts": counts_json,
+        "shares": {
+            s: [round(int(v) / max(1, int(counts[s].sum())), 6) for v in counts[s]] for s in slides
+        },
+        "cluster_tiles": [int(v) for v in totals],
+        "exemplars": [[asdict(e) for e in row] for row in exemplars],
+        "colors": [[int(v) for v in c] for c in colors],
+        "config": {**cfg.to_json(), "name": run_name},
+    }
+    result = ClusterResult(
+        run_name, fit.centroids, labels, counts_json, exemplars, fit.n_fit, n_tiles,
+        warnings=warnings, slide_attrs=done.slide_attrs, failed=done.failed,
+    )  # fmt: skip
+    with SlideCache(capacity=4) as slides_open:
+        # overwrite also clears a group a killed run left incomplete (cluster_runs() lists complete ones)
+        store.write_cluster_run(
+            run_name,
+            fit.centroids,
+            labels,
+            attrs,
+            overwrite=True,
+            files=_pictures(store, cfg, result, colors, slides_open, holder, progress),
         )
+    names = ([EXEMPLARS_FILE] if m else []) + (
+        [overlay_file(s) for s in slides] if cfg.overlays else []
+    )
+    result.pictures = [p for p in (store.run_file(run_name, n) for n in names) if p is not None]
+    return result
+
+
+@dataclass
+class _Assigned:
+    """What the fit and the assignment give the rest of a run."""
+
+    fit: KMeansFit
+    labels: dict[str, np.ndarray]  # (rows, cols) int16 per slide, -1 outside tissue
+    counts: dict[str, np.ndarray]  # (k,) tiles per cluster per slide
+    best_d: np.ndarray  # (k, m) distances of each cluster's nearest tiles
+    best_id: np.ndarray  # (k, m, 3) their (slide index, row, col); -1 when fewer
+    pending: dict[str, int]  # tissue tiles not encoded yet per slide
+    n_tiles: int  # tiles assigned
+    slide_attrs: dict[str, dict[str, Any]]
+    origins: Callable[[str], np.ndarray]  # slide id -> (rows, cols, 2) level-0 origins
+    failed: dict[str, np.ndarray]  # (rows, cols) bool unreadable tiles per slide
+
+
+def _too_few(store: FeatureStore, slides: Sequence[str], n_tiles: int, k: int) -> None:
+    if n_tiles < k:
+        raise HistoclusterError(
+            f"{store.path}: {n_tiles} encoded tissue tiles in {', '.join(slides)}, fewer than k={k} — lower --k or add slides"
+        )
+
+
+def _fit_in_memory(
+    store: FeatureStore, cfg: ClusterConfig, table: FeatureTable, progress: Progress
+) -> _Assigned:
+    """K-means and the assignment of every tile on a table of features held in memory."""
+    slides = table.slide_ids
+    _too_few(store, slides, table.n, cfg.k)
+    fit = fit_kmeans(
+        table.x,
+        cfg.k,
+        sample=cfg.sample or None,
+        seed=cfg.seed,
+        batch_size=cfg.batch_size,
+        max_passes=cfg.max_passes,
+        progress=progress,
+    )
+    k, m = cfg.k, cfg.exemplars
+    lab = np.empty(table.n, np.int64)
+    dist = np.empty(table.n, np.float32)
+    report = Throttle(progress)
+    report("assign", 0, table.n)
+    for a, b in table.chunks():  # the store's chunks: the same products as the streamed path
+        lab[a:b], dist[a:b] = assign(table.x[a:b], fit.centroids)
+        report("assign", b, table.n)
+    labels, counts = {}, {}
+    for s in slides:
+        a, b = table.spans[s]
+        labels[s] = np.full(table.shapes[s], -1, dtype=np.int16)
+        labels[s][table.rows[a:b], table.cols[a:b]] = lab[a:b]
+        counts[s] = np.bincount(lab[a:b], minlength=k)
+    best_d, best_id = _nearest(table, lab, dist, k, m)
+    report("assign", table.n, table.n)
+    return _Assigned(
+        fit, labels, counts, best_d, best_id, dict(table.pending), table.n, dict(table.attrs),
+        table.origins.__getitem__, dict(table.failed),
+    )  # fmt: skip
+
+
+def _nearest(
+    table: FeatureTable, lab: np.ndarray, dist: np.ndarray, k: int, m: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(k, m) distances and (k, m, 3) (slide index, row, col) of each cluster's m nearest tiles.
+
+    Ordered by distance, then slide, row, column (ties broken the same way every time).
+    """
+    best_d = np.full((k, m), np.inf)
+    best_id = np.full((k, m, 3), -1, dtype=np.int64)
+    if not m:
+        return best_d, best_id
+    slide_index = np.empty(table.n, np.int64)
+    for i, s in enumerate(table.slide_ids):
+        a, b = table.spans[s]
+        slide_index[a:b] = i
+    order = np.argsort(lab, kind="stable")
+    starts = np.searchsorted(lab[order], np.arange(k + 1))
+    for c in range(k):
+        members = order[starts[c] : starts[c + 1]]
+        if not len(members):
+            continue
+        d = dist[members].astype(np.float64)
+        if len(d) > m:  # every tile within the m-th distance (ties included), then the order
+            cut = np.partition(d, m - 1)[m - 1]
+            keep = d <= cut
+            members, d = members[keep], d[keep]
+        ids = np.stack([slide_index[members], table.rows[members], table.cols[members]], axis=1)
+        pick = np.lexsort((ids[:, 2], ids[:, 1], ids[:, 0], d))[:m]
+        best_d[c, : len(pick)], best_id[c, : len(pick)] = d[pick], ids[pick]
+    return best_d, best_id
+
+
+def _fit_streamed(
+    store: FeatureStore,
+    cfg: ClusterConfig,
+    slides: list[str],
+    norm: Callable[[np.ndarray], np.ndarray],
+    progress: Progress,
+) -> _Assigned:
+    """K-means streamed from the store, then a second pass assigning every tile (large stores)."""
+    sfs = {s: store.slide(s) for s in slides}  # one each: origins are read once per instance
+    pending = {s: int(sf.pending().sum()) for s, sf in sfs.items()}
+    n_tiles = store.n_tissue_tiles(slides)
+    _too_few(store, slides, n_tiles, cfg.k)
 
     def source() -> Iterator[np.ndarray]:
         for tf in store.iter_tissue_features(slides):
@@ -267,8 +446,6 @@ def run_clustering(
         max_passes=cfg.max_passes,
         progress=progress,
     )
-
-    # Assignment of every tissue tile, nearest exemplars per cluster.
     k, m = cfg.k, cfg.exemplars
     labels = {s: np.full(sfs[s].shape, -1, dtype=np.int16) for s in slides}
     counts = {s: np.zeros(k, dtype=np.int64) for s in slides}
@@ -289,59 +466,12 @@ def run_clustering(
                 _keep_nearest(best_d, best_id, int(c), dist[sel].astype(np.float64), ids[sel])
         done += len(lab)
         report("assign", done, n_tiles)
-
-    exemplars: list[list[Exemplar]] = []
-    for c in range(k):
-        row = []
-        for j in range(m):
-            si, r, col = (int(v) for v in best_id[c, j])
-            if si < 0:
-                continue
-            ox, oy = (int(v) for v in sfs[slides[si]].origins[r, col])
-            row.append(Exemplar(c, slides[si], r, col, ox, oy, float(best_d[c, j])))
-        exemplars.append(row)
-
-    counts_json = {s: [int(v) for v in counts[s]] for s in slides}
-    totals = np.sum([counts[s] for s in slides], axis=0)
-    colors = cluster_colors(k)
-    attrs = {
-        "algorithm": ALGORITHM,
-        "seed": cfg.seed,
-        "normalize": cfg.normalize,
-        "encoder": store.encoder.to_attrs(),
-        "n_fit_tiles": int(fit.n_fit),
-        "n_tiles": int(n_tiles),
-        "passes": fit.passes,
-        "steps": fit.steps,
-        "tiles_pending": pending,
-        "counts": counts_json,
-        "shares": {
-            s: [round(int(v) / max(1, int(counts[s].sum())), 6) for v in counts[s]] for s in slides
-        },
-        "cluster_tiles": [int(v) for v in totals],
-        "exemplars": [[asdict(e) for e in row] for row in exemplars],
-        "colors": [[int(v) for v in c] for c in colors],
-        "config": {**cfg.to_json(), "name": run_name},
-    }
-    result = ClusterResult(
-        run_name, fit.centroids, labels, counts_json, exemplars, fit.n_fit, n_tiles,
-        warnings=warnings,
+    attrs = {s: sf.attrs for s, sf in sfs.items()}
+    failed = {s: sf.failed for s, sf in sfs.items()}
+    return _Assigned(
+        fit, labels, counts, best_d, best_id, pending, n_tiles, attrs, lambda s: sfs[s].origins,
+        failed,
     )  # fmt: skip
-    with SlideCache(capacity=4) as slides_open:
-        # overwrite also clears a group a killed run left incomplete (cluster_runs() lists complete ones)
-        store.write_cluster_run(
-            run_name,
-            fit.centroids,
-            labels,
-            attrs,
-            overwrite=True,
-            files=_pictures(store, cfg, result, colors, slides_open, progress),
-        )
-    names = ([EXEMPLARS_FILE] if m else []) + (
-        [overlay_file(s) for s in slides] if cfg.overlays else []
-    )
-    result.pictures = [p for p in (store.run_file(run_name, n) for n in names) if p is not None]
-    return result
 
 
 def _pictures(
@@ -350,22 +480,26 @@ def _pictures(
     result: ClusterResult,
     colors: np.ndarray,
     slides_open: SlideCache,
+    features: ClusterFeatures,
     progress: Progress,
 ) -> Iterator[tuple[str, bytes]]:
     """(name, PNG bytes) of ``exemplars.png`` and of each ``overlays/<slide_id>.png``, one at a time.
 
-    Fills ``result.exemplar_tiles``. A slide that cannot be read leaves grey exemplar cells, no
-    overlay and a warning.
+    Fills ``result.exemplar_tiles`` (pixels ``features`` holds are not read again). A slide that
+    cannot be read leaves grey exemplar cells, no overlay and a warning.
     """
     tiling = store.tiling
+    slide_attrs = result.slide_attrs
     unreadable: set[str] = set()
+
+    def source_of(sid: str) -> Path:
+        return Path(slide_attrs[sid]["source_path"])
 
     def slide_of(sid: str):
         if sid in unreadable:
             return None
-        sf = store.slide(sid)
         try:
-            return slides_open.get(sf.source_path, mpp=tuple(sf.attrs["mpp"]))
+            return slides_open.get(source_of(sid), mpp=tuple(slide_attrs[sid]["mpp"]))
         except SlideError as e:
             unreadable.add(sid)
             result.warnings.append(f"{one_line(e)} (pictures of slide {sid!r} left blank)")
@@ -384,16 +518,22 @@ def _pictures(
         report = Throttle(progress)
         report("exemplars", 0, len(cells))
         for n, (sid, c, j) in enumerate(cells, 1):
+            e = result.exemplars[c][j]
+            held = features.tile(sid, e.row, e.col)
+            if held is not None:
+                tiles[c][j] = held
+                report("exemplars", n, len(cells))
+                continue
             slide = slide_of(sid)
             if slide is not None:
-                e = result.exemplars[c][j]
                 try:
                     tiles[c][j] = slide.read_tile_at_mpp(
                         (e.l0_x, e.l0_y), tiling.target_mpp, tiling.tile_px
                     )
+                    features.keep_tile(sid, e.row, e.col, tiles[c][j])
                 except SlideError as err:
                     unreadable.add(sid)
-                    slides_open.forget(store.slide(sid).source_path)
+                    slides_open.forget(source_of(sid))
                     result.warnings.append(
                         f"{one_line(err)} (pictures of slide {sid!r} left blank)"
                     )
@@ -407,12 +547,12 @@ def _pictures(
         for n, sid in enumerate(ids, 1):
             slide = slide_of(sid)
             if slide is not None:
-                attrs = store.slide(sid).attrs
+                attrs = slide_attrs[sid]
                 try:
                     thumb = slide.thumbnail(cfg.thumbnail_px)
                 except SlideError as err:
                     unreadable.add(sid)
-                    slides_open.forget(store.slide(sid).source_path)
+                    slides_open.forget(source_of(sid))
                     result.warnings.append(f"{one_line(err)} (overlay of slide {sid!r} skipped)")
                     thumb = None
                 if thumb is not None:
@@ -432,9 +572,15 @@ def _png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def run(cfg: ClusterConfig, *, progress: Progress = no_progress) -> ClusterResult:
+def run(
+    cfg: ClusterConfig,
+    *,
+    progress: Progress = no_progress,
+    features: ClusterFeatures | None = None,
+) -> ClusterResult:
     """Open ``cfg.store`` for writing and cluster it (:func:`run_clustering`): the library entry."""
-    return run_clustering(FeatureStore.open(cfg.store, mode="r+"), cfg, progress=progress)
+    store = FeatureStore.open(cfg.store, mode="r+")
+    return run_clustering(store, cfg, progress=progress, features=features)
 
 
 def format_summary(result: ClusterResult) -> str:
@@ -454,10 +600,9 @@ def format_summary(result: ClusterResult) -> str:
 def report(cfg: ClusterConfig, result: ClusterResult) -> str:
     """The summary printed on stdout: the run, the table, the pictures written.
 
-    Warnings go to stderr here (cli.main prints the report only without ``--quiet``).
+    ``result.warnings`` are not repeated here: ``cli.main`` prints them on stderr (also with
+    ``--quiet``).
     """
-    for w in result.warnings:
-        print(f"warning: {w}", file=sys.stderr)
     lines = [
         f"{cfg.store}: cluster run {result.run!r}: k={len(result.centroids)}, "
         f"fitted on {result.n_fit} of {result.n_tiles} tissue tiles",

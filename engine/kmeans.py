@@ -107,6 +107,19 @@ def _choose(rng: np.random.Generator, n: int, m: int) -> np.ndarray:
     return np.sort(rng.choice(n, size=m, replace=False).astype(np.int64))
 
 
+def _members(labels: np.ndarray, counts: np.ndarray) -> sparse.csr_matrix:
+    """(k, n) float32 0/1 CSR matrix, row c marking the rows labelled c (``counts`` = bincount).
+
+    Built directly in CSR form (a stable sort of the labels): the same matrix, column order
+    included, as ``csr_matrix((ones, (labels, arange(n))))`` without its COO conversion.
+    """
+    indptr = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=indptr[1:])
+    indices = np.argsort(labels, kind="stable")
+    data = np.ones(len(labels), dtype=np.float32)
+    return sparse.csr_matrix((data, indices, indptr), shape=(len(counts), len(labels)))
+
+
 class MiniBatchKMeans:
     """Sculley's mini-batch K-means update, as scikit-learn's ``MiniBatchKMeans.partial_fit`` does it.
 
@@ -136,11 +149,9 @@ class MiniBatchKMeans:
         x = np.asarray(x, dtype=np.float32)
         k = len(self.centers)
         labels, _ = assign(x, self.centers, distances=False)
-        members = sparse.csr_matrix(
-            (np.ones(len(x), dtype=np.float32), (labels, np.arange(len(x)))), shape=(k, len(x))
-        )
-        sums = np.asarray(members @ x, dtype=np.float64)  # (k, dim) per-centre sums of the batch
-        n_b = np.bincount(labels, minlength=k).astype(np.float64)
+        n_b = np.bincount(labels, minlength=k)
+        sums = np.asarray(_members(labels, n_b) @ x, dtype=np.float64)  # (k, dim) batch sums
+        n_b = n_b.astype(np.float64)
         present = n_b > 0
         old = self.counts[present]
         new = old + n_b[present]
@@ -216,22 +227,11 @@ def fit_streamed_kmeans(
     Returns:
         ``KMeansFit`` with (k, dim) float32 centroids.
     """
-    from sklearn.cluster import kmeans_plusplus
-    from threadpoolctl import threadpool_limits
-
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
     if n_total is None:
         n_total = count_rows(source)
-    n_fit = n_total if not sample else min(int(sample), n_total)
-    if n_fit < k:
-        raise ValueError(f"cannot fit {k} clusters on {n_fit} rows; lower k or add tiles")
-    rng = np.random.default_rng(seed)
-    chosen = None if n_fit == n_total else _choose(rng, n_total, n_fit)
-    init_idx = _choose(rng, n_fit, min(n_fit, init_size or max(3 * batch_size, 10 * k)))
+    plan = _Plan.make(k, n_total, sample, seed, batch_size, max_passes, refine_passes, init_size)
     report = Throttle(progress)
-    total = n_fit * (1 + max_passes + refine_passes)
-    report(STAGE, 0, total)
+    report(STAGE, 0, plan.total)
 
     # One pass: the k-means++ seed sample, and the fitting rows kept in memory when they fit
     # in ``cache_bytes`` (then no later pass reads the source again).
@@ -239,47 +239,146 @@ def fit_streamed_kmeans(
     use_cache = cache_bytes > 0
     init_parts: list[np.ndarray] = []
     seen = 0
-    for part in _select(source, chosen):
-        lo, hi = np.searchsorted(init_idx, [seen, seen + len(part)])
-        init_parts.append(part[init_idx[lo:hi] - seen])
+    for part in _select(source, plan.chosen):
+        lo, hi = np.searchsorted(plan.init_idx, [seen, seen + len(part)])
+        init_parts.append(part[plan.init_idx[lo:hi] - seen])
         if use_cache and cache is None:
-            use_cache = n_fit * part.shape[1] * 4 <= cache_bytes
-            cache = np.empty((n_fit, part.shape[1]), np.float32) if use_cache else None
+            use_cache = plan.n_fit * part.shape[1] * 4 <= cache_bytes
+            cache = np.empty((plan.n_fit, part.shape[1]), np.float32) if use_cache else None
         if cache is not None:
             cache[seen : seen + len(part)] = part
         seen += len(part)
-        report(STAGE, seen, total)
+        report(STAGE, seen, plan.total)
     init_x = np.concatenate(init_parts, axis=0)
     del init_parts
-    centers, _ = kmeans_plusplus(init_x.astype(np.float64), k, random_state=seed)
-    variance = float(np.var(init_x, axis=0).mean()) or 1.0
-    del init_x
 
     def blocks(size: int) -> Iterable[np.ndarray]:
         """The fitting rows in order, in blocks of exactly ``size`` rows (the last may be short)."""
         if cache is not None:
-            yield from (cache[s : s + size] for s in range(0, n_fit, size))
+            yield from (cache[s : s + size] for s in range(0, plan.n_fit, size))
             return
-        yield from _rechunk(_select(source, chosen), size)
+        yield from _rechunk(_select(source, plan.chosen), size)
+
+    return _descend(plan, init_x, blocks, tol, buffer_rows, reassignment_ratio, report)
+
+
+def fit_kmeans(
+    x: np.ndarray,
+    k: int,
+    *,
+    sample: int | None = None,
+    seed: int = 0,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_passes: int = 3,
+    tol: float = 1e-4,
+    buffer_rows: int = DEFAULT_BUFFER_ROWS,
+    init_size: int | None = None,
+    reassignment_ratio: float = 0.01,
+    refine_passes: int = 10,
+    progress: Progress = no_progress,
+) -> KMeansFit:
+    """``fit_streamed_kmeans`` on rows already in memory: the same centroids, bit for bit.
+
+    ``x`` is (n, dim) float32 (e.g. ``ClusterFeatures``' table); with ``sample`` >= n it is
+    used in place (no copy), otherwise the drawn rows are gathered once. Every argument means
+    what it means for :func:`fit_streamed_kmeans`, and the progress totals are the same (the
+    seeding pass, which reads nothing here, is reported done at once).
+    """
+    x = np.asarray(x, dtype=np.float32)
+    plan = _Plan.make(k, len(x), sample, seed, batch_size, max_passes, refine_passes, init_size)
+    report = Throttle(progress)
+    report(STAGE, 0, plan.total)
+    rows = x if plan.chosen is None else x[plan.chosen]
+    init_x = rows[plan.init_idx]
+    report(STAGE, plan.n_fit, plan.total)
+
+    def blocks(size: int) -> Iterable[np.ndarray]:
+        yield from (rows[s : s + size] for s in range(0, plan.n_fit, size))
+
+    return _descend(plan, init_x, blocks, tol, buffer_rows, reassignment_ratio, report)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a fit draws before reading: the fitting rows, the seed sample, the progress total."""
+
+    k: int
+    n_total: int
+    n_fit: int
+    chosen: np.ndarray | None  # sorted row indices of the fitting rows (None: every row)
+    init_idx: np.ndarray  # sorted indices, among the fitting rows, of the k-means++ sample
+    rng: np.random.Generator  # continues into the shuffles of the mini-batch passes
+    seed: int
+    batch_size: int
+    max_passes: int
+    refine_passes: int
+
+    @property
+    def total(self) -> int:
+        return self.n_fit * (1 + self.max_passes + self.refine_passes)
+
+    @classmethod
+    def make(
+        cls,
+        k: int,
+        n_total: int,
+        sample: int | None,
+        seed: int,
+        batch_size: int,
+        max_passes: int,
+        refine_passes: int,
+        init_size: int | None,
+    ) -> _Plan:
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        n_fit = n_total if not sample else min(int(sample), n_total)
+        if n_fit < k:
+            raise ValueError(f"cannot fit {k} clusters on {n_fit} rows; lower k or add tiles")
+        rng = np.random.default_rng(seed)
+        chosen = None if n_fit == n_total else _choose(rng, n_total, n_fit)
+        init_idx = _choose(rng, n_fit, min(n_fit, init_size or max(3 * batch_size, 10 * k)))
+        return cls(
+            k, n_total, n_fit, chosen, init_idx, rng, seed, batch_size, max_passes, refine_passes
+        )
+
+
+def _descend(
+    plan: _Plan,
+    init_x: np.ndarray,
+    blocks: Callable[[int], Iterable[np.ndarray]],
+    tol: float,
+    buffer_rows: int,
+    reassignment_ratio: float,
+    report: Progress,
+) -> KMeansFit:
+    """k-means++ on ``init_x``, the mini-batch passes, then the Lloyd passes over ``blocks``."""
+    from sklearn.cluster import kmeans_plusplus
+    from threadpoolctl import threadpool_limits
+
+    k, n_fit, total, rng = plan.k, plan.n_fit, plan.total, plan.rng
+    batch_size, max_passes = plan.batch_size, plan.max_passes
+    centers, _ = kmeans_plusplus(init_x.astype(np.float64), k, random_state=plan.seed)
+    variance = float(np.var(init_x, axis=0).mean()) or 1.0
+    del init_x
 
     # Small matrix products from here on: one BLAS thread is faster, as in scikit-learn's
     # mini-batch step, and far steadier when other processes share the cores.
     blas = threadpool_limits(limits=1, user_api="blas")
     try:
         # Mini-batch passes: shuffle each block of buffer_rows, cut it into batches.
-        model = MiniBatchKMeans(centers, seed=seed, reassignment_ratio=reassignment_ratio)
+        model = MiniBatchKMeans(centers, seed=plan.seed, reassignment_ratio=reassignment_ratio)
         steps, passes, shift = 0, 0, math.inf
         done = n_fit
         for _ in range(max_passes):
             before = model.centers.copy()
             for block in blocks(buffer_rows):
-                rows = block[rng.permutation(len(block))]
-                starts = list(range(0, len(rows), batch_size))
-                if len(starts) > 1 and len(rows) - starts[-1] < batch_size // 2:
+                order = rng.permutation(len(block))
+                starts = list(range(0, len(block), batch_size))
+                if len(starts) > 1 and len(block) - starts[-1] < batch_size // 2:
                     starts.pop()  # fold a short tail into the previous batch
                 for i, start in enumerate(starts):
-                    end = starts[i + 1] if i + 1 < len(starts) else len(rows)
-                    model.partial_fit(rows[start:end])
+                    end = starts[i + 1] if i + 1 < len(starts) else len(block)
+                    model.partial_fit(block[order[start:end]])
                     steps += 1
                     done += end - start
                     report(STAGE, done, total)
@@ -292,17 +391,14 @@ def fit_streamed_kmeans(
         done = n_fit * (1 + max_passes)
         report(STAGE, done, total)
         centers = model.centers.copy()
-        for _ in range(refine_passes):
+        for _ in range(plan.refine_passes):
             sums = np.zeros(centers.shape, dtype=np.float64)
             counts = np.zeros(k, dtype=np.int64)
             for block in blocks(_REFINE_BLOCK):
                 lab, _ = assign(block, centers, distances=False)
-                members = sparse.csr_matrix(
-                    (np.ones(len(block), dtype=np.float32), (lab, np.arange(len(block)))),
-                    shape=(k, len(block)),
-                )
-                sums += members @ block
-                counts += np.bincount(lab, minlength=k)
+                n_b = np.bincount(lab, minlength=k)
+                sums += _members(lab, n_b) @ block
+                counts += n_b
                 done += len(block)
                 report(STAGE, done, total)
             before = centers
@@ -319,7 +415,7 @@ def fit_streamed_kmeans(
     return KMeansFit(
         centroids=centers,
         n_fit=n_fit,
-        n_total=n_total,
+        n_total=plan.n_total,
         passes=passes,
         steps=steps,
         shift=shift,

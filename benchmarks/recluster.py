@@ -1,0 +1,235 @@
+"""What a k change costs in the napari widget, headless, on a real store of ~100k tiles.
+
+    .venv/bin/python benchmarks/recluster.py [--tiles 100000] [--dim 512] [--ks 6,8,12]
+                                             [--rounds 2] [--tile-px 16]
+
+Builds, in a temp dir, a real ``FeatureStore`` over real slide grids: copies (symlinks) of
+``../shared/data/slides/CMU-1-Small-Region.svs`` under several slide ids, cut into ``--tile-px``
+tiles at 0.5 um/px with the default tissue rule, as many slides as reach ``--tiles`` tissue
+tiles. Every tissue tile holds a float16 feature drawn around one of 10 random centres (as
+extraction writes them). The slides are real files, so the exemplar tiles are read from them
+exactly as the widget reads them.
+
+Then it calls what the widget calls when k changes, ``histocluster_napari._session.recluster``
+(-> ``cluster_store`` -> ``engine.cluster.run_clustering`` -> ``carry_over`` -> curation save ->
+the view read back), for each k of ``--ks``, in interleaved rounds, in two modes:
+
+- ``plain``: the session as it is today;
+- ``cached``: the same call with one ``engine.cluster.ClusterFeatures`` held across k changes
+  and passed to ``run_clustering(..., features=...)`` (what the session should do: the one
+  keyword is injected here by wrapping ``run_clustering``).
+
+and prints the seconds of each stage (median over rounds and ks):
+
+    check      store opened, run name chosen, slides checked (up to the first report)
+    features   the tiles' features read into memory (none when the cache holds them)
+    kmeans     the fit: seeding, mini-batch and Lloyd passes (and the feature reads of a
+               streamed fit)
+    assign     every tile's label and the nearest tiles of each centroid
+    exemplars  the exemplar tiles read from the slides (or the cache)
+    write      the run's arrays, exemplars.png and attrs written
+    carry      engine.curation_match.carry_over (names follow their clusters)
+    save       the curation saved beside the run
+    view       the run read back as the widget's ClusterView
+
+with the total against the 1 s goal. Labels of both modes are checked equal (same seed, same
+labels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from engine import cluster as engine_cluster
+from engine.curation import Curation
+from engine.encoder_id import EncoderId
+from engine.progress import no_progress
+from engine.slide import open_slide
+from engine.store import FeatureStore
+from engine.tiling import TileGrid, Tiling
+from histocluster_napari import _session
+
+REPO = Path(__file__).resolve().parents[1]
+CMU = REPO.parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
+CENTRES = 10
+STAGES = ("check", "features", "kmeans", "assign", "exemplars", "write", "carry", "save", "view")
+GOAL_S = 1.0
+
+
+def build_store(
+    tmp: Path, n_tiles: int, dim: int, tile_px: int, seed: int = 0
+) -> tuple[Path, list[str]]:
+    """A store of real CMU-slide grids (symlinked copies) with clustered float16 features."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((CENTRES, dim)).astype(np.float32)
+    tiling = Tiling(tile_px=tile_px, target_mpp=0.5)
+    encoder = EncoderId("synthetic", "resnet18", dim, 224, (0.5,) * 3, (0.25,) * 3)
+    path = tmp / "features.zarr"
+    store = FeatureStore.create_or_open(path, encoder, tiling)
+    (tmp / "slides").mkdir()
+    ids: list[str] = []
+    total = 0
+    grid = None
+    while total < n_tiles:
+        sid = f"slide{len(ids):02d}"
+        link = tmp / "slides" / f"{sid}.svs"
+        link.symlink_to(CMU)
+        with open_slide(link) as slide:
+            if grid is None:
+                grid = TileGrid.from_tiling(slide, tiling)
+            sf = store.add_slide(sid, TileGrid.from_tiling(slide, tiling))
+        selected = sf.selected
+        lab = rng.integers(0, CENTRES, sf.shape)
+        for block in sf.blocks():
+            sel = selected[block.r0 : block.r1, block.c0 : block.c1]
+            l_ = lab[block.r0 : block.r1, block.c0 : block.c1]
+            noise = rng.standard_normal((*l_.shape, dim), dtype=np.float32) * 0.6
+            feats = np.maximum(centres[l_] + noise, 0)  # ReLU-like, as a CNN's features
+            sf.write_block(block, feats * sel[..., None], sel)
+        ids.append(sid)
+        total += int(selected.sum())
+    return path, ids
+
+
+class Timer:
+    """Stage seconds of one k change, from progress reports and wrapped session calls."""
+
+    def __init__(self) -> None:
+        self.marks: dict[str, float] = {}
+        self.spans: dict[str, float] = defaultdict(float)
+
+    def progress(self, stage: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        self.marks.setdefault(stage, now)
+        self.marks[stage + ":last"] = now
+
+    def wrap(self, name: str, fn):
+        def timed(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.spans[name] += time.perf_counter() - t
+                self.marks.setdefault(name + ":start", t)
+                self.marks[name + ":end"] = time.perf_counter()
+
+        return timed
+
+    def stages(self, t0: float, t1: float) -> dict[str, float]:
+        m = self.marks
+        run1 = m["run:end"]
+        f0 = m.get("features")
+        k0 = m["kmeans"]
+        a0, a1 = m["assign"], m["assign:last"]
+        e0, e1 = m.get("exemplars", a1), m.get("exemplars:last", a1)
+        out = {
+            "check": (f0 if f0 is not None else k0) - t0,
+            "features": k0 - f0 if f0 is not None else 0.0,
+            "kmeans": a0 - k0,
+            "assign": a1 - a0,
+            "exemplars": e1 - e0,
+            "write": (e0 - a1) + (run1 - e1),
+            "carry": self.spans["carry"],
+            "save": self.spans["save"],
+            "view": self.spans["view"],
+        }
+        out["total"] = t1 - t0
+        return out
+
+
+def one_change(view, k: int, features) -> tuple[object, dict[str, float]]:
+    """``_session.recluster(view, k)`` with its stages timed (``features``: a cache or None)."""
+    timer = Timer()
+    saved = (engine_cluster.run_clustering, _session.carry_over, _session._view, Curation.save)
+    run = saved[0]
+    if features is not None:
+
+        def run(store, cfg, *, progress=no_progress, _run=saved[0]):  # type: ignore[no-redef]
+            return _run(store, cfg, progress=progress, features=features)
+
+    engine_cluster.run_clustering = timer.wrap("run", run)
+    _session.carry_over = timer.wrap("carry", saved[1])
+    _session._view = timer.wrap("view", saved[2])
+    Curation.save = timer.wrap("save", saved[3])
+    try:
+        t0 = time.perf_counter()
+        new = _session.recluster(view, k, progress=timer.progress)
+        t1 = time.perf_counter()
+    finally:
+        engine_cluster.run_clustering, _session.carry_over, _session._view, Curation.save = saved
+    return new, timer.stages(t0, t1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiles", type=int, default=100_000, help="tissue tiles (default %(default)s)")
+    p.add_argument("--dim", type=int, default=512, help="feature dimension (default %(default)s)")
+    p.add_argument("--ks", default="6,8,12", help="k values, comma-separated (default %(default)s)")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default %(default)s)")
+    p.add_argument("--tile-px", type=int, default=16, help="tile side in px (default %(default)s)")
+    p.add_argument(
+        "--modes",
+        default="plain,cached",
+        help="modes to time, comma-separated (default %(default)s)",
+    )
+    a = p.parse_args(argv)
+    ks = [int(v) for v in a.ks.split(",")]
+    modes = a.modes.split(",")
+    if "cached" in modes and not hasattr(engine_cluster, "ClusterFeatures"):
+        modes = [m for m in modes if m != "cached"]
+    tmp = Path(tempfile.mkdtemp())
+    os.environ.setdefault("HISTOCLUSTER_CACHE", str(tmp / "cache"))
+    try:
+        t = time.perf_counter()
+        path, ids = build_store(tmp, a.tiles, a.dim, a.tile_px)
+        store = FeatureStore.open(path)
+        n = store.n_tissue_tiles()
+        print(
+            f"store: {n:,} tissue tiles x {a.dim} dims over {len(ids)} slides "
+            f"({a.tile_px}-px tiles of {CMU.name}), built in {time.perf_counter() - t:.1f} s; "
+            f"cpus {os.cpu_count()}",
+            flush=True,
+        )
+        view = _session.cluster_store(path, ids, ks[0])  # the first Cluster click
+        caches = {m: (engine_cluster.ClusterFeatures() if m == "cached" else None) for m in modes}
+        views = {m: view for m in modes}
+        rows: dict[str, list[dict[str, float]]] = defaultdict(list)
+        labels: dict[tuple[str, int, int], dict[str, np.ndarray]] = {}
+        head = f"{'round':>5} {'mode':<7} {'k':>3} " + " ".join(f"{s:>9}" for s in STAGES)
+        print(head + f" {'total':>7}", flush=True)
+        for r in range(a.rounds):
+            for k in ks:
+                for m in modes:
+                    views[m], st = one_change(views[m], k, caches[m])
+                    rows[m].append(st)
+                    labels[(m, r, k)] = views[m].labels
+                    cells = " ".join(f"{st[s]:>9.3f}" for s in STAGES)
+                    print(f"{r:>5} {m:<7} {k:>3} {cells} {st['total']:>7.3f}", flush=True)
+        for (m, r, k), lab in labels.items():
+            ref = labels[(modes[0], 0, k)]
+            same = all(np.array_equal(lab[s], ref[s]) for s in ref)
+            if not same:
+                print(f"labels differ: mode {m} round {r} k {k} vs {modes[0]} round 0")
+        print("median seconds per k change:")
+        for m in modes:
+            med = {s: float(np.median([st[s] for st in rows[m]])) for s in (*STAGES, "total")}
+            cells = " ".join(f"{s} {med[s]:.3f}" for s in STAGES)
+            verdict = "met" if med["total"] <= GOAL_S else "NOT met"
+            print(f"  {m:<7} {cells} | total {med['total']:.3f} s -> goal <= {GOAL_S} s {verdict}")
+        if len(modes) == 2:
+            a_, b_ = (float(np.median([st["total"] for st in rows[m]])) for m in modes)
+            print(f"  {modes[0]} / {modes[1]} = {a_ / b_:.2f}x")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
