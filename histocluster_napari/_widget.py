@@ -55,13 +55,14 @@ from engine.slide import slide_id
 from engine.store import FeatureStore
 from engine.tiling import Tiling
 from engine.tissue import TISSUE_METHODS
-from histocluster_napari import _classifier, _session
+from histocluster_napari import _classifier, _map, _session
 from histocluster_napari._classifier_panel import ClassifierPanel
 from histocluster_napari._cluster_table import ClusterTable
 from histocluster_napari._cohort import cohort_rows, folder_slides, store_slides
 from histocluster_napari._encoder_choice import EncoderChoice
 from histocluster_napari._gallery import PAGE, GalleryTile, gallery_order, read_gallery
 from histocluster_napari._gallery_view import GalleryView
+from histocluster_napari._map_panel import MapPanel
 from histocluster_napari._overlay import (
     GridGeometry,
     cluster_colors,
@@ -225,6 +226,7 @@ class HistoClusterWidget(Container):
         self.export_button = PushButton(text="Export selected")
         self.gallery = GalleryView()
         self.classifier = ClassifierPanel(self)
+        self.map_panel = MapPanel(self)
 
         run_box = Container(
             widgets=[
@@ -276,6 +278,7 @@ class HistoClusterWidget(Container):
         self.native.layout().addWidget(self.table)
         self.native.layout().addWidget(self._actions.native)
         self.native.layout().addWidget(self.classifier.native)
+        self.native.layout().addWidget(self.map_panel.native)
         self.native.layout().addWidget(self.gallery)
         for box in (self._actions, inputs, open_box):
             box.native.setContentsMargins(0, 0, 0, 0)
@@ -743,7 +746,9 @@ class HistoClusterWidget(Container):
             self._on_worker_error(event[1])
 
     def _on_progress(self, stage: str, done: int, total: int) -> None:
-        label = _session.STAGES.get(stage) or _classifier.STAGES.get(stage, stage)
+        label = (
+            _session.STAGES.get(stage) or _classifier.STAGES.get(stage) or _map.STAGES.get(stage)
+        ) or stage
         if stage != self._stage or self._pbar is None:
             self._close_pbar()
             self._stage = stage
@@ -843,6 +848,7 @@ class HistoClusterWidget(Container):
             self.k.value = view.k
             self.k.changed.connect(self._on_k_changed)
         self.correction_class.reset_choices()
+        self.map_panel.lasso_class.reset_choices()
         self.classifier.open_saved(view)
         self.show_slide(self._current)
         self._refresh_slide_list()
@@ -1025,6 +1031,7 @@ class HistoClusterWidget(Container):
         if change.kind in ("name", "override", "replace"):
             self._draw_labels()
             self.correction_class.reset_choices()
+            self.map_panel.lasso_class.reset_choices()
         self._save_timer.start(SAVE_DELAY_MS)
 
     def save_curation(self) -> None:
