@@ -194,6 +194,7 @@ class ClassifierPanel(Container):
                 visible=False,
                 **place,
             )
+            self.confidence_layer.colorbar.visible = True  # the legend, shown with the layer
         else:
             layer = self.confidence_layer
             layer.data = conf

@@ -11,6 +11,7 @@ class (or excludes them): per-tile overrides of the curation, redrawn on the sli
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from histocluster_napari._classifier_panel import hex_rgba
 from histocluster_napari._overlay import cluster_colors, labels_colormap
 
 EXCLUDE = "(exclude)"
-MAP_LAYERS = ("mosaic", "cell clusters", "tiles", "lasso")
+MAP_LAYERS = ("mosaic", "cell clusters", "tiles", "cursor tile", "lasso")
 
 
 class MapPanel(Container):
@@ -102,10 +103,16 @@ class MapPanel(Container):
             m.points - 0.5, name="tiles", size=max(2, m.cell_px // 6), face_color=self._colours(),
             border_width=0,
         )  # fmt: skip
+        v.add_points(
+            np.zeros((0, 2)), name="cursor tile", size=m.cell_px, face_color="transparent",
+            border_color="cyan", border_width=0.2,
+        )  # fmt: skip
         v.add_shapes(name="lasso", edge_color="yellow", face_color=[1, 1, 0, 0.15], edge_width=2)
         v.layers.selection.active = v.layers["lasso"]
         if self.on_mouse not in v.mouse_drag_callbacks:
             v.mouse_drag_callbacks.append(self.on_mouse)
+            v.mouse_move_callbacks.append(self.on_map_move)
+            _SlideHover.attach(self, self._w._viewer)
         self.lasso_class.reset_choices()
         self._w.status.value = (
             f"Map of {len(m.tile_map)} tiles ({m.method}). Click a point to see its tile; draw "
@@ -147,6 +154,36 @@ class MapPanel(Container):
         if not dragged or np.allclose(start, event.position):
             self.click_at(tuple(event.position[-2:]))
 
+    def on_map_move(self, viewer: Any, event: Any) -> None:
+        self.hover_at(tuple(event.position[-2:]))
+
+    def hover_at(self, world_rc: tuple[float, float]) -> tuple[str, int, int] | None:
+        """Name the slide and tile under a map point (the map viewer's text overlay)."""
+        tile = (
+            None if self.map is None else self.map.tile_at((world_rc[0] + 0.5, world_rc[1] + 0.5))
+        )
+        if self.viewer is not None:
+            overlay = self.text_overlay
+            overlay.text = "" if tile is None else f"{tile[0]}, tile ({tile[1]}, {tile[2]})"
+            overlay.visible = tile is not None
+        return tile
+
+    @property
+    def text_overlay(self) -> Any:
+        """The map viewer's text overlay (``viewer.canvas.overlays.text`` from napari 0.9)."""
+        canvas = getattr(self.viewer, "canvas", None)
+        overlays = getattr(canvas, "overlays", None)
+        return overlays.text if overlays is not None else self.viewer.text_overlay
+
+    def highlight(self, sid: str, row: int, col: int) -> int | None:
+        """Ring the map point of slide ``sid``'s tile (row, col) (the tile under the slide cursor)."""
+        if self.map is None or self.viewer is None or "cursor tile" not in self.viewer.layers:
+            return None
+        i = self.map.tile_map.index_of(sid, row, col)
+        layer = self.viewer.layers["cursor tile"]
+        layer.data = np.zeros((0, 2)) if i is None else self.map.points[i : i + 1] - 0.5
+        return i
+
     def click_at(self, world_rc: tuple[float, float]) -> tuple[str, int, int] | None:
         """Jump the slide viewer to the tile nearest a map point (world = mosaic pixels)."""
         if self.map is None:
@@ -178,3 +215,26 @@ class MapPanel(Container):
 
 
 __all__ = ["MapPanel"]
+
+
+class _SlideHover:
+    """The slide viewer's mouse-move hook: highlights the tile under the cursor on the map.
+    Holds the panel weakly and removes itself once the panel is gone."""
+
+    def __init__(self, panel: MapPanel, viewer: Any) -> None:
+        self._panel = weakref.ref(panel)
+        self._viewer = weakref.ref(viewer)
+
+    @classmethod
+    def attach(cls, panel: MapPanel, viewer: Any) -> None:
+        viewer.mouse_move_callbacks.append(cls(panel, viewer))
+
+    def __call__(self, viewer: Any, event: Any) -> None:
+        panel = self._panel()
+        if panel is None:
+            viewer.mouse_move_callbacks.remove(self)
+            return
+        w = panel._w
+        tile = w.tile_at(tuple(event.position[-2:]))
+        if tile is not None and w._current is not None:
+            panel.highlight(w._current, *tile)

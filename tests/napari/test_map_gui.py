@@ -28,7 +28,7 @@ def test_map_click_jumps_to_the_tile_and_lasso_overrides(
     n = int(sum((lab >= 0).sum() for lab in view.labels.values()))
     assert len(m.tile_map) == n  # every tile on the map
     names = [layer.name for layer in map_viewer.layers]
-    assert names == ["mosaic", "cell clusters", "tiles", "lasso"]
+    assert names == ["mosaic", "cell clusters", "tiles", "cursor tile", "lasso"]
     assert map_viewer.layers["mosaic"].data.shape == (GRID * CELL_PX, GRID * CELL_PX, 3)
     assert len(map_viewer.layers["tiles"].data) == n
 
@@ -40,6 +40,11 @@ def test_map_click_jumps_to_the_tile_and_lasso_overrides(
     rect = widget._tile_rect(row, col)
     np.testing.assert_allclose(widget.camera.center[-2:], rect.mean(axis=0), atol=1e-6)
     assert widget._query_tile == (row, col)
+    # Hover names the tile; the tile under the slide cursor is ringed on the map.
+    assert widget.map_panel.hover_at(tuple(point)) == (sid, row, col)
+    assert widget.map_panel.text_overlay.text == f"{sid}, tile ({row}, {col})"
+    assert widget.map_panel.highlight(sid, row, col) == i
+    np.testing.assert_allclose(map_viewer.layers["cursor tile"].data, [point])
 
     # Lasso a box around a few points: those tiles become 'ink' overrides.
     widget.table.set_name(0, "ink")
