@@ -28,12 +28,12 @@ def _sq_dist(q: np.ndarray, x: np.ndarray, xx: np.ndarray) -> np.ndarray:
     return d
 
 
-def _top_k(q: np.ndarray, cand: np.ndarray, x: np.ndarray, xx: np.ndarray, k: int):
-    """Indices (into ``x``) and distances of the ``k`` nearest of ``cand`` to each row of ``q``."""
+def _top_k(q: np.ndarray, cand: np.ndarray, xc: np.ndarray, xxc: np.ndarray, k: int):
+    """Indices (into the data) and distances of the ``k`` nearest of the candidates ``cand``
+    (points ``xc``, squared norms ``xxc``) to each row of ``q``."""
     k_eff = min(k, len(cand))
     idx = np.empty((len(q), k_eff), np.int64)
     step = max(1, _BLOCK // max(1, len(cand)))
-    xc, xxc = x[cand], xx[cand]
     for s in range(0, len(q), step):
         d = _sq_dist(q[s : s + step], xc, xxc)
         if k_eff < len(cand):
@@ -41,8 +41,9 @@ def _top_k(q: np.ndarray, cand: np.ndarray, x: np.ndarray, xx: np.ndarray, k: in
         else:
             part = np.broadcast_to(np.arange(len(cand)), d.shape)
         order = np.argsort(np.take_along_axis(d, part, 1), axis=1, kind="stable")
-        idx[s : s + step] = cand[np.take_along_axis(part, order, 1)]
-    exact = np.sqrt(((q[:, None, :] - x[idx]) ** 2).sum(-1)).astype(np.float32)
+        idx[s : s + step] = np.take_along_axis(part, order, 1)
+    exact = np.sqrt(((q[:, None, :] - xc[idx]) ** 2).sum(-1)).astype(np.float32)
+    idx = cand[idx]
     order = np.argsort(exact, axis=1, kind="stable")
     return np.take_along_axis(idx, order, 1), np.take_along_axis(exact, order, 1)
 
@@ -77,6 +78,16 @@ class CellIndex:
         cc = (self.centres * self.centres).sum(1)
         near = _sq_dist(self.centres, self.centres, cc)
         self._probes = np.argsort(near, axis=1, kind="stable")[:, : self.probe]
+        self._candidates: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def _candidates_of(self, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(indices, points, squared norms) searched for queries of cell ``c`` (kept: at most
+        ``probe`` x the data's size in memory over all cells)."""
+        got = self._candidates.get(c)
+        if got is None:
+            cand = np.concatenate([self._members[p] for p in self._probes[c]])
+            got = self._candidates[c] = (cand, self.data[cand], self._xx[cand])
+        return got
 
     def _fit_centres(self, seed: int, iters: int = 8) -> np.ndarray:
         """(cells, d) centres: a few Lloyd passes over a seeded subsample of at most 64 per cell."""
@@ -115,10 +126,10 @@ class CellIndex:
         cell = self._nearest_centre(q)
         for c in np.unique(cell):
             rows = np.flatnonzero(cell == c)
-            cand = np.concatenate([self._members[p] for p in self._probes[c]])
+            cand, xc, xxc = self._candidates_of(int(c))
             if len(cand) == 0:
                 continue
-            i, d = _top_k(q[rows], cand, self.data, self._xx, k)
+            i, d = _top_k(q[rows], cand, xc, xxc, k)
             idx[rows, : i.shape[1]] = i
             dist[rows, : d.shape[1]] = d
         return idx, dist

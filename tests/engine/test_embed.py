@@ -315,3 +315,18 @@ def test_command_exit_statuses(sample_map, tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "--method" in capsys.readouterr().out
+
+
+@needs_umap
+def test_membership_weights_match_umaps_transform_weights() -> None:
+    from umap.umap_ import compute_membership_strengths, smooth_knn_dist
+
+    from engine.embed import membership_weights
+
+    rng = np.random.default_rng(0)
+    d = np.sort(rng.uniform(0.5, 3, (50, 15)).astype(np.float32), 1)
+    d[0, :3] = 0  # duplicates of a sample tile
+    idx = np.tile(np.arange(100, 115), (50, 1)).astype(np.int32)
+    sigma, rho = smooth_knn_dist(d, 15.0, local_connectivity=0.0)  # as UMAP.transform calls it
+    _, _, ref, _ = compute_membership_strengths(idx, d, sigma, rho, bipartite=True)
+    np.testing.assert_allclose(membership_weights(d), ref.reshape(50, 15), atol=1e-5)
