@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from engine.store import FeatureStore
-from tests.napari.test_curation_gui import clustered
+from tests.napari.test_curation_gui import cancel_at, clustered
 from tests.napari.test_widget import TIMEOUT_MS, wait_idle
 
 pytestmark = pytest.mark.gui
@@ -38,6 +38,7 @@ def test_train_review_retrain_and_export(
     assert data.shape == view.labels[sid].shape
     assert (data[tissue] >= 1).all() and (data[~tissue] == 0).all()
     assert tuple(labels.scale) == tuple(widget.clusters_layer.scale)
+    assert conf.colorbar.visible and conf.colormap.name == "magma"
     c = np.asarray(conf.data)
     assert (c[tissue] >= 0.5).all() and (c <= 1.0).all()
     assert FeatureStore.open(view.store_path).prediction_names() == [view.run]
@@ -83,3 +84,19 @@ def _b_tiles(view) -> set[tuple[str, int, int]]:
         for s in view.slide_ids
         for r, c in zip(*np.nonzero(view.labels[s] == 1), strict=True)
     }
+
+
+def test_cancel_stops_training_and_keeps_the_clusters(
+    make_napari_viewer, qtbot, sample_slide, isolated_cache
+):
+    viewer, _, widget = clustered(make_napari_viewer, qtbot, sample_slide)
+    widget.table.set_name(0, "a")
+    widget.table.set_name(1, "b")
+    seen, _ = cancel_at(widget, "predict")
+    assert widget.classifier.train() is not None
+    wait_idle(qtbot, widget)
+    assert any(s[0] == "fit" for s in seen) and any(s[0] == "predict" for s in seen)
+    assert "Cancelled" in widget.status.value
+    assert widget.classifier.prediction is None and widget.classifier.labels_layer is None
+    assert widget.clusters_layer is not None and widget.clusters_layer.visible
+    assert widget.classifier.train_button.enabled
