@@ -27,7 +27,7 @@ from engine import cli
 from engine.curation import Curation
 from engine.errors import HistoclusterError
 from engine.files import atomic_write_bytes, sha256_file
-from engine.progress import Progress, Throttle, no_progress
+from engine.progress import Progress, no_progress
 from engine.store import FeatureStore
 from engine.tile_classifier import TileClassifier, fit_classifier
 
@@ -449,7 +449,9 @@ def apply(cfg: ApplyConfig, *, progress: Progress = no_progress) -> ApplyResult:
     for sid, sf in slides.items():
         done = maps.chunks_done(sid)
         todo += [(sid, b) for b in sf.blocks() if not done[b.index]]
-    report = Throttle(progress)
+    report = (
+        progress  # one report a chunk: a chunk takes milliseconds, and Cancel lands on the next
+    )
     per_class = np.zeros(len(model.classes), np.int64)
     tiles = 0
     report("predict", 0, len(todo))

@@ -202,8 +202,7 @@ def test_apply_resumes_after_a_cancel_and_covers_slides_added_later(
     with pytest.raises(Cancelled):
         apply(cfg, progress=cancel_after_two)
     maps = FeatureStore.open(store_path).prediction("resume")
-    written = maps.chunks_done("a").sum() + maps.chunks_done("b").sum()
-    assert 2 <= written < 18  # the cancel lands at a report (at most every 0.2 s), not at once
+    assert maps.chunks_done("a").sum() == 2 and maps.chunks_done("b").sum() == 0
     again = apply(cfg)
     assert 0 < again.tiles < full.tiles
     for sid in ("a", "b"):

@@ -33,7 +33,6 @@ REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "sample_data" / "sample_slide.tiff"
 SAMPLE_MASK = REPO / "sample_data" / "sample_slide_mask.png"
 SAMPLE_ENCODER = REPO / "sample_data" / "sample_encoder.pt"
-CMU = REPO.parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
 GREEN_INK, BLUE_INK = 4, 5
 
 needs_sample = pytest.mark.skipif(
@@ -419,7 +418,11 @@ def test_names_follow_their_cluster_onto_added_slides(
 @needs_sample
 @pytest.mark.slow
 def test_across_stores_names_match_by_centroid(
-    sample_store: Path, ink_curation, slide2: Path, tmp_path_factory: pytest.TempPathFactory
+    sample_store: Path,
+    ink_curation,
+    slide2: Path,
+    cmu_svs: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     """No tile in common: green ink finds the other slide's green ink, and nothing on the CMU slide."""
     cur, sid, _ = ink_curation
@@ -444,7 +447,7 @@ def test_across_stores_names_match_by_centroid(
     assert any("dropped" in line for line in report)
 
     cmu = copy_store(
-        real_store(CMU, tmp_path_factory, encoder=str(SAMPLE_ENCODER)),
+        real_store(cmu_svs, tmp_path_factory, encoder=str(SAMPLE_ENCODER)),
         tmp_path_factory.mktemp("cmu"),
     )
     cluster(cmu, 8, "k8")
