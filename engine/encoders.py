@@ -16,7 +16,7 @@ Embedding rules (``EncoderEntry.embedding``):
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
@@ -130,6 +130,47 @@ CIGA = EncoderEntry(
 
 _SWIGLU = "timm.layers.SwiGLUPacked"
 _SILU = "torch.nn.SiLU"
+
+H_OPTIMUS_0 = EncoderEntry(
+    # Card https://huggingface.co/bioptimus/H-optimus-0: timm "hf-hub:bioptimus/H-optimus-0"
+    # with init_values=1e-5, dynamic_img_size=False; config.json: vit_giant_patch14_reg4_dinov2,
+    # global_pool "token", 1536 features, 224 px, mean (0.707223, 0.578729, 0.703617), std
+    # (0.211883, 0.230117, 0.177517), Apache 2.0; 224-px tiles at 0.5 um/px. Same kwargs in
+    # mahmoodlab/TRIDENT (local pytorch_model.bin, strict).
+    name="h-optimus-0",
+    family="timm",
+    arch="vit_giant_patch14_reg4_dinov2",
+    kwargs=_kw(
+        img_size=224,
+        init_values=1e-5,
+        dynamic_img_size=False,
+        num_classes=0,
+        global_pool="token",
+    ),
+    dim=1536,
+    input_px=224,
+    mean=(0.707223, 0.578729, 0.703617),
+    std=(0.211883, 0.230117, 0.177517),
+    embedding="cls",
+    mpp=0.5,
+    licence="Apache-2.0",
+    hub_id="bioptimus/H-optimus-0",
+    filename="pytorch_model.bin",
+    gated=False,
+    card="https://huggingface.co/bioptimus/H-optimus-0",
+)
+H_OPTIMUS_1 = replace(
+    # https://huggingface.co/bioptimus/H-optimus-1 (gated): timm "hf_hub:bioptimus/H-optimus-1"
+    # with init_values=1e-5, dynamic_img_size=False; architecture, file (pytorch_model.bin) and
+    # normalisation as H-optimus-0 per mahmoodlab/TRIDENT (HOptimus1InferenceEncoder). The
+    # card's licence text was not retrieved: read it before use.
+    H_OPTIMUS_0,
+    name="h-optimus-1",
+    licence="other (gated; terms on the model card)",
+    hub_id="bioptimus/H-optimus-1",
+    gated=True,
+    card="https://huggingface.co/bioptimus/H-optimus-1",
+)
 
 _ENTRIES: tuple[EncoderEntry, ...] = (
     EncoderEntry(
@@ -262,61 +303,8 @@ _ENTRIES: tuple[EncoderEntry, ...] = (
         gated=True,
         card="https://huggingface.co/paige-ai/Virchow2",
     ),
-    EncoderEntry(
-        # Card https://huggingface.co/bioptimus/H-optimus-0: timm "hf-hub:bioptimus/H-optimus-0"
-        # with init_values=1e-5, dynamic_img_size=False; config.json: vit_giant_patch14_reg4_dinov2,
-        # global_pool "token", 1536 features, 224 px, mean (0.707223, 0.578729, 0.703617), std
-        # (0.211883, 0.230117, 0.177517), Apache 2.0; 224-px tiles at 0.5 um/px. Same kwargs in
-        # mahmoodlab/TRIDENT (local pytorch_model.bin, strict).
-        name="h-optimus-0",
-        family="timm",
-        arch="vit_giant_patch14_reg4_dinov2",
-        kwargs=_kw(
-            img_size=224,
-            init_values=1e-5,
-            dynamic_img_size=False,
-            num_classes=0,
-            global_pool="token",
-        ),
-        dim=1536,
-        input_px=224,
-        mean=(0.707223, 0.578729, 0.703617),
-        std=(0.211883, 0.230117, 0.177517),
-        embedding="cls",
-        mpp=0.5,
-        licence="Apache-2.0",
-        hub_id="bioptimus/H-optimus-0",
-        filename="pytorch_model.bin",
-        gated=False,
-        card="https://huggingface.co/bioptimus/H-optimus-0",
-    ),
-    EncoderEntry(
-        # https://huggingface.co/bioptimus/H-optimus-1 (gated): timm "hf_hub:bioptimus/H-optimus-1"
-        # with init_values=1e-5, dynamic_img_size=False; architecture, file (pytorch_model.bin) and
-        # normalisation as H-optimus-0 per mahmoodlab/TRIDENT (HOptimus1InferenceEncoder). The
-        # card's licence text was not retrieved: read it before use.
-        name="h-optimus-1",
-        family="timm",
-        arch="vit_giant_patch14_reg4_dinov2",
-        kwargs=_kw(
-            img_size=224,
-            init_values=1e-5,
-            dynamic_img_size=False,
-            num_classes=0,
-            global_pool="token",
-        ),
-        dim=1536,
-        input_px=224,
-        mean=(0.707223, 0.578729, 0.703617),
-        std=(0.211883, 0.230117, 0.177517),
-        embedding="cls",
-        mpp=0.5,
-        licence="other (gated; terms on the model card)",
-        hub_id="bioptimus/H-optimus-1",
-        filename="pytorch_model.bin",
-        gated=True,
-        card="https://huggingface.co/bioptimus/H-optimus-1",
-    ),
+    H_OPTIMUS_0,
+    H_OPTIMUS_1,
     EncoderEntry(
         # Card https://huggingface.co/prov-gigapath/prov-gigapath (gated; licence
         # "prov-gigapath-license", research use only) and github.com/prov-gigapath/prov-gigapath

@@ -680,31 +680,11 @@ class FeatureStore:
             del slides[slide_id]
         rows, cols, dim = grid.rows, grid.cols, self.dim
         group = slides.create_group(slide_id)
-        group.create_array(
-            "features",
-            shape=(rows, cols, dim),
-            chunks=(CHUNK, CHUNK, dim),
-            dtype="float16",
-            fill_value=0.0,
-        )
-        group.create_array(
-            "done", shape=(rows, cols), chunks=(CHUNK, CHUNK), dtype="bool", fill_value=False
-        )
+        _tile_map(group, "features", (rows, cols, dim), CHUNK, "float16", 0.0)
+        _tile_map(group, "done", (rows, cols), CHUNK, "bool", False)
         _create_failed(group, (rows, cols))
-        tissue = group.create_array(
-            "tissue",
-            shape=(rows, cols),
-            chunks=(_BIG_CHUNK, _BIG_CHUNK),
-            dtype="float16",
-            fill_value=0.0,
-        )
-        origins = group.create_array(
-            "origins",
-            shape=(rows, cols, 2),
-            chunks=(_BIG_CHUNK, _BIG_CHUNK, 2),
-            dtype="int64",
-            fill_value=0,
-        )
+        tissue = _tile_map(group, "tissue", (rows, cols), _BIG_CHUNK, "float16", 0.0)
+        origins = _tile_map(group, "origins", (rows, cols, 2), _BIG_CHUNK, "int64", 0)
         tissue[...] = grid.tissue.astype(np.float16)
         origins[...] = grid.origins
         group.attrs.update({**attrs, "complete": True})
@@ -1079,16 +1059,8 @@ class PredictionMaps:
             rows, cols = self.store.slide(slide_id).shape
             n = len(self.classes)
             group = slides.create_group(slide_id)
-            group.create_array(
-                "class", shape=(rows, cols), chunks=(CHUNK, CHUNK), dtype="int16", fill_value=-1
-            )
-            group.create_array(
-                "prob",
-                shape=(rows, cols, n),
-                chunks=(CHUNK, CHUNK, n),
-                dtype="float16",
-                fill_value=0.0,
-            )
+            _tile_map(group, "class", (rows, cols), CHUNK, "int16", -1)
+            _tile_map(group, "prob", (rows, cols, n), CHUNK, "float16", 0.0)
             group.create_array(
                 "done",
                 shape=(-(-rows // CHUNK), -(-cols // CHUNK)),
@@ -1133,11 +1105,18 @@ class PredictionMaps:
             )
 
 
+def _tile_map(
+    group: zarr.Group, name: str, shape: tuple[int, ...], chunk: int, dtype: str, fill: Any
+) -> zarr.Array:
+    """A (rows, cols, ...) array over a tile grid, chunked ``chunk`` x ``chunk`` tiles (whole trailing axes)."""
+    return group.create_array(
+        name, shape=shape, chunks=(chunk, chunk, *shape[2:]), dtype=dtype, fill_value=fill
+    )
+
+
 def _create_failed(group: zarr.Group, shape: tuple[int, int]) -> zarr.Array:
     """The ``failed`` (rows, cols) bool array of a slide group, chunked like ``done``."""
-    return group.create_array(
-        "failed", shape=shape, chunks=(CHUNK, CHUNK), dtype="bool", fill_value=False
-    )
+    return _tile_map(group, "failed", shape, CHUNK, "bool", False)
 
 
 def _is_feature_store(path: Path) -> bool:
