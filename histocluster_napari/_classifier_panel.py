@@ -181,6 +181,7 @@ class ClassifierPanel(Container):
             "scale": geom.scale,
             "translate": (geom.translate[0] + oy, geom.translate[1] + ox),
         }
+        units = tuple(image.units[-2:]) if image is not None else None
         classes = (pred.classes_map[sid].astype(np.int32) + 1).clip(0).astype(np.uint16)
         conf = pred.confidence[sid]
         viewer = w._viewer
@@ -192,6 +193,7 @@ class ClassifierPanel(Container):
                 contrast_limits=(0.0, 1.0),
                 opacity=0.5,
                 visible=False,
+                units=units,
                 **place,
             )
             self.confidence_layer.colorbar.visible = True  # the legend, shown with the layer
@@ -202,7 +204,9 @@ class ClassifierPanel(Container):
             layer.name = base + CONFIDENCE_SUFFIX
             layer.contrast_limits = (0.0, 1.0)
         if self.labels_layer is None or self.labels_layer not in viewer.layers:
-            self.labels_layer = viewer.add_labels(classes, name=base + PREDICTED_SUFFIX, **place)
+            self.labels_layer = viewer.add_labels(
+                classes, name=base + PREDICTED_SUFFIX, units=units, **place
+            )
             self.labels_layer.editable = False
             self.labels_layer.opacity = 0.6
         else:

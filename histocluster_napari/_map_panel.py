@@ -100,7 +100,7 @@ class MapPanel(Container):
         layer.colormap = labels_colormap(cluster_colors(k))
         layer.editable = False
         v.add_points(
-            m.points - 0.5, name="tiles", size=max(2, m.cell_px // 6), face_color=self._colours(),
+            m.points - 0.5, name="tiles", size=max(2, m.cell_px // 2), face_color=self._colours(),
             border_width=0,
         )  # fmt: skip
         v.add_points(

@@ -956,7 +956,12 @@ class HistoClusterWidget(Container):
         data = hatch_image(failed)
         if layer is None:
             layer = self._viewer.add_labels(
-                data, name=name, scale=scale, translate=(ty + oy, tx + ox), opacity=0.9
+                data,
+                name=name,
+                scale=scale,
+                translate=(ty + oy, tx + ox),
+                opacity=0.9,
+                units=image.units[-2:] if image is not None else None,
             )
             layer.editable = False
             layer.colormap = hatch_colormap()

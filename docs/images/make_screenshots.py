@@ -8,7 +8,10 @@ are the two marker inks, selects them, and saves ``clusters.png`` (the canvas) a
 ``widget.png`` (the dock widget). Then opens a cohort -- the sample slide, a second generated
 slide (``sample_data/make_sample_slide.py --seed 1``, half size) and, when ``../shared/data`` is
 there, the real ``CMU-1-Small-Region.svs`` -- clusters it once, names the green ink, shows its
-gallery and saves ``cohort.png`` (the whole window) and ``gallery.png`` (the gallery).
+gallery and saves ``cohort.png`` (the whole window) and ``gallery.png`` (the gallery). Then
+names every other cluster ``tissue``, trains the classifier and saves ``classifier.png`` (the
+window with the predicted classes over the slide), and opens the map (a second viewer) and
+saves ``map.png``.
 Everything is written beside this file; ``--skip-single`` takes only the cohort pictures.
 """
 
@@ -126,8 +129,40 @@ def cohort() -> int:
         _spin(2)
         viewer.window._qt_window.grab().save(str(OUT / "cohort.png"))
         widget.gallery.grab().save(str(OUT / "gallery.png"))
+        print(f"wrote {OUT / 'cohort.png'} and {OUT / 'gallery.png'}")
+        status = classifier_and_map(viewer, widget, (green, blue))
         viewer.close()
-    print(f"wrote {OUT / 'cohort.png'} and {OUT / 'gallery.png'}")
+    return status
+
+
+def classifier_and_map(viewer, widget, inks: tuple[int, int]) -> int:
+    """Train the classifier (inks vs tissue) and open the map: classifier.png, map.png."""
+    import napari
+
+    view = widget.view
+    for c in range(view.k):
+        if c not in inks:
+            widget.table.set_name(c, "tissue")
+    widget.classifier.train()
+    _spin(3600, lambda: not widget.busy)
+    if widget.classifier.prediction is None:
+        print(widget.status.value, file=sys.stderr)
+        return 1
+    widget.show_slide("sample_slide")
+    _spin(2)
+    viewer.window._qt_window.grab().save(str(OUT / "classifier.png"))
+    map_viewer = napari.Viewer(title="HistoCluster map")
+    map_viewer.window._qt_window.resize(1100, 1000)
+    widget.map_panel.open_map(map_viewer)
+    _spin(3600, lambda: not widget.busy)
+    if widget.map_panel.map is None:
+        print(widget.status.value, file=sys.stderr)
+        return 1
+    map_viewer.reset_view()
+    _spin(2)
+    map_viewer.window._qt_window.grab().save(str(OUT / "map.png"))
+    map_viewer.close()
+    print(f"wrote {OUT / 'classifier.png'} and {OUT / 'map.png'}")
     return 0
 
 

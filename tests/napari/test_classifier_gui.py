@@ -4,11 +4,13 @@ confidence layers on the slide, review of uncertain tiles -> override -> retrain
 from __future__ import annotations
 
 import csv
+import time
 
 import numpy as np
 import pytest
 
 from engine.store import FeatureStore
+from histocluster_napari._classifier_panel import RETRAIN_DELAY_MS
 from tests.napari.test_curation_gui import cancel_at, clustered
 from tests.napari.test_widget import TIMEOUT_MS, wait_idle
 
@@ -16,7 +18,7 @@ pytestmark = pytest.mark.gui
 
 
 def test_train_review_retrain_and_export(
-    make_napari_viewer, qtbot, sample_slide, isolated_cache, tmp_path
+    make_napari_viewer, qtbot, sample_slide, isolated_cache, tmp_path, artifacts
 ):
     viewer, _, widget = clustered(make_napari_viewer, qtbot, sample_slide, target_mpp=4.0)
     view, panel = widget.view, widget.classifier
@@ -53,11 +55,17 @@ def test_train_review_retrain_and_export(
     margins = prob[..., -1] - prob[..., -2]
     assert margins[first[1], first[2]] == pytest.approx(margins[tissue].min(), abs=1e-6)
     widget.gallery.click(0)
+    start = time.perf_counter()
     widget.gallery.press_number(2)  # class 2 = "b"
     assert widget.curation.overrides()[first] == "b"
     assert "b" in widget.gallery.item(0).text()
     qtbot.waitUntil(lambda: panel.retrains == 1 and not widget.busy, timeout=TIMEOUT_MS)
     qtbot.waitUntil(lambda: panel.prediction is not pred, timeout=TIMEOUT_MS)
+    took = time.perf_counter() - start  # a figure for people, not an assertion
+    (artifacts / "retrain_time.txt").write_text(
+        f"review answer -> retrain + re-predict + repaint: {took:.2f} s for "
+        f"{sum(panel.prediction.counts.values())} labelled tiles (incl. the {RETRAIN_DELAY_MS} ms debounce)\n"
+    )
     assert panel.prediction.counts["b"] == pred.counts["b"] + (first not in _b_tiles(view)), (
         panel.prediction.counts,
         pred.counts,
