@@ -30,7 +30,7 @@ import random
 import sys
 import textwrap
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -99,22 +99,22 @@ _RESUME_KEYS = (
 )  # fmt: skip
 
 
-def _float_or_auto(text: str) -> float | None:
-    if text == "auto":
-        return None
-    try:
-        return float(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from e
+def _or_auto(convert: Callable[[str], Any], what: str) -> Callable[[str], Any]:
+    """An argparse ``type``: ``"auto"`` -> None, anything else through ``convert``."""
+
+    def parse(text: str) -> Any:
+        if text == "auto":
+            return None
+        try:
+            return convert(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"expected {what} or 'auto', got {text!r}") from e
+
+    return parse
 
 
-def _int_or_auto(text: str) -> int | None:
-    if text == "auto":
-        return None
-    try:
-        return int(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from e
+_float_or_auto = _or_auto(float, "a number")
+_int_or_auto = _or_auto(int, "an integer")
 
 
 @dataclass(frozen=True)
