@@ -530,7 +530,7 @@ def _prepare_slide(store: FeatureStore, path: Path, tiling: Tiling, slide_mpp: A
         return cli.describe_os_error(e)
     except Exception as e:  # a codec error deep in a reader
         return f"{path}: failed to read ({type(e).__name__}: {one_line(e)}) — the file may be corrupt; re-copy it"
-    store.add_slide(slide_id(path), grid)
+    store.add_slide(slide_id(path), grid).discard_damaged_blocks()  # re-encoded below
     return None
 
 

@@ -336,6 +336,25 @@ class SlideFeatures:
         sl = (slice(block.r0, block.r1), slice(block.c0, block.c1))
         return self._read("features", self._features, sl), self._read("done", self._done, sl)
 
+    def discard_damaged_blocks(self) -> list[Block]:
+        """Find chunks whose features or done flags cannot be decoded and reset them to not done
+        (zeros, done False), so an extraction encodes them again; returns the chunks reset.
+
+        Reads every chunk that holds encoded tiles: a resume costs one pass over the slide's
+        features, the price of never trusting done flags that vouch for unreadable features.
+        """
+        reset = []
+        for block in self.blocks():
+            try:
+                self.read_block(block)
+                continue
+            except StoreError:
+                pass
+            h, w = block.shape
+            self.write_block(block, np.zeros((h, w, self.dim), np.float16), np.zeros((h, w), bool))
+            reset.append(block)
+        return reset
+
     def write_block(self, block: Block, features: np.ndarray, done: np.ndarray) -> None:
         """Replace one whole chunk: ``features`` (h, w, dim) (cast to float16), then ``done`` (h, w) bool.
 

@@ -24,7 +24,7 @@ from PIL import Image
 
 from engine import cli
 from engine.encode import TileEncoder
-from engine.errors import HistoclusterError
+from engine.errors import HistoclusterError, StoreError
 from engine.extract import ExtractConfig, build_parser, chunk_batches, main, parse_slide_mpp, run
 from engine.models import IMAGENET_MEAN, IMAGENET_STD, build_backbone, load_encoder, save_encoder
 from engine.progress import Cancelled
@@ -671,3 +671,21 @@ def test_jpeg_reader_resumes_bit_identically(
     assert 0 < first < FeatureStore.open(whole).slide("CMU-1-Small-Region").done.sum()
     run(cfg(part))
     _assert_same_store(whole, part)
+
+
+def test_damaged_features_chunk_is_noticed_and_re_encoded(
+    reference: Path, cmu_svs: Path, tiny_encoder: Path, tmp_path: Path
+) -> None:
+    """A truncated features chunk: its done flags are not trusted; the rerun re-encodes it (exit 0)."""
+    out = tmp_path / "features.zarr"
+    shutil.copytree(reference, out)
+    chunk = out / "slides" / "CMU-1-Small-Region" / "features" / "c" / "0" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:40])
+    with pytest.raises(StoreError):
+        FeatureStore.open(out).slide("CMU-1-Small-Region").read_block(
+            FeatureStore.open(out).slide("CMU-1-Small-Region").blocks()[0]
+        )
+    assert main(_args([cmu_svs], out, tiny_encoder)) == 0
+    summary = json.loads(out.with_name("features.zarr.summary.json").read_text())
+    assert 0 < summary["tiles"] < 565
+    _assert_same_store(reference, out)
