@@ -62,7 +62,6 @@ class EncoderChoice(ComboBox):
         self._extra: list[str] = []
         super().__init__(choices=self._choices, **kwargs)
         self.value = value
-        self._last = self.value
         self.changed.connect(self._on_changed)
 
     def _choices(self, _widget: Any = None) -> list[tuple[str, str]]:
@@ -74,7 +73,9 @@ class EncoderChoice(ComboBox):
 
     @property
     def value(self) -> str:  # type: ignore[override]
-        return str(super().value)
+        """The spec chosen (while the file dialog is open: the one before "file…")."""
+        value = str(ComboBox.value.fget(self))  # type: ignore[attr-defined]
+        return self._last if value == FILE and hasattr(self, "_last") else value
 
     @value.setter
     def value(self, spec: str | Path) -> None:
@@ -83,6 +84,8 @@ class EncoderChoice(ComboBox):
             self._extra.append(spec)
             self.reset_choices()
         ComboBox.value.fset(self, spec)  # type: ignore[attr-defined]
+        if spec != FILE:
+            self._last = spec
         self._update_tooltip()
 
     def choices_with_labels(self) -> list[tuple[str, str]]:

@@ -41,11 +41,12 @@ def test_encoder_combo_lists_the_registry_and_takes_a_file(
         _encoder_choice.QFileDialog, "getOpenFileName", lambda *a, **k: next(answers)
     )
     combo.value = FILE
+    assert widget.encoder_spec() == "resnet18-random"  # while the dialog is open
     qtbot.waitUntil(lambda: combo.value == str(ckpt))
     assert widget.encoder_spec() == str(ckpt)
     assert labels.keys() <= {d for _, d in combo.choices_with_labels()}
     combo.value = FILE
-    qtbot.waitUntil(lambda: combo.value != FILE)
+    qtbot.waitUntil(lambda: combo.current_choice != FILE)
     assert combo.value == str(ckpt)
     # A spec from code (a store's encoder, name:path) gets its own item.
     combo.value = f"lunit-dino-vits16:{ckpt}"
