@@ -4,6 +4,8 @@ per-tile overrides, drawn on the slide and honoured by export."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -45,6 +47,12 @@ def test_map_click_jumps_to_the_tile_and_lasso_overrides(
     assert widget.map_panel.text_overlay.text == f"{sid}, tile ({row}, {col})"
     assert widget.map_panel.highlight(sid, row, col) == i
     np.testing.assert_allclose(map_viewer.layers["cursor tile"].data, [point])
+    # ... through the slide viewer's own mouse-move hook, over another tile of the slide.
+    j = next(j for j in range(n) if m.tile_map.tile(j)[0] == sid and j != i)
+    _, r2, c2 = m.tile_map.tile(j)
+    [hook] = [cb for cb in viewer.mouse_move_callbacks if type(cb).__name__ == "_SlideHover"]
+    hook(viewer, SimpleNamespace(position=tuple(widget._tile_rect(r2, c2).mean(axis=0))))
+    np.testing.assert_allclose(map_viewer.layers["cursor tile"].data, [pts_of(map_viewer, j)])
 
     # Lasso a box around a few points: those tiles become 'ink' overrides.
     widget.table.set_name(0, "ink")
@@ -76,3 +84,7 @@ def test_map_click_jumps_to_the_tile_and_lasso_overrides(
         (r["slide_id"], int(r["row"]), int(r["col"])) for r in manifest(out) if r["class"] == "ink"
     }
     assert want <= ink
+
+
+def pts_of(map_viewer, j: int) -> np.ndarray:
+    return map_viewer.layers["tiles"].data[j]
