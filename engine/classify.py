@@ -28,7 +28,7 @@ from engine.curation import Curation
 from engine.errors import HistoclusterError
 from engine.files import atomic_write_bytes, sha256_file
 from engine.progress import Progress, no_progress
-from engine.store import FeatureStore
+from engine.store import CHUNK, Block, FeatureStore
 from engine.tile_classifier import TileClassifier, fit_classifier
 
 __all__ = [
@@ -445,37 +445,68 @@ def apply(cfg: ApplyConfig, *, progress: Progress = no_progress) -> ApplyResult:
     )
     slides = {sid: store.slide(sid) for sid in store.slide_ids()}
     selected = {sid: sf.selected for sid, sf in slides.items()}
-    todo = []
-    for sid, sf in slides.items():
-        done = maps.chunks_done(sid)
-        todo += [(sid, b) for b in sf.blocks() if not done[b.index]]
-    report = (
-        progress  # one report a chunk: a chunk takes milliseconds, and Cancel lands on the next
-    )
+    regions = [
+        (sid, region)
+        for sid, sf in slides.items()
+        for region in _pending_regions(sf, maps.chunks_done(sid))
+    ]
+    total = sum(n for _, (_, n) in regions)
     per_class = np.zeros(len(model.classes), np.int64)
-    tiles = 0
-    report("predict", 0, len(todo))
-    for i, (sid, block) in enumerate(todo):
+    tiles = chunks = 0
+    progress("predict", 0, total)
+    for sid, (
+        region,
+        n,
+    ) in regions:  # a region: up to _REGION_CHUNKS pending chunks of one chunk row
         sf = slides[sid]
-        feats, done = sf.read_block(block)
-        sel = selected[sid][block.r0 : block.r1, block.c0 : block.c1] & done
-        classes = np.full(block.shape, -1, np.int16)
-        prob = np.zeros((*block.shape, len(model.classes)), np.float32)
+        feats, done = sf.read_block(region)
+        sel = selected[sid][region.r0 : region.r1, region.c0 : region.c1] & done
+        classes = np.full(region.shape, -1, np.int16)
+        prob = np.zeros((*region.shape, len(model.classes)), np.float32)
         if sel.any():
             p = model.predict_proba(feats[sel].astype(np.float32))
             if not np.isfinite(p).all():
                 raise HistoclusterError(
-                    f"{sf.where}: non-finite features in chunk {block.index} — re-extract the slide"
+                    f"{sf.where}: non-finite features in rows {region.r0}-{region.r1} — re-extract the slide"
                 )
             prob[sel] = p
             classes[sel] = p.argmax(1)
             per_class += np.bincount(p.argmax(1), minlength=len(model.classes))
             tiles += int(sel.sum())
-        maps.write_block(sid, block, classes, prob)
-        report("predict", i + 1, len(todo))
+        maps.write_block(sid, region, classes, prob)
+        chunks += n
+        progress("predict", chunks, total)  # Cancel lands after a whole region is written
     return ApplyResult(
         cfg.name, tiles, len(slides), dict(zip(model.classes, per_class.tolist(), strict=True))
     )
+
+
+_REGION_CHUNKS = 8
+
+
+def _pending_regions(sf: Any, chunks_done: np.ndarray) -> list[tuple[Block, int]]:
+    """Runs of pending chunks along each chunk row (at most ``_REGION_CHUNKS``), as (region, chunks):
+    one read and one write per run instead of per chunk."""
+    out = []
+    rows, cols = sf.shape
+    for cr in range(chunks_done.shape[0]):
+        cc = 0
+        while cc < chunks_done.shape[1]:
+            if chunks_done[cr, cc]:
+                cc += 1
+                continue
+            start = cc
+            while (
+                cc < chunks_done.shape[1]
+                and not chunks_done[cr, cc]
+                and cc - start < _REGION_CHUNKS
+            ):
+                cc += 1
+            region = Block(
+                cr * CHUNK, min((cr + 1) * CHUNK, rows), start * CHUNK, min(cc * CHUNK, cols)
+            )
+            out.append((region, cc - start))
+    return out
 
 
 def _apply_report(cfg: ApplyConfig, r: ApplyResult) -> str:

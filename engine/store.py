@@ -1105,7 +1105,10 @@ class PredictionMaps:
         sl = (slice(block.r0, block.r1), slice(block.c0, block.c1))
         cls_map[sl] = classes.astype(np.int16, copy=False)
         prob_map[sl] = prob.astype(np.float16, copy=False)
-        done[block.index] = True
+        done[  # every chunk the (chunk-aligned) block covers
+            block.r0 // CHUNK : (block.r1 - 1) // CHUNK + 1,
+            block.c0 // CHUNK : (block.c1 - 1) // CHUNK + 1,
+        ] = True
 
     def read(self, slide_id: str) -> tuple[np.ndarray, np.ndarray]:
         """(class (rows, cols) int16, prob (rows, cols, n_classes) float32) of one slide."""

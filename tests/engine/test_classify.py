@@ -202,7 +202,7 @@ def test_apply_resumes_after_a_cancel_and_covers_slides_added_later(
     with pytest.raises(Cancelled):
         apply(cfg, progress=cancel_after_two)
     maps = FeatureStore.open(store_path).prediction("resume")
-    assert maps.chunks_done("a").sum() == 2 and maps.chunks_done("b").sum() == 0
+    assert 2 <= maps.chunks_done("a").sum() < 9 and maps.chunks_done("b").sum() == 0
     again = apply(cfg)
     assert 0 < again.tiles < full.tiles
     for sid in ("a", "b"):
