@@ -27,9 +27,11 @@ from engine.curation_match import (
 )
 from engine.errors import HistoclusterError, StoreError
 from engine.store import FeatureStore
+from tests.conftest import SHARED_DATA
 from tests.engine.clustering_fixtures import copy_store, real_store
 
 REPO = Path(__file__).resolve().parents[2]
+CMU = SHARED_DATA / "slides" / "CMU-1-Small-Region.svs"  # honours $HISTOCLUSTER_SHARED_DATA
 SAMPLE = REPO / "sample_data" / "sample_slide.tiff"
 SAMPLE_MASK = REPO / "sample_data" / "sample_slide_mask.png"
 SAMPLE_ENCODER = REPO / "sample_data" / "sample_encoder.pt"
