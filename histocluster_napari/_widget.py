@@ -48,6 +48,7 @@ from qtpy.QtWidgets import QFileDialog, QSizePolicy
 from superqt.utils import create_worker
 
 from engine.curation import Change
+from engine.encoders import REGISTRY
 from engine.errors import HistoclusterError
 from engine.models import default_encoder_spec
 from engine.progress import Cancelled
@@ -99,6 +100,12 @@ class _GalleryBridge(QObject):
     """Carries gallery thumbnails from their worker to the GUI thread."""
 
     event = Signal(object)  # ("tile", generation, GalleryTile, rgb) | ("end", generation, error)
+
+
+def _is_registry_spec(spec: str) -> bool:
+    """``name:path`` of a registry encoder (a local copy of its weights)."""
+    name, sep, _ = spec.partition(":")
+    return bool(sep) and name in REGISTRY
 
 
 class HistoClusterWidget(Container):
@@ -488,7 +495,8 @@ class HistoClusterWidget(Container):
         self.tile_px.value, self.target_mpp.value = tiling.tile_px, tiling.target_mpp
         self.tissue_method.value, self.min_tissue.value = tiling.tissue_method, tiling.min_tissue
         spec = store.encoder.name
-        if not Path(spec).exists() and store.encoder.sha256:
+        file = Path(spec.partition(":")[2] if _is_registry_spec(spec) else spec)
+        if not file.exists() and store.encoder.sha256:
             show_warning(
                 f"{store_path}: its encoder file {spec} is not there — Cluster works from the "
                 "stored features; extracting new slides needs that encoder"
