@@ -24,6 +24,7 @@ from PIL import Image
 from engine import cluster as engine_cluster
 from engine import export as engine_export
 from engine import extract as engine_extract
+from engine.cluster_features import ClusterFeatures
 from engine.curation import Curation
 from engine.curation_match import carry_over
 from engine.encoder_id import EncoderId
@@ -46,6 +47,7 @@ STAGES = {
     "checking": "checking the feature store",
     "tissue": "finding tissue",
     "encode": "encoding tiles",
+    "features": "reading features",
     "kmeans": "K-means",
     "assign": "assigning tiles",
     "exemplars": "reading exemplars",
@@ -55,6 +57,10 @@ STAGES = {
     "gallery": "gallery",
 }
 """What the progress bar says for each engine stage."""
+
+FEATURES = ClusterFeatures()
+"""The session's normalised features, kept across k changes (re-read when the store changes;
+one clustering at a time: the widget runs one worker)."""
 
 
 # ---------------------------------------------------------------------- encoder identity
@@ -357,7 +363,7 @@ def cluster_store(
         overlays=False,
         quiet=True,
     )
-    result = engine_cluster.run_clustering(store, cfg, progress=progress)
+    result = engine_cluster.run_clustering(store, cfg, progress=progress, features=FEATURES)
     store = FeatureStore.open(store_path, mode="r+")
     carried: list[str] = []
     if previous is not None:
