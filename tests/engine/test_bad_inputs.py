@@ -70,7 +70,9 @@ def test_nan_encoder_never_fills_a_store(
         backbone.layer4[1].conv2.weight.fill_(float("nan"))
     checkpoint = tmp_path / "nan.pt"
     save_encoder(checkpoint, backbone, "resnet18", IMAGENET_MEAN, IMAGENET_STD, 32, {})
-    assert _extract(tmp_path, "--slide-mpp", "0.5", "--min-tissue", "0", encoder=str(checkpoint)) == 2
+    assert (
+        _extract(tmp_path, "--slide-mpp", "0.5", "--min-tissue", "0", encoder=str(checkpoint)) == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "non-finite features" in err and str(checkpoint) in err
     store = FeatureStore.open(tmp_path / "f.zarr")

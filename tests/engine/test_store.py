@@ -99,9 +99,7 @@ def test_refuses_other_encoder_or_tiling_unless_overwrite(
     store = FeatureStore.create_or_open(path, ENCODER, cmu_grid.tiling)
     store.add_slide("cmu", cmu_grid)
     # the same encoder and tiling reopen, keeping the slide
-    assert FeatureStore.create_or_open(path, ENCODER, cmu_grid.tiling).slide_ids() == [
-        "cmu"
-    ]
+    assert FeatureStore.create_or_open(path, ENCODER, cmu_grid.tiling).slide_ids() == ["cmu"]
 
     with pytest.raises(HistoclusterError, match="resnet18-random.*resnet34-random.*--overwrite"):
         FeatureStore.create_or_open(
@@ -110,7 +108,9 @@ def test_refuses_other_encoder_or_tiling_unless_overwrite(
     with pytest.raises(HistoclusterError, match="--overwrite"):
         FeatureStore.create_or_open(path, replace(ENCODER, sha256="ab" * 32), cmu_grid.tiling)
     with pytest.raises(HistoclusterError, match="tile_px=32 vs 64"):
-        FeatureStore.create_or_open(path, ENCODER, replace(cmu_grid.tiling, tile_px=64, stride_px=64))
+        FeatureStore.create_or_open(
+            path, ENCODER, replace(cmu_grid.tiling, tile_px=64, stride_px=64)
+        )
     with pytest.raises(HistoclusterError, match="min_tissue"):
         FeatureStore.create_or_open(path, ENCODER, replace(cmu_grid.tiling, min_tissue=0.25))
 
