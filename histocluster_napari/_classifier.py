@@ -122,11 +122,4 @@ def export_predicted(
         geojson=True,
         quiet=True,
     )
-    result = engine_export.run(cfg, progress=progress)
-    return ExportReport(
-        Path(out_dir),
-        dict(result.per_class),
-        {s: dict(c) for s, c in result.per_slide.items()},
-        list(result.warnings) + list(result.failures),
-        list(result.geojson),
-    )
+    return ExportReport.of(out_dir, engine_export.run(cfg, progress=progress))

@@ -499,6 +499,17 @@ class ExportReport:
     def total(self) -> int:
         return sum(self.per_class.values())
 
+    @classmethod
+    def of(cls, out_dir: Path | str, result: engine_export.ExportResult) -> ExportReport:
+        """What ``engine.export.run`` reports, as the widget shows it."""
+        return cls(
+            Path(out_dir),
+            dict(result.per_class),
+            {s: dict(c) for s, c in result.per_slide.items()},
+            list(result.warnings) + list(result.failures),
+            list(result.geojson),
+        )
+
 
 def check_names(names: Sequence[str]) -> str | None:
     """Why these class names cannot be exported (None when they can): ``engine.export``'s rules."""
@@ -522,14 +533,7 @@ def export_curation(
     cfg = engine_export.ExportConfig(
         store=view.store_path, out=Path(out_dir), run=view.run, geojson=True, quiet=True
     )
-    result = engine_export.run(cfg, progress=progress)
-    return ExportReport(
-        Path(out_dir),
-        dict(result.per_class),
-        {s: dict(c) for s, c in result.per_slide.items()},
-        list(result.warnings) + list(result.failures),
-        list(result.geojson),
-    )
+    return ExportReport.of(out_dir, engine_export.run(cfg, progress=progress))
 
 
 __all__ = [

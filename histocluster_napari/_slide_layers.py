@@ -162,39 +162,31 @@ class LevelArray:
         return out
 
 
+def _lazy_level(arr: LevelArray, tw: int, th: int, meta: np.ndarray, key: str) -> da.Array:
+    """``arr`` as a dask array chunked in whole slide tiles, named by its slide and ``key``."""
+    return da.from_array(
+        arr,
+        chunks=(_chunk(th), _chunk(tw), 3),
+        meta=meta,
+        asarray=False,
+        fancy=False,
+        lock=False,
+        name=f"histocluster-{arr.slide.path.name}-{id(arr.slide)}-{key}",
+    )
+
+
 def slide_pyramid(slide: Slide) -> list[da.Array]:
     """Finest-first dask arrays (h, w, 3) uint8 of every level, chunked on the slide's tiles."""
     levels: list[da.Array] = []
     meta = np.empty((0, 0, 0), np.uint8)
     for level in range(slide.level_count):
         tw, th = slide_tile_size(slide, level)
-        arr = LevelArray(slide, level)
-        levels.append(
-            da.from_array(
-                arr,
-                chunks=(_chunk(th), _chunk(tw), 3),
-                meta=meta,
-                asarray=False,
-                fancy=False,
-                lock=False,
-                name=f"histocluster-{slide.path.name}-{id(slide)}-{level}",
-            )
-        )
+        levels.append(_lazy_level(LevelArray(slide, level), tw, th, meta, f"{level}"))
     coarsest = slide.level_count - 1
     tw, th = slide_tile_size(slide, coarsest)
     extra = 2
     while max(levels[-1].shape[:2]) > MAX_COARSEST_PX:
         arr = LevelArray(slide, coarsest, extra)
-        levels.append(
-            da.from_array(
-                arr,
-                chunks=(_chunk(th), _chunk(tw), 3),
-                meta=meta,
-                asarray=False,
-                fancy=False,
-                lock=False,
-                name=f"histocluster-{slide.path.name}-{id(slide)}-{coarsest}x{extra}",
-            )
-        )
+        levels.append(_lazy_level(arr, tw, th, meta, f"{coarsest}x{extra}"))
         extra *= 2
     return levels
