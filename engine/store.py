@@ -525,14 +525,21 @@ class FeatureStore:
 
     @classmethod
     def coverage(
-        cls, path: str | Path, slide_path: str | Path, encoder: EncoderId, tiling: Tiling
+        cls,
+        path: str | Path,
+        slide_path: str | Path,
+        encoder: EncoderId,
+        tiling: Tiling,
+        *,
+        slide_mpp: float | None = None,
     ) -> Coverage:
         """What the store at ``path`` holds of ``slide_path`` encoded by ``encoder`` with ``tiling``.
 
         The one rule for reusing a store, used by ``engine.extract`` and the GUI: the store
         must hold features of the same encoder (weights, architecture, normalisation, embedding)
         and tiling (tile size, stride, um/px, tissue method, minimum tissue fraction); the slide
-        is present when a complete group of that slide id was made from the same file content.
+        is present when a complete group of that slide id was made from the same file content
+        and, when the user gives the slide's um/px (``slide_mpp``), at that um/px.
         """
         path, slide_path = Path(path), Path(slide_path)
         if not (path / "zarr.json").is_file():
@@ -550,6 +557,17 @@ class FeatureStore:
                 True,
                 f"{slide_path}: the store {path} holds slide {sid!r} from another file "
                 f"({sf.attrs.get('source_path')}) — rename the slide or choose another store",
+                True,
+                0,
+                0,
+            )
+        stored_mpp = sf.attrs.get("mpp")
+        if slide_mpp is not None and not _same(stored_mpp, [float(slide_mpp)] * 2):
+            return Coverage(
+                True,
+                f"{slide_path}: the store {path} holds slide {sid!r} read as {stored_mpp[0]:g} "
+                f"um/px at level 0, not the {slide_mpp:g} given — clear the slide um/px or "
+                "choose another store",
                 True,
                 0,
                 0,

@@ -79,6 +79,10 @@ def test_coverage_is_the_one_reuse_rule(tmp_path: Path, cmu_svs: Path) -> None:
     rows, cols = np.nonzero(sf.selected)
     sf.write_tiles(rows, cols, np.zeros((len(rows), 4), np.float32))
     assert FeatureStore.coverage(path, cmu_svs, enc, tiling).complete
+    slide_mpp = sf.attrs["mpp"][0]
+    assert FeatureStore.coverage(path, cmu_svs, enc, tiling, slide_mpp=slide_mpp).complete
+    cov = FeatureStore.coverage(path, cmu_svs, enc, tiling, slide_mpp=2 * slide_mpp)
+    assert not cov.usable and "um/px" in cov.problem and str(cmu_svs) in cov.problem
     for other in (replace(tiling, tissue_method="hsv"), replace(tiling, min_tissue=0.25)):
         cov = FeatureStore.coverage(path, cmu_svs, enc, other)
         assert not cov.usable and "tiled with other settings" in cov.problem
