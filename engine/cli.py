@@ -10,7 +10,7 @@ Every ``python -m engine.<command>`` has the same shape::
     def run(cfg: ClusterConfig, *, progress: Progress = no_progress) -> ClusterResult: ...
 
     def main(argv=None) -> int:
-        return cli.main(ClusterConfig, run, argv, prog="python -m engine.cluster", description=...)
+        return cli.main(ClusterConfig, run, argv, description=..., report=report)
 
 Each field's default, help text and choices are written once, in :func:`option`; the parser is
 generated from the dataclass. The runner parses, writes the config JSON where the config says
@@ -334,13 +334,22 @@ def _failure_lines(result: Any) -> list[str]:
 # ------------------------------------------------------------------------------ runner
 
 
+def _module_prog(config_cls: type) -> str:
+    """``python -m <the module defining config_cls>``, also when that module runs as ``__main__``."""
+    module = config_cls.__module__
+    if module == "__main__":
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name if spec is not None else Path(sys.argv[0]).stem
+    return f"python -m {module}"
+
+
 def main(
     config_cls: type[C],
     run: Callable[..., R],
     argv: Sequence[str] | None = None,
     *,
-    prog: str,
-    description: str,
+    prog: str | None = None,
+    description: str = "",
     epilog: str | None = None,
     report: Callable[[C, R], str | None] | None = None,
     report_stream: Literal["stdout", "stderr"] = "stderr",
@@ -348,11 +357,13 @@ def main(
 ) -> int:
     """Parse ``argv`` into ``config_cls``, call ``run(cfg, progress=...)``, print, return the exit status.
 
+    ``prog`` defaults to ``python -m <the module defining config_cls>``.
     ``report(cfg, result)`` gives the summary line printed on success (not with ``--quiet``).
     ``result.failures`` (when the result has it) lists inputs that failed: each is printed as
     ``error: ...`` and the status is then 1. ``result.warnings`` are printed as ``warning: ...``,
     also with ``--quiet``.
     """
+    prog = prog or _module_prog(config_cls)
     cfg = parse_config(config_cls, argv, prog=prog, description=description, epilog=epilog)
     quiet = bool(getattr(cfg, "quiet", False))
     main_rank = _is_main_rank()

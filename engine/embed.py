@@ -536,16 +536,8 @@ example:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: the summary on stdout; exit status as ``engine.cli`` says."""
-    return cli.main(
-        EmbedConfig,
-        run,
-        argv,
-        prog="python -m engine.embed",
-        description=_DESCRIPTION,
-        epilog=_EPILOG,
-        report=report,
-        report_stream="stdout",
-    )
+    return cli.main(EmbedConfig, run, argv, description=_DESCRIPTION, epilog=_EPILOG,
+                    report=report, report_stream="stdout")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -676,6 +676,12 @@ def report(cfg: ExportConfig, result: ExportResult) -> str:
     return "\n".join(lines)
 
 
+_DESCRIPTION = (
+    "Export the tiles of chosen clusters, or of a classifier's confident predicted classes, as an "
+    "ImageFolder patch set (DIR/<class>/<slide_id>_<l0_x>_<l0_y>.png) with manifest.csv, "
+    "export.json and optional GeoJSON for QuPath."
+)
+
 _EPILOG = f"""\
 manifest.csv columns: {", ".join(MANIFEST_COLUMNS)}
   (path is relative to DIR; l0_* in level-0 pixels of the slide; distance to the cluster centroid
@@ -703,19 +709,8 @@ example:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; the exit status of :func:`engine.cli.main`."""
-    return cli.main(
-        ExportConfig,
-        run,
-        argv,
-        prog="python -m engine.export",
-        description="Export the tiles of chosen clusters, or of a classifier's confident predicted "
-        "classes, as an ImageFolder patch set "
-        "(DIR/<class>/<slide_id>_<l0_x>_<l0_y>.png) with manifest.csv, export.json and optional "
-        "GeoJSON for QuPath.",
-        epilog=_EPILOG,
-        report=report,
-        report_stream="stdout",
-    )
+    return cli.main(ExportConfig, run, argv, description=_DESCRIPTION, epilog=_EPILOG,
+                    report=report, report_stream="stdout")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ __all__ = [
 
 RELEASE_URL = CIGA_URL
 FILENAME = CIGA.filename or "pytorchnative_tenpercent_resnet18.ckpt"
-PROG = "python -m engine.fetch_weights"
 
 
 def default_cache_dir() -> Path:
@@ -218,24 +217,20 @@ def _report(cfg: FetchConfig, result: FetchResult) -> str:
     return f"{result.path}: {status}\n  sha256 {result.sha256}\n  {result.note}"
 
 
+_DESCRIPTION = (
+    "Download a registry encoder's weights (default: the released SimCLR ResNet-18 of Ciga, Xu "
+    f"and Martel, {FILENAME}) into a cache directory; then use --encoder NAME."
+)
+_EPILOG = (
+    "Offline or for a gated model without a token: download the file elsewhere and pass "
+    "--encoder NAME:/path/to/file."
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; the exit status of :func:`engine.cli.main` (2 with a one-line error)."""
-    return cli.main(
-        FetchConfig,
-        run,
-        argv,
-        prog=PROG,
-        description=(
-            "Download a registry encoder's weights (default: the released SimCLR ResNet-18 of "
-            f"Ciga, Xu and Martel, {FILENAME}) into a cache directory; then use --encoder NAME."
-        ),
-        epilog=(
-            "Offline or for a gated model without a token: download the file elsewhere and pass "
-            "--encoder NAME:/path/to/file."
-        ),
-        report=_report,
-        report_stream="stdout",
-    )
+    return cli.main(FetchConfig, run, argv, description=_DESCRIPTION, epilog=_EPILOG,
+                    report=_report, report_stream="stdout")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -905,11 +905,9 @@ EPILOG = (
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m engine.pretrain``; exit status 0 / 2 / 130 (see :mod:`engine.cli`)."""
-    return cli.main(
-        PretrainConfig, run, argv, prog="python -m engine.pretrain",
-        description=textwrap.fill(DESCRIPTION, 79), epilog=textwrap.fill(EPILOG, 79), report=_report, report_stream="stdout",
-        interrupted_hint="rerun with --resume to continue from the last checkpoint",
-    )  # fmt: skip
+    return cli.main(PretrainConfig, run, argv, description=textwrap.fill(DESCRIPTION, 79),
+                    epilog=textwrap.fill(EPILOG, 79), report=_report, report_stream="stdout",
+                    interrupted_hint="rerun with --resume to continue from the last checkpoint")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -195,20 +195,18 @@ def report(cfg: QueryConfig, result: QueryResult) -> str:
     return "\n".join(lines)
 
 
+_DESCRIPTION = (
+    "The tissue tiles most similar (cosine, exact) to one tile, across the slides of a feature "
+    "store."
+)
+_EPILOG = "exit status: 0 done, 2 bad input (one line on stderr), 130 interrupted."
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: a table of hits on stdout; exit status as ``engine.cli`` says."""
-    return cli.main(
-        QueryConfig,
-        run,
-        argv,
-        prog="python -m engine.query",
-        description="The tissue tiles most similar (cosine, exact) to one tile, across the "
-        "slides of a feature store.",
-        epilog="exit status: 0 done, 2 bad input (one line on stderr), 130 interrupted.",
-        report=report,
-        report_stream="stdout",
-        interrupted_hint="nothing was written; run the same command again",
-    )
+    return cli.main(QueryConfig, run, argv, description=_DESCRIPTION, epilog=_EPILOG,
+                    report=report, report_stream="stdout",
+                    interrupted_hint="nothing was written; run the same command again")  # fmt: skip
 
 
 if __name__ == "__main__":
