@@ -110,19 +110,28 @@ CIGA_URL = (
     "nativetenpercent/pytorchnative_tenpercent_resnet18.ckpt"
 )
 
-CIGA = EncoderEntry(
+
+def _resnet(
+    name: str, family: Family, arch: str, dim: int, licence: str, **fields: Any
+) -> EncoderEntry:
+    """A ResNet: 224-px input, ImageNet normalisation, the global average pool as the embedding;
+    ``fields`` are its differences (any other :class:`EncoderEntry` field)."""
+    shared = {"input_px": 224, "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "embedding": "pooled"}
+    return EncoderEntry(
+        name=name, family=family, arch=arch, dim=dim, licence=licence, **{**shared, **fields}
+    )
+
+
+CIGA = _resnet(
     # Ciga, Xu and Martel 2022 (the paper this project reproduces); README of
     # github.com/ozanciga/self-supervised-histopathology: ResNet-18, 224 px, mean/std 0.5.
-    name="ciga-resnet18",
-    family="ciga",
-    arch="resnet18",
-    dim=512,
-    input_px=224,
+    "ciga-resnet18",
+    "ciga",
+    "resnet18",
+    512,
+    "MIT (code); weights released with the paper",
     mean=HALF,
     std=HALF,
-    embedding="pooled",
-    licence="MIT (code); weights released with the paper",
-    mpp=None,
     url=CIGA_URL,
     filename="pytorchnative_tenpercent_resnet18.ckpt",
     card="https://github.com/ozanciga/self-supervised-histopathology",
@@ -131,34 +140,52 @@ CIGA = EncoderEntry(
 _SWIGLU = "timm.layers.SwiGLUPacked"
 _SILU = "torch.nn.SiLU"
 
-H_OPTIMUS_0 = EncoderEntry(
+
+def _foundation(
+    name: str,
+    arch: str,
+    kwargs: Mapping[str, Any],
+    dim: int,
+    licence: str,
+    *,
+    hub_id: str | None = None,
+    filename: str = "pytorch_model.bin",
+    gated: bool = True,
+    **fields: Any,
+) -> EncoderEntry:
+    """A pathology foundation model. What most of their cards share is the default: a timm ViT
+    on 224-px tiles at 0.5 um/px, ImageNet normalisation, the class token; weights in
+    ``pytorch_model.bin`` of a gated hub repository whose page is the card. ``fields`` are the
+    card's differences (any other :class:`EncoderEntry` field)."""
+    shared: dict[str, Any] = {
+        "family": "timm", "input_px": 224, "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+        "embedding": "cls", "mpp": 0.5,
+    }  # fmt: skip
+    if hub_id is not None:
+        shared.update(hub_id=hub_id, gated=gated, card=f"https://huggingface.co/{hub_id}")
+    return EncoderEntry(
+        name=name, arch=arch, kwargs=kwargs, dim=dim, licence=licence, filename=filename,
+        **{**shared, **fields},
+    )  # fmt: skip
+
+
+H_OPTIMUS_0 = _foundation(
     # Card https://huggingface.co/bioptimus/H-optimus-0: timm "hf-hub:bioptimus/H-optimus-0"
     # with init_values=1e-5, dynamic_img_size=False; config.json: vit_giant_patch14_reg4_dinov2,
     # global_pool "token", 1536 features, 224 px, mean (0.707223, 0.578729, 0.703617), std
     # (0.211883, 0.230117, 0.177517), Apache 2.0; 224-px tiles at 0.5 um/px. Same kwargs in
     # mahmoodlab/TRIDENT (local pytorch_model.bin, strict).
-    name="h-optimus-0",
-    family="timm",
-    arch="vit_giant_patch14_reg4_dinov2",
-    kwargs=_kw(
-        img_size=224,
-        init_values=1e-5,
-        dynamic_img_size=False,
-        num_classes=0,
-        global_pool="token",
-    ),
-    dim=1536,
-    input_px=224,
+    "h-optimus-0",
+    "vit_giant_patch14_reg4_dinov2",
+    _kw(img_size=224, init_values=1e-5, dynamic_img_size=False, num_classes=0,
+        global_pool="token"),
+    1536,
+    "Apache-2.0",
+    hub_id="bioptimus/H-optimus-0",
+    gated=False,
     mean=(0.707223, 0.578729, 0.703617),
     std=(0.211883, 0.230117, 0.177517),
-    embedding="cls",
-    mpp=0.5,
-    licence="Apache-2.0",
-    hub_id="bioptimus/H-optimus-0",
-    filename="pytorch_model.bin",
-    gated=False,
-    card="https://huggingface.co/bioptimus/H-optimus-0",
-)
+)  # fmt: skip
 H_OPTIMUS_1 = replace(
     # https://huggingface.co/bioptimus/H-optimus-1 (gated): timm "hf_hub:bioptimus/H-optimus-1"
     # with init_values=1e-5, dynamic_img_size=False; architecture, file (pytorch_model.bin) and
@@ -172,103 +199,52 @@ H_OPTIMUS_1 = replace(
     card="https://huggingface.co/bioptimus/H-optimus-1",
 )
 
+# The model cards' kwargs are kept to a few lines each.
+# fmt: off
 _ENTRIES: tuple[EncoderEntry, ...] = (
-    EncoderEntry(
-        name="sample",
-        family="sample",
-        arch="resnet18",
-        dim=512,
-        input_px=224,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        embedding="pooled",
-        licence="MIT (histocluster)",
-        mpp=0.5,
-        card="sample_data/README.md",
-    ),
+    _resnet("sample", "sample", "resnet18", 512, "MIT (histocluster)", mpp=0.5,
+            card="sample_data/README.md"),
     CIGA,
     *(
-        EncoderEntry(
-            # torchvision's ImageNet releases (downloaded by torchvision into its hub cache).
-            name=f"{arch}-imagenet",
-            family="torchvision",
-            arch=arch,
-            dim=dim,
-            input_px=224,
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
-            embedding="pooled",
-            licence="BSD-3-Clause (torchvision)",
-            card="https://pytorch.org/vision/stable/models.html",
-        )
+        # torchvision's ImageNet releases (downloaded by torchvision into its hub cache).
+        _resnet(f"{arch}-imagenet", "torchvision", arch, dim, "BSD-3-Clause (torchvision)",
+                card="https://pytorch.org/vision/stable/models.html")
         for arch, dim in (("resnet18", 512), ("resnet50", 2048))
     ),
     # ---- pathology foundation models -------------------------------------------------------
     # Each comment says where the settings were read ("card": the model card or official README;
     # otherwise the authors' own loading code or another named source), read with the search
     # tool; "not retrieved" marks what no source confirmed.
-    EncoderEntry(
+    _foundation(
         # Card https://huggingface.co/MahmoodLab/UNI (gated) and the authors' loader
         # github.com/mahmoodlab/UNI uni/get_encoder/get_encoder.py: timm.create_model(
         # "vit_large_patch16_224", img_size=224, patch_size=16, init_values=1e-5, num_classes=0,
         # dynamic_img_size=True), strict load of pytorch_model.bin, ImageNet normalisation,
         # class token (1024-d). Trained at 20x (0.5 um/px).
-        name="uni",
-        family="timm",
-        arch="vit_large_patch16_224",
-        kwargs=_kw(
-            img_size=224, patch_size=16, init_values=1e-5, num_classes=0, dynamic_img_size=True
-        ),
-        dim=1024,
-        input_px=224,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        embedding="cls",
-        mpp=0.5,
-        licence="CC-BY-NC-ND-4.0",
+        "uni",
+        "vit_large_patch16_224",
+        _kw(img_size=224, patch_size=16, init_values=1e-5, num_classes=0, dynamic_img_size=True),
+        1024,
+        "CC-BY-NC-ND-4.0",
         hub_id="MahmoodLab/UNI",
-        filename="pytorch_model.bin",
-        gated=True,
-        card="https://huggingface.co/MahmoodLab/UNI",
     ),
-    EncoderEntry(
+    _foundation(
         # Card https://huggingface.co/MahmoodLab/UNI2-h (gated); the same timm_kwargs in
         # github.com/mahmoodlab/UNI uni/get_encoder/get_encoder.py ('uni2-h') and in kaiko-ai/eva
         # backbones/pathology/mahmood.py: vit_giant_patch14_224, img_size 224, patch 14, depth 24,
         # 24 heads, init_values 1e-5, embed_dim 1536, mlp_ratio 2.66667*2, num_classes 0,
         # no_embed_class, SwiGLUPacked, SiLU, reg_tokens 8, dynamic_img_size; pytorch_model.bin;
         # ImageNet normalisation; class token, 1536-d.
-        name="uni2-h",
-        family="timm",
-        arch="vit_giant_patch14_224",
-        kwargs=_kw(
-            img_size=224,
-            patch_size=14,
-            depth=24,
-            num_heads=24,
-            init_values=1e-5,
-            embed_dim=1536,
-            mlp_ratio=2.66667 * 2,
-            num_classes=0,
-            no_embed_class=True,
-            mlp_layer=_SWIGLU,
-            act_layer=_SILU,
-            reg_tokens=8,
-            dynamic_img_size=True,
-        ),
-        dim=1536,
-        input_px=224,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        embedding="cls",
-        mpp=0.5,
-        licence="CC-BY-NC-ND-4.0",
+        "uni2-h",
+        "vit_giant_patch14_224",
+        _kw(img_size=224, patch_size=14, depth=24, num_heads=24, init_values=1e-5, embed_dim=1536,
+            mlp_ratio=2.66667 * 2, num_classes=0, no_embed_class=True, mlp_layer=_SWIGLU,
+            act_layer=_SILU, reg_tokens=8, dynamic_img_size=True),
+        1536,
+        "CC-BY-NC-ND-4.0",
         hub_id="MahmoodLab/UNI2-h",
-        filename="pytorch_model.bin",
-        gated=True,
-        card="https://huggingface.co/MahmoodLab/UNI2-h",
     ),
-    EncoderEntry(
+    _foundation(
         # Card https://huggingface.co/paige-ai/Virchow2 (gated, CC-BY-NC-ND-4.0): timm
         # "hf-hub:paige-ai/Virchow2" with mlp_layer=SwiGLUPacked, act_layer=SiLU; embedding =
         # cat(output[:, 0], output[:, 5:].mean(1)) (tokens 1-4 are registers) = 2560-d. Its
@@ -277,35 +253,18 @@ _ENTRIES: tuple[EncoderEntry, ...] = (
         # 1e-5, num_classes 0, reg_tokens 4, mlp_ratio 5.3375, global_pool "", dynamic_img_size;
         # ImageNet mean/std. Trained at mixed magnifications (5x-40x, arXiv 2408.00738); 0.5 um/px
         # is the nominal 20x, not a card value.
-        name="virchow2",
-        family="timm",
-        arch="vit_huge_patch14_224",
-        kwargs=_kw(
-            img_size=224,
-            init_values=1e-5,
-            num_classes=0,
-            mlp_ratio=5.3375,
-            reg_tokens=4,
-            global_pool="",
-            dynamic_img_size=True,
-            mlp_layer=_SWIGLU,
-            act_layer=_SILU,
-        ),
-        dim=2560,
-        input_px=224,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        embedding="cls+mean_patch",
-        mpp=0.5,
-        licence="CC-BY-NC-ND-4.0",
+        "virchow2",
+        "vit_huge_patch14_224",
+        _kw(img_size=224, init_values=1e-5, num_classes=0, mlp_ratio=5.3375, reg_tokens=4,
+            global_pool="", dynamic_img_size=True, mlp_layer=_SWIGLU, act_layer=_SILU),
+        2560,
+        "CC-BY-NC-ND-4.0",
         hub_id="paige-ai/Virchow2",
-        filename="pytorch_model.bin",
-        gated=True,
-        card="https://huggingface.co/paige-ai/Virchow2",
+        embedding="cls+mean_patch",
     ),
     H_OPTIMUS_0,
     H_OPTIMUS_1,
-    EncoderEntry(
+    _foundation(
         # Card https://huggingface.co/prov-gigapath/prov-gigapath (gated; licence
         # "prov-gigapath-license", research use only) and github.com/prov-gigapath/prov-gigapath
         # README: timm "hf_hub:prov-gigapath/prov-gigapath", Resize(256, bicubic) + CenterCrop(224),
@@ -314,92 +273,48 @@ _ENTRIES: tuple[EncoderEntry, ...] = (
         # img_size 224, in_chans 3, patch_size 16, embed_dim 1536, depth 40, 24 heads, init_values
         # 1e-5, mlp_ratio 5.33334, num_classes 0, global_pool "token". Tiles at 20x (0.5 um/px).
         # Tiles are resized to 224 here (the card's 256 -> centre 224 crop is not applied).
-        name="prov-gigapath",
-        family="timm",
-        arch="vit_giant_patch14_dinov2",
-        kwargs=_kw(
-            img_size=224,
-            in_chans=3,
-            patch_size=16,
-            embed_dim=1536,
-            depth=40,
-            num_heads=24,
-            init_values=1e-5,
-            mlp_ratio=5.33334,
-            num_classes=0,
-        ),
-        dim=1536,
-        input_px=224,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        embedding="cls",
-        mpp=0.5,
-        licence="other (prov-gigapath licence; research use only)",
+        "prov-gigapath",
+        "vit_giant_patch14_dinov2",
+        _kw(img_size=224, in_chans=3, patch_size=16, embed_dim=1536, depth=40, num_heads=24,
+            init_values=1e-5, mlp_ratio=5.33334, num_classes=0),
+        1536,
+        "other (prov-gigapath licence; research use only)",
         hub_id="prov-gigapath/prov-gigapath",
-        filename="pytorch_model.bin",
-        gated=True,
-        card="https://huggingface.co/prov-gigapath/prov-gigapath",
     ),
-    EncoderEntry(
+    _foundation(
         # Card https://huggingface.co/owkin/phikon: ViTModel (iBOT ViT-B/16); config.json: hidden
         # 768, 12 layers, 12 heads, intermediate 3072, patch 16, image 224, layer_norm_eps 1e-12;
         # features = last_hidden_state[:, 0, :] (768-d); ImageNet normalisation; 20x. TRIDENT loads
         # it the same way (ViTModel.from_pretrained(dir, add_pooling_layer=False)).
-        name="phikon",
-        family="transformers",
-        arch="ViTModel",
-        kwargs=_kw(
-            hidden_size=768,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            intermediate_size=3072,
-            patch_size=16,
-            image_size=224,
-            layer_norm_eps=1e-12,
-            qkv_bias=True,
-        ),
-        dim=768,
-        input_px=224,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        embedding="cls",
-        mpp=0.5,
-        licence="other (Owkin non-commercial)",
+        "phikon",
+        "ViTModel",
+        _kw(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+            patch_size=16, image_size=224, layer_norm_eps=1e-12, qkv_bias=True),
+        768,
+        "other (Owkin non-commercial)",
         hub_id="owkin/phikon",
         filename="model.safetensors",
-        card="https://huggingface.co/owkin/phikon",
+        gated=False,
+        family="transformers",
     ),
-    EncoderEntry(
+    _foundation(
         # https://huggingface.co/owkin/phikon-v2: AutoModel (Dinov2Model) ViT-L/16, no registers,
         # features = last_hidden_state[:, 0, :] (1024-d), model.safetensors + config.json, ImageNet
         # normalisation, 224-px tiles at 20x — per mahmoodlab/TRIDENT (Phikonv2InferenceEncoder)
         # and arXiv 2409.09173. The card's config.json itself was not retrieved: a local copy is
         # built from the directory's own config.json, these values serve only without one.
-        name="phikon-v2",
-        family="transformers",
-        arch="Dinov2Model",
-        kwargs=_kw(
-            hidden_size=1024,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            mlp_ratio=4,
-            patch_size=16,
-            image_size=224,
-            layer_norm_eps=1e-6,
-            layerscale_value=1e-5,
-        ),
-        dim=1024,
-        input_px=224,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        embedding="cls",
-        mpp=0.5,
-        licence="other (Owkin non-commercial)",
+        "phikon-v2",
+        "Dinov2Model",
+        _kw(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, mlp_ratio=4,
+            patch_size=16, image_size=224, layer_norm_eps=1e-6, layerscale_value=1e-5),
+        1024,
+        "other (Owkin non-commercial)",
         hub_id="owkin/phikon-v2",
         filename="model.safetensors",
-        card="https://huggingface.co/owkin/phikon-v2",
+        gated=False,
+        family="transformers",
     ),
-    EncoderEntry(
+    _foundation(
         # README of github.com/lunit-io/benchmark-ssl-pathology (CVPR 2023): DINO ViT-S/16 =
         # timm VisionTransformer(img_size=224, patch_size=16, embed_dim=384, num_heads=6,
         # num_classes=0), strict load of release "pretrained-weights"/dino_vit_small_patch16_ep200
@@ -407,49 +322,44 @@ _ENTRIES: tuple[EncoderEntry, ...] = (
         # mean (0.70322989, 0.53606487, 0.66096631), std (0.21716536, 0.26081574, 0.20723464)
         # from kaiko-ai/eva backbones/pathology/lunit.py (not in the README). TCGA patches at
         # 20x and 40x: no single um/px.
-        name="lunit-dino-vits16",
-        family="timm",
-        arch="vit_small_patch16_224",
-        kwargs=_kw(img_size=224, num_classes=0),
-        dim=384,
-        input_px=224,
-        mean=(0.70322989, 0.53606487, 0.66096631),
-        std=(0.21716536, 0.26081574, 0.20723464),
-        embedding="cls",
-        mpp=None,
-        licence="other (Lunit non-commercial)",
+        "lunit-dino-vits16",
+        "vit_small_patch16_224",
+        _kw(img_size=224, num_classes=0),
+        384,
+        "other (Lunit non-commercial)",
         url=(
             "https://github.com/lunit-io/benchmark-ssl-pathology/releases/download/"
             "pretrained-weights/dino_vit_small_patch16_ep200.torch"
         ),
         filename="dino_vit_small_patch16_ep200.torch",
         card="https://github.com/lunit-io/benchmark-ssl-pathology",
+        mean=(0.70322989, 0.53606487, 0.66096631),
+        std=(0.21716536, 0.26081574, 0.20723464),
+        mpp=None,
     ),
-    EncoderEntry(
+    _foundation(
         # github.com/kaiko-ai/towards_large_pathology_fms (README + hubconf.py, arXiv 2404.15217):
         # timm.create_model("vit_base_patch16_224", dynamic_img_size=True, num_classes=0), strict
         # load of release 0.0.1 vitb16.pth (a plain state dict); preprocessing Resize(224) +
         # CenterCrop(224), mean = std = (0.5, 0.5, 0.5); model(x) = class token, 768-d; Kaiko
         # Non-Commercial Public License v1. The card gives no magnification.
-        name="kaiko-vitb16",
-        family="timm",
-        arch="vit_base_patch16_224",
-        kwargs=_kw(img_size=224, num_classes=0, dynamic_img_size=True),
-        dim=768,
-        input_px=224,
-        mean=HALF,
-        std=HALF,
-        embedding="cls",
-        mpp=None,
-        licence="other (Kaiko non-commercial)",
+        "kaiko-vitb16",
+        "vit_base_patch16_224",
+        _kw(img_size=224, num_classes=0, dynamic_img_size=True),
+        768,
+        "other (Kaiko non-commercial)",
         url=(
             "https://github.com/kaiko-ai/towards_large_pathology_fms/releases/download/0.0.1/"
             "vitb16.pth"
         ),
         filename="vitb16.pth",
         card="https://github.com/kaiko-ai/towards_large_pathology_fms",
+        mean=HALF,
+        std=HALF,
+        mpp=None,
     ),
 )
+# fmt: on
 
 REGISTRY: Mapping[str, EncoderEntry] = MappingProxyType({e.name: e for e in _ENTRIES})
 
