@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +26,39 @@ from engine.models import Encoder
 from engine.progress import Progress, Throttle, no_progress
 
 __all__ = [
+    "FeatureSettings",
+    "LabelledFeatures",
     "at_input_px",
     "cached_features",
     "compute_features",
     "feature_cache_key",
     "weights_digest",
 ]
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """How features are computed: each image fitted to ``px`` x ``px`` (``fit``), encoded on
+    ``device`` in batches of ``batch_size`` read by ``workers`` processes, at ``precision``
+    (``auto`` is resolved for the device by :func:`cached_features`)."""
+
+    px: int
+    fit: FitMode = "resize"
+    device: torch.device | str = "cpu"
+    batch_size: int = 64
+    workers: int = 0
+    precision: str = "fp32"
+
+
+@dataclass(frozen=True)
+class LabelledFeatures:
+    """What the kNN and linear protocols see: ``features`` (N, D) float32 with their ``targets``
+    (N,) (int64 classes, or float32 for regression), the ``task`` and its ``num_classes``."""
+
+    features: np.ndarray
+    targets: np.ndarray
+    task: str
+    num_classes: int
 
 
 def weights_digest(module: torch.nn.Module) -> str:
@@ -79,24 +107,19 @@ def at_input_px(encoder: Encoder, px: int) -> Encoder:
 def compute_features(
     encoder: Encoder,
     samples: Samples,
-    px: int,
-    fit: FitMode = "resize",
-    device: torch.device | str = "cpu",
-    batch_size: int = 64,
-    workers: int = 0,
+    how: FeatureSettings,
     progress: Progress = no_progress,
-    precision: str = "fp32",
 ) -> np.ndarray:
     """``encoder`` over every sample -> ``(N, dim)`` float32, in sample order.
 
     Reports ``progress("features", images encoded, N)``; a ``Cancelled`` it raises stops here.
     """
-    device = torch.device(device)
+    device = torch.device(how.device)
     was_training = encoder.training
-    tiles = TileEncoder(at_input_px(encoder, px), device, precision)
+    tiles = TileEncoder(at_input_px(encoder, how.px), device, how.precision)
     loader = make_loader(
-        FittedTiles(samples, px, fit), batch_size, shuffle=False, workers=workers,
-        pin_memory=device.type == "cuda",
+        FittedTiles(samples, how.px, how.fit), how.batch_size, shuffle=False,
+        workers=how.workers, pin_memory=device.type == "cuda",
     )  # fmt: skip
     report = Throttle(progress)
     out: list[np.ndarray] = []
@@ -118,25 +141,21 @@ def cached_features(
     cache_dir: str | Path,
     encoder: Encoder,
     samples: Samples,
-    px: int,
-    fit: FitMode = "resize",
-    device: torch.device | str = "cpu",
-    batch_size: int = 64,
-    workers: int = 0,
+    how: FeatureSettings,
     progress: Progress = no_progress,
     label: str = "",
-    precision: str = "fp32",
 ) -> tuple[np.ndarray, Path, bool]:
     """Features of ``encoder`` on ``samples``, from ``cache_dir`` when present.
 
-    ``precision``: as ``--precision`` (``auto`` resolved for ``device``). Returns
+    ``how.precision``: as ``--precision`` (``auto`` resolved for ``how.device``). Returns
     ``(features (N, dim) float32, cache file, True if it was read from the cache)``. The file is
     written atomically, so an interrupted run leaves no half-written cache entry.
     """
-    resolved = resolve_precision(precision, torch.device(device))
+    how = replace(how, precision=resolve_precision(how.precision, torch.device(how.device)))
+    key = feature_cache_key(encoder, samples, how.px, how.fit, how.precision)
     cache_dir = Path(cache_dir)
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", label)[:60].strip("_") or "features"
-    path = cache_dir / f"{stem}-{feature_cache_key(encoder, samples, px, fit, resolved)}.npy"
+    path = cache_dir / f"{stem}-{key}.npy"
     if path.is_file():
         try:
             feats = np.load(path)
@@ -144,9 +163,7 @@ def cached_features(
             feats = None  # damaged cache entry: compute it again
         if feats is not None and feats.shape[0] == len(samples):
             return feats, path, True
-    feats = compute_features(
-        encoder, samples, px, fit, device, batch_size, workers, progress, resolved
-    )
+    feats = compute_features(encoder, samples, how, progress)
     cache_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: np.save(f, feats))
     return feats, path, False

@@ -14,10 +14,20 @@ from torch import nn
 from engine.evaluate.datasets import Samples
 from engine.evaluate.images import FitMode
 from engine.evaluate.loaders import ImageDataset, make_loader
-from engine.evaluate.training import Selected, TargetScale, fit_select, predict_metrics
+from engine.evaluate.splits import Split
+from engine.evaluate.training import (
+    Selected,
+    TargetScale,
+    TrainSettings,
+    fit_select,
+    predict_metrics,
+)
 from engine.progress import Progress, no_progress
 
-__all__ = ["build_classifier", "finetune", "paper_weight_decay"]
+__all__ = ["FINETUNE", "adam", "build_classifier", "finetune", "paper_weight_decay"]
+
+FINETUNE = TrainSettings()
+"""The fine-tuning defaults (also segmentation's): Adam at 1e-4, the paper's weight decay, batch 32."""
 
 
 def paper_weight_decay(arch: str) -> float:
@@ -33,37 +43,38 @@ def build_classifier(encoder: nn.Module, out_dim: int) -> nn.Sequential:
     )
 
 
+def adam(model: nn.Module, arch: str, training: TrainSettings) -> torch.optim.Adam:
+    """Adam over ``model`` at ``training.lr``; weight decay as given, else the paper's for ``arch``."""
+    wd = training.weight_decay
+    return torch.optim.Adam(
+        model.parameters(),
+        lr=training.lr,
+        weight_decay=paper_weight_decay(arch) if wd is None else wd,
+    )
+
+
 def finetune(
     encoder: nn.Module,
     samples: Samples,
-    train_idx: np.ndarray,
-    val_idx: np.ndarray,
-    test_idx: np.ndarray,
+    split: Split,
     px: int,
     fit: FitMode = "resize",
-    epochs: int = 100,
-    lr: float = 1e-4,
-    weight_decay: float | None = None,
-    batch_size: int = 32,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-    workers: int = 0,
+    training: TrainSettings = FINETUNE,
     progress: Progress = no_progress,
 ) -> Selected:
     """Fine-tune ``encoder`` (a :class:`engine.models.Encoder`) for classification or regression
-    on ``samples[train_idx]``; select the epoch on ``val_idx``; report ``test_idx``."""
-    device = torch.device(device)
+    on ``samples[split.train]``; select the epoch on ``split.val``; report ``split.test``."""
+    device = torch.device(training.device)
+    batch_size, seed, workers = training.batch_size, training.seed, training.workers
     torch.manual_seed(int(seed))
     task = samples.task
     out_dim = 1 if task == "regression" else samples.num_classes
     model = build_classifier(encoder, out_dim)
     if task == "regression":
-        t = np.asarray(samples.targets[train_idx], dtype=np.float64)
+        t = np.asarray(samples.targets[split.train], dtype=np.float64)
         model.append(TargetScale(t.mean(), t.std()))
     model = model.to(device)
-    if weight_decay is None:
-        weight_decay = paper_weight_decay(encoder.arch)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = adam(model, encoder.arch, training)
 
     def loader(idx: np.ndarray, train: bool):
         ds = ImageDataset(samples.select(idx), px, encoder.mean, encoder.std, fit, augment=train)
@@ -84,12 +95,12 @@ def finetune(
     return fit_select(
         model,
         optimizer,
-        loader(train_idx, True),
-        loader(val_idx, False),
-        loader(test_idx, False),
+        loader(split.train, True),
+        loader(split.val, False),
+        loader(split.test, False),
         evaluate,
         task,
-        epochs,
+        training.epochs,
         device,
         progress=progress,
     )

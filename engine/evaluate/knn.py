@@ -12,7 +12,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from engine.evaluate.features import LabelledFeatures
 from engine.evaluate.metrics import classification_metrics, regression_metrics
+from engine.evaluate.splits import Split
 from engine.evaluate.training import Selected
 from engine.progress import Progress, Throttle, no_progress
 
@@ -53,26 +55,22 @@ def knn_predict(
 
 
 def knn_evaluate(
-    features: np.ndarray,
-    targets: np.ndarray,
-    train_idx: np.ndarray,
-    val_idx: np.ndarray,
-    test_idx: np.ndarray,
-    task: str,
-    num_classes: int,
+    data: LabelledFeatures,
+    split: Split,
     k: int = 20,
     device: torch.device | str = "cpu",
     progress: Progress = no_progress,
 ) -> Selected:
-    """kNN with ``features[train_idx]`` as the memory bank; metrics on validation and test
+    """kNN with ``data.features[split.train]`` as the memory bank; metrics on validation and test
     (``best_epoch`` 0: nothing is trained). Reports ``progress("train", queries done, all)``."""
-    x = torch.as_tensor(features, dtype=torch.float32, device=device)
+    targets, task, num_classes = data.targets, data.task, data.num_classes
+    x = torch.as_tensor(data.features, dtype=torch.float32, device=device)
     y = torch.as_tensor(targets, device=device)
     n_cls = None if task == "regression" else num_classes
-    train_i = torch.as_tensor(train_idx, dtype=torch.long, device=device)
+    train_i = torch.as_tensor(split.train, dtype=torch.long, device=device)
 
     report = Throttle(progress)
-    total = len(val_idx) + len(test_idx)
+    total = len(split.val) + len(split.test)
 
     def run(idx: np.ndarray, before: int) -> dict[str, float]:
         i = torch.as_tensor(idx, dtype=torch.long, device=device)
@@ -87,5 +85,5 @@ def knn_evaluate(
             return regression_metrics(truth, pred)
         return classification_metrics(truth, pred, num_classes)
 
-    val = run(val_idx, 0)
-    return Selected(best_epoch=0, val=val, test=run(test_idx, len(val_idx)))
+    val = run(split.val, 0)
+    return Selected(best_epoch=0, val=val, test=run(split.test, len(split.val)))

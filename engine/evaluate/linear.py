@@ -13,43 +13,41 @@ import numpy as np
 import torch
 from torch import nn
 
+from engine.evaluate.features import LabelledFeatures
+from engine.evaluate.splits import Split
 from engine.evaluate.training import (
     Selected,
     TargetScale,
     TensorBatches,
+    TrainSettings,
     fit_select,
     predict_metrics,
     single_thread_on_cpu,
 )
 from engine.progress import Progress, no_progress
 
-__all__ = ["linear_probe"]
+__all__ = ["LINEAR", "linear_probe"]
+
+LINEAR = TrainSettings(lr=1e-3, weight_decay=1e-5)
+"""The linear protocol's defaults (a library call without settings)."""
 
 
 def linear_probe(
-    features: np.ndarray,
-    targets: np.ndarray,
-    train_idx: np.ndarray,
-    val_idx: np.ndarray,
-    test_idx: np.ndarray,
-    task: str,
-    num_classes: int,
-    epochs: int = 100,
-    lr: float = 1e-3,
-    weight_decay: float = 1e-5,
-    batch_size: int = 32,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
+    data: LabelledFeatures,
+    split: Split,
+    training: TrainSettings = LINEAR,
     progress: Progress = no_progress,
 ) -> Selected:
-    """Train ``nn.Linear(dim, C or 1)`` on ``features[train_idx]`` (N, dim) float32.
+    """Train ``nn.Linear(dim, C or 1)`` on ``data.features[split.train]`` (N, dim) float32.
 
-    ``targets``: (N,) int64 classes or float32 regression targets. Returns the validation-selected
+    ``training.weight_decay`` None means 1e-5 (:data:`LINEAR`). Returns the validation-selected
     :class:`~engine.evaluate.training.Selected`.
     """
-    device = torch.device(device)
+    targets, task, num_classes = data.targets, data.task, data.num_classes
+    train_idx, batch_size, seed = split.train, training.batch_size, training.seed
+    device = torch.device(training.device)
     torch.manual_seed(int(seed))
-    x = torch.as_tensor(features, dtype=torch.float32)
+    x = torch.as_tensor(data.features, dtype=torch.float32)
     mean = x[train_idx].mean(dim=0)
     std = x[train_idx].std(dim=0, unbiased=False)
     # floor: a feature (nearly) constant over a small training subset must not blow up elsewhere
@@ -64,7 +62,8 @@ def linear_probe(
         t = torch.as_tensor(targets[train_idx], dtype=torch.float32)
         model = nn.Sequential(model, TargetScale(t.mean(), t.std(unbiased=False)))
     model = model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    wd = LINEAR.weight_decay if training.weight_decay is None else training.weight_decay
+    optimizer = torch.optim.Adam(model.parameters(), lr=training.lr, weight_decay=wd)
 
     def part(idx: np.ndarray, shuffle: bool = False) -> TensorBatches:
         i = torch.as_tensor(idx, dtype=torch.long, device=device)
@@ -78,11 +77,11 @@ def linear_probe(
             model,
             optimizer,
             part(train_idx, shuffle=True),
-            part(val_idx),
-            part(test_idx),
+            part(split.val),
+            part(split.test),
             evaluate,
             task,
-            epochs,
+            training.epochs,
             device,
             progress=progress,
         )

@@ -25,7 +25,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,7 @@ from engine.distributed import resolve_device
 from engine.errors import HistoclusterError
 from engine.evaluate.config import PROTOCOLS, EvalConfig
 from engine.evaluate.datasets import DatasetError, Samples, drop_undecodable, load_samples
-from engine.evaluate.features import cached_features
+from engine.evaluate.features import FeatureSettings, LabelledFeatures, cached_features
 from engine.evaluate.finetune import finetune, paper_weight_decay
 from engine.evaluate.knn import knn_evaluate
 from engine.evaluate.linear import linear_probe
@@ -45,7 +45,7 @@ from engine.evaluate.report import encoder_labels, plot_metric_vs_fraction, writ
 from engine.evaluate.results import ResultsFile, cell_key
 from engine.evaluate.segmentation import segment
 from engine.evaluate.splits import Split, make_split, train_fraction
-from engine.evaluate.training import Selected
+from engine.evaluate.training import Selected, TrainSettings
 from engine.files import atomic_write_text
 from engine.models import Encoder
 from engine.models import load_encoder as load_model
@@ -304,10 +304,13 @@ def _run_encoder(
     for _, proto, fraction, seed in (c for c in todo if c[0] == spec):
         split, train_idx = plan[(fraction, seed)]
         if proto in ("linear", "knn") and features is None:
+            how = FeatureSettings(
+                px, cfg.fit, device, batch_size=max(cfg.batch_size, 64), workers=cfg.workers,
+                precision=cfg.precision,
+            )  # fmt: skip
             features, cache_path, hit = cached_features(
-                cfg.cache_dir(), encoder, samples, px, cfg.fit, device,
-                batch_size=max(cfg.batch_size, 64), workers=cfg.workers, progress=progress,
-                label=f"{Path(spec).name}-{Path(cfg.dataset).name}", precision=cfg.precision,
+                cfg.cache_dir(), encoder, samples, how, progress,
+                label=f"{Path(spec).name}-{Path(cfg.dataset).name}",
             )  # fmt: skip
             _log(cfg, f"features of {spec}: {'cached' if hit else 'computed'} ({cache_path})")
         start = time.perf_counter()
@@ -346,30 +349,24 @@ def _run_cell(
     device: torch.device,
     progress: Progress,
 ) -> Selected:
+    split = replace(split, train=train_idx)
+    training = TrainSettings(
+        epochs=cfg.epochs, lr=cfg.lr_for("finetune"), weight_decay=cfg.weight_decay,
+        batch_size=cfg.batch_size, seed=seed, device=device, workers=cfg.workers,
+    )  # fmt: skip
     if cfg.task == "segmentation":
         return segment(
-            encoder, samples, train_idx, split.val, split.test,
-            crop_px=px, scale=cfg.seg_scale, crops_per_image=cfg.seg_crops, epochs=cfg.epochs,
-            lr=cfg.lr_for("finetune"), weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
-            seed=seed, device=device, workers=cfg.workers, progress=progress,
-        )  # fmt: skip
+            encoder, samples, split, px, cfg.seg_scale, cfg.seg_crops, training, progress
+        )
     if protocol == "finetune":
-        return finetune(
-            encoder, samples, train_idx, split.val, split.test, px, cfg.fit, epochs=cfg.epochs,
-            lr=cfg.lr_for("finetune"), weight_decay=cfg.weight_decay, batch_size=cfg.batch_size,
-            seed=seed, device=device, workers=cfg.workers, progress=progress,
-        )  # fmt: skip
+        return finetune(encoder, samples, split, px, cfg.fit, training, progress)
     assert features is not None and samples.targets is not None
+    data = LabelledFeatures(features, samples.targets, cfg.task, samples.num_classes)
     if protocol == "knn":
-        return knn_evaluate(
-            features, samples.targets, train_idx, split.val, split.test, cfg.task,
-            samples.num_classes, k=cfg.k, device=device, progress=progress,
-        )  # fmt: skip
+        return knn_evaluate(data, split, cfg.k, device, progress)
     if protocol == "linear":
         wd = cfg.weight_decay if cfg.weight_decay is not None else paper_weight_decay(encoder.arch)
         return linear_probe(
-            features, samples.targets, train_idx, split.val, split.test, cfg.task,
-            samples.num_classes, epochs=cfg.epochs, lr=cfg.lr_for("linear"), weight_decay=wd,
-            batch_size=cfg.batch_size, seed=seed, device=device, progress=progress,
-        )  # fmt: skip
+            data, split, replace(training, lr=cfg.lr_for("linear"), weight_decay=wd), progress
+        )
     raise DatasetError(f"unknown protocol {protocol!r}")  # unreachable after check_config

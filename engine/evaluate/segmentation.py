@@ -17,10 +17,11 @@ from torch import nn
 
 from engine.errors import CheckpointError
 from engine.evaluate.datasets import Samples
-from engine.evaluate.finetune import paper_weight_decay
+from engine.evaluate.finetune import FINETUNE, adam
 from engine.evaluate.loaders import SegmentationDataset, make_loader
 from engine.evaluate.metrics import confusion_counts, segmentation_metrics
-from engine.evaluate.training import Selected, fit_select
+from engine.evaluate.splits import Split
+from engine.evaluate.training import Selected, TrainSettings, fit_select
 from engine.progress import Progress, no_progress
 
 __all__ = ["build_unet", "constant_prediction_metrics", "segment", "segmentation_evaluate"]
@@ -83,32 +84,23 @@ def constant_prediction_metrics(
 def segment(
     encoder: nn.Module,
     samples: Samples,
-    train_idx: np.ndarray,
-    val_idx: np.ndarray,
-    test_idx: np.ndarray,
+    split: Split,
     crop_px: int = 224,
     scale: float = 1.0,
     crops_per_image: int = 4,
-    epochs: int = 100,
-    lr: float = 1e-4,
-    weight_decay: float | None = None,
-    batch_size: int = 32,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-    workers: int = 0,
+    training: TrainSettings = FINETUNE,
     progress: Progress = no_progress,
 ) -> Selected:
-    """Fine-tune a U-Net over ``encoder`` on ``samples[train_idx]`` image/mask pairs."""
-    device = torch.device(device)
+    """Fine-tune a U-Net over ``encoder`` on ``samples[split.train]`` image/mask pairs."""
+    device = torch.device(training.device)
+    batch_size, seed, workers = training.batch_size, training.seed, training.workers
     torch.manual_seed(int(seed))
     num_classes = samples.num_classes
     model = build_unet(encoder, num_classes).to(device)
-    if weight_decay is None:
-        weight_decay = paper_weight_decay(encoder.arch)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    optimizer = adam(model, encoder.arch, training)
     mean, std = encoder.mean, encoder.std
     train_ds = SegmentationDataset(
-        samples.select(train_idx), mean, std, scale, crop_px, crops_per_image
+        samples.select(split.train), mean, std, scale, crop_px, crops_per_image
     )
     train = make_loader(
         train_ds,
@@ -131,11 +123,11 @@ def segment(
         model,
         optimizer,
         train,
-        whole(val_idx),
-        whole(test_idx),
+        whole(split.val),
+        whole(split.test),
         evaluate,
         "segmentation",
-        epochs,
+        training.epochs,
         device,
         progress=progress,
     )

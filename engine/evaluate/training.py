@@ -23,6 +23,7 @@ from engine.progress import Progress, Throttle, no_progress
 
 __all__ = [
     "Selected",
+    "TrainSettings",
     "TargetScale",
     "TensorBatches",
     "fit_select",
@@ -34,6 +35,22 @@ __all__ = [
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 Evaluate = Callable[[nn.Module, Batches], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What every trained protocol (linear, fine-tuning, segmentation) is given: ``epochs`` of Adam
+    at ``lr`` and ``weight_decay`` (None: :func:`~engine.evaluate.finetune.paper_weight_decay` of
+    the architecture), mini-batches of ``batch_size``, the ``seed`` of weights and shuffling, the
+    ``device``, and ``workers`` image-loading processes (unused on cached features)."""
+
+    epochs: int = 100
+    lr: float = 1e-4
+    weight_decay: float | None = None
+    batch_size: int = 32
+    seed: int = 0
+    device: torch.device | str = "cpu"
+    workers: int = 0
 
 
 @dataclass

@@ -3,11 +3,14 @@ untouched, and the paper's weight decay is picked by architecture."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from engine.evaluate.datasets import load_samples
 from engine.evaluate.finetune import build_classifier, finetune, paper_weight_decay
 from engine.evaluate.splits import make_split, train_fraction
+from engine.evaluate.training import TrainSettings
 
 
 def test_paper_weight_decay():
@@ -28,8 +31,8 @@ def test_finetune_learns_colours_and_leaves_encoder_alone(colour_folder, random_
     train = train_fraction(samples, split.train, 50, seed=0)
     before = random_encoder.backbone.conv1.weight.clone()
     res = finetune(
-        random_encoder, samples, train, split.val, split.test, px=32, epochs=2,
-        lr=1e-3, batch_size=16, seed=0,
+        random_encoder, samples, replace(split, train=train), px=32,
+        training=TrainSettings(epochs=2, lr=1e-3, batch_size=16, seed=0),
     )  # fmt: skip
     assert torch.equal(random_encoder.backbone.conv1.weight, before)
     assert 1 <= res.best_epoch <= 2 and len(res.history) == 2
@@ -49,9 +52,8 @@ def test_finetune_regression_head_starts_at_the_target_mean(tmp_path, random_enc
     samples = load_samples(tmp_path / "t.csv", "regression")
     split = make_split(samples, seed=0)
     res = finetune(
-        random_encoder, samples, split.train, split.val, split.test, px=32, epochs=1,
-        batch_size=4, seed=0,
-    )  # fmt: skip
+        random_encoder, samples, split, px=32, training=TrainSettings(epochs=1, batch_size=4)
+    )
     assert set(res.test) == {"mse", "l1"}
     # an unscaled head would predict ~0 for targets around 55 (L1 ~55)
     assert res.test["l1"] < 15

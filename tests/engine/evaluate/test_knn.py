@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from engine.evaluate.features import LabelledFeatures
 from engine.evaluate.knn import knn_evaluate, knn_predict
+from engine.evaluate.splits import Split
 
 
 def test_cosine_not_euclidean():
@@ -33,8 +35,9 @@ def test_knn_evaluate_on_separated_clusters_and_regression():
     y = np.repeat(np.arange(3), 30)
     x = (centres[y] + rng.normal(size=(90, 16))).astype(np.float32)
     idx = rng.permutation(90)
-    res = knn_evaluate(x, y, idx[:45], idx[45:68], idx[68:], "classification", 3, k=5)
+    split = Split(idx[:45], idx[45:68], idx[68:])
+    res = knn_evaluate(LabelledFeatures(x, y, "classification", 3), split, k=5)
     assert res.test["acc"] == 1.0 and res.val["f1_macro"] == 1.0 and res.best_epoch == 0
     t = y.astype(np.float32) / 2
-    reg = knn_evaluate(x, t, idx[:45], idx[45:68], idx[68:], "regression", 0, k=5)
+    reg = knn_evaluate(LabelledFeatures(x, t, "regression", 0), split, k=5)
     assert reg.test["mse"] < 1e-9 and reg.test["l1"] < 1e-6

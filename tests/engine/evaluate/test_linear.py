@@ -4,22 +4,31 @@ colour-separated classes are separated, shuffled labels stay at chance."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from engine.evaluate.datasets import load_samples
-from engine.evaluate.features import cached_features, compute_features, feature_cache_key
-from engine.evaluate.linear import linear_probe
-from engine.evaluate.splits import make_split, train_fraction
+from engine.evaluate.features import (
+    FeatureSettings,
+    LabelledFeatures,
+    cached_features,
+    compute_features,
+    feature_cache_key,
+)
+from engine.evaluate.linear import LINEAR, linear_probe
+from engine.evaluate.splits import Split, make_split, train_fraction
 
 
 @pytest.fixture(scope="module")
 def colour_features(colour_folder, random_encoder, tmp_path_factory):
     samples = load_samples(colour_folder, "classification")
     cache = tmp_path_factory.mktemp("cache")
-    feats, path, hit = cached_features(cache, random_encoder, samples, px=32, label="colours")
+    feats, path, hit = cached_features(
+        cache, random_encoder, samples, FeatureSettings(32), label="colours"
+    )
     assert not hit and path.is_file()
     return samples, feats, cache
 
@@ -27,10 +36,12 @@ def colour_features(colour_folder, random_encoder, tmp_path_factory):
 def test_features_shape_and_cache_hit(colour_features, random_encoder):
     samples, feats, cache = colour_features
     assert feats.shape == (120, 512) and feats.dtype == np.float32
-    again, _, hit = cached_features(cache, random_encoder, samples, px=32, label="colours")
+    again, _, hit = cached_features(
+        cache, random_encoder, samples, FeatureSettings(32), label="colours"
+    )
     assert hit
     np.testing.assert_array_equal(again, feats)
-    direct = compute_features(random_encoder, samples.select([0, 5]), px=32)
+    direct = compute_features(random_encoder, samples.select([0, 5]), FeatureSettings(32))
     np.testing.assert_allclose(direct, feats[[0, 5]], rtol=1e-4, atol=1e-5)
 
 
@@ -48,10 +59,8 @@ def test_cache_key_follows_weights_size_and_data(colour_features, random_encoder
 def test_colour_classes_are_separated(colour_features):
     samples, feats, _ = colour_features
     split = make_split(samples, seed=0)
-    res = linear_probe(
-        feats, samples.targets, split.train, split.val, split.test, "classification", 3,
-        epochs=30, seed=0,
-    )  # fmt: skip
+    data = LabelledFeatures(feats, samples.targets, "classification", 3)
+    res = linear_probe(data, split, replace(LINEAR, epochs=30, seed=0))
     assert res.test["f1_macro"] >= 0.95 and res.test["acc"] >= 0.95
     assert 1 <= res.best_epoch <= 30 and len(res.history) == 30
 
@@ -61,9 +70,8 @@ def test_colour_classes_separated_from_ten_percent_of_train(colour_features):
     split = make_split(samples, seed=1)
     sub = train_fraction(samples, split.train, 10, seed=1)
     assert len(sub) == 6
-    res = linear_probe(
-        feats, samples.targets, sub, split.val, split.test, "classification", 3, epochs=30, seed=1
-    )
+    data = LabelledFeatures(feats, samples.targets, "classification", 3)
+    res = linear_probe(data, replace(split, train=sub), replace(LINEAR, epochs=30, seed=1))
     assert res.test["f1_macro"] >= 0.95
 
 
@@ -75,10 +83,8 @@ def test_shuffled_labels_give_chance(colour_features):
         s = copy.copy(samples)
         s.targets = shuffled
         split = make_split(s, seed=seed)
-        res = linear_probe(
-            feats, shuffled, split.train, split.val, split.test, "classification", 3,
-            epochs=30, seed=seed,
-        )  # fmt: skip
+        data = LabelledFeatures(feats, shuffled, "classification", 3)
+        res = linear_probe(data, split, replace(LINEAR, epochs=30, seed=seed))
         accs.append(res.test["acc"])
     # 3 classes: chance is 1/3; 3 x 30 test samples give a standard error of about 0.05
     assert abs(np.mean(accs) - 1 / 3) < 0.15, accs
@@ -90,7 +96,9 @@ def test_linear_regression_recovers_a_linear_target():
     y = (x @ rng.normal(size=8) * 0.1 + 0.5).astype(np.float32)
     idx = rng.permutation(200)
     res = linear_probe(
-        x, y, idx[:100], idx[100:150], idx[150:], "regression", 0, epochs=60, lr=1e-2
+        LabelledFeatures(x, y, "regression", 0),
+        Split(idx[:100], idx[100:150], idx[150:]),
+        replace(LINEAR, epochs=60, lr=1e-2),
     )
     baseline = float(np.mean((y[idx[150:]] - y[idx[:100]].mean()) ** 2))
     assert res.test["mse"] < 0.05 * baseline

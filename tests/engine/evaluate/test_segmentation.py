@@ -11,6 +11,7 @@ from engine.evaluate.datasets import load_samples
 from engine.evaluate.loaders import SegmentationDataset, make_loader
 from engine.evaluate.segmentation import build_unet, constant_prediction_metrics, segment
 from engine.evaluate.splits import make_split
+from engine.evaluate.training import TrainSettings
 
 
 def test_unet_encoder_holds_our_backbone_weights(random_encoder):
@@ -60,8 +61,8 @@ def test_monuseg_short_run_beats_all_background(shared_data, random_encoder):
     split = make_split(samples, seed=0)
     assert split.sizes() == (4, 2, 2)
     res = segment(
-        random_encoder, samples, split.train, split.val, split.test, crop_px=128, scale=0.25,
-        crops_per_image=4, epochs=4, lr=1e-3, batch_size=8, seed=0,
+        random_encoder, samples, split, crop_px=128, scale=0.25, crops_per_image=4,
+        training=TrainSettings(epochs=4, lr=1e-3, batch_size=8, seed=0),
     )  # fmt: skip
     test_pixels = make_loader(
         SegmentationDataset(samples.select(split.test), random_encoder.mean, random_encoder.std, 0.25),
