@@ -82,6 +82,11 @@ __all__ = [
 STAGE = "export"
 
 
+def _comma_list(metavar: str, help: str) -> Any:
+    """A flag taking one comma-separated token (``--clusters 3,5``), empty by default."""
+    return option((), sep=",", metavar=metavar, show_default=False, help=help)
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     """``python -m engine.export`` arguments (see ``--help``)."""
@@ -95,19 +100,10 @@ class ExportConfig:
         parse=Path, help="output folder; may already hold earlier exports (classes add up)"
     )
     run: str | None = option(None, help="cluster run name (default: the latest run)")
-    clusters: tuple[int, ...] = option(
-        (),
-        sep=",",
-        metavar="3,5",
-        show_default=False,
-        help="comma-separated cluster numbers, e.g. 3,5",
-    )
-    names: tuple[str, ...] = option(
-        (),
-        sep=",",
-        metavar="A,B",
-        show_default=False,
-        help="comma-separated class names, one per cluster; repeat a name to merge clusters "
+    clusters: tuple[int, ...] = _comma_list("3,5", "comma-separated cluster numbers, e.g. 3,5")
+    names: tuple[str, ...] = _comma_list(
+        "A,B",
+        "comma-separated class names, one per cluster; repeat a name to merge clusters "
         "(default: <run>_c<cluster>)",
     )
     curation: Path | None = option(
@@ -125,13 +121,10 @@ class ExportConfig:
         "--name NAME) gives one of --classes with at least --min-prob; instead of "
         "--run/--clusters/--curation",
     )
-    classes: tuple[str, ...] = option(
-        (),
-        sep=",",
-        metavar="A,B",
-        show_default=False,
-        help="with --predictions: comma-separated predicted classes to export, each under its "
-        "own name (default: every class of the prediction)",
+    classes: tuple[str, ...] = _comma_list(
+        "A,B",
+        "with --predictions: comma-separated predicted classes to export, each under its own name "
+        "(default: every class of the prediction)",
     )
     min_prob: float = option(
         0.5,

@@ -8,7 +8,6 @@ name the user did not give its cluster or the tile itself.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,9 @@ from typing import Any
 import numpy as np
 
 from engine.curation import DOCUMENT, Curation
-from engine.errors import HistoclusterError, one_line
+from engine.errors import HistoclusterError
 from engine.export_choice import ExportClass, no_probability
+from engine.export_dir import read_json
 from engine.mosaic import cluster_colors
 from engine.store import FeatureStore
 
@@ -57,23 +57,11 @@ class CurationChoice:
             own = tuple(c for c in range(curation.k) if names[c] == name and selected[c])
             color = colors[own[0]] if own else palette[curation.k + extra.index(name)]
             classes.append(ExportClass(name, tuple(int(v) for v in color), own))  # type: ignore[arg-type]
-        self._classes = classes
+        self.classes: list[ExportClass] = classes
         known = set(store.slide_ids())
         run_slides = set(store.read_cluster_run(curation.run, slide_ids=[]).attrs.get("slides", []))
-        self._extra = sorted((set(self.curation.override_slides()) & known) - run_slides)
-        self._warnings = self.curation.problems(store)
-
-    @property
-    def classes(self) -> list[ExportClass]:
-        return list(self._classes)
-
-    @property
-    def extra_slides(self) -> list[str]:
-        return list(self._extra)
-
-    @property
-    def warnings(self) -> list[str]:
-        return list(self._warnings)
+        self.extra_slides = sorted((set(self.curation.override_slides()) & known) - run_slides)
+        self.warnings: list[str] = self.curation.problems(store)
 
     def assign(self, slide_id: str, labels: np.ndarray) -> np.ndarray:
         return self.curation.class_map(slide_id, labels, self._names, selected_only=True)
@@ -115,12 +103,7 @@ def load_curation(
         where = store.path / "clusters" / run / f"{DOCUMENT}.json"
         return run, Curation.load(store, run), str(where)
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise HistoclusterError(
-            f"{path}: not a curation JSON ({one_line(e)}) — give the curation.json of a cluster run"
-        ) from e
+    doc = read_json(path, "not a curation JSON", "give the curation.json of a cluster run")
     cur = Curation.from_json(doc, where=str(path))
     run = run or cur.run
     if cur.run != run:

@@ -32,6 +32,7 @@ from engine.files import atomic_write_json, atomic_write_text
 from engine.geojson import feature_collection, write_geojson
 
 __all__ = [
+    "read_json",
     "EXPORT_JSON",
     "MANIFEST",
     "MANIFEST_COLUMNS",
@@ -220,17 +221,21 @@ def new_record() -> dict[str, Any]:
     return {"format": "histocluster-export", "version": 1, "classes": {}, "exports": []}
 
 
+def read_json(path: Path, problem: str, fix: str) -> Any:
+    """The JSON document in ``path`` (UTF-8). Not JSON -> one line ``path: problem (why) — fix``;
+    an ``OSError`` (missing, no permission) is left to the caller (``cli.main`` words it)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise HistoclusterError(f"{path}: {problem} ({one_line(e)}) — {fix}") from e
+
+
 def load_record(out: str | Path) -> dict[str, Any]:
     """``DIR/export.json`` (a fresh record when absent)."""
     path = Path(out) / EXPORT_JSON
     if not path.exists():
         return new_record()
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise HistoclusterError(
-            f"{path}: unreadable ({one_line(e)}) — fix or remove it, or choose another --out"
-        ) from e
+    data = read_json(path, "unreadable", "fix or remove it, or choose another --out")
     if not isinstance(data, dict) or data.get("format") != "histocluster-export":
         raise HistoclusterError(f"{path}: not an engine.export record — choose another --out")
     data.setdefault("classes", {})

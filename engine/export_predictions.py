@@ -103,7 +103,7 @@ class PredictionChoice:
             raise HistoclusterError(f"{store.path}: --classes names a class twice — list each once")
         colours = list(attrs.get("colours") or [])
         palette = cluster_colors(len(known)).tolist()
-        self._classes = [
+        self.classes = [
             ExportClass(
                 c,
                 parse_colour(colours[known.index(c)] if known.index(c) < len(colours) else None,
@@ -119,41 +119,29 @@ class PredictionChoice:
         self._model = attrs.get("model_sha256")
         self._created = attrs.get("created")
         in_store = set(store.slide_ids())
-        self._slides = [s for s in self.maps.slide_ids() if s in in_store]
-        self._warnings = self._coverage_warnings(store, in_store)
+        # the slides with maps (there is no cluster run: all are 'outside' it)
+        self.extra_slides = [s for s in self.maps.slide_ids() if s in in_store]
+        self.warnings = self._coverage_warnings(store, in_store)
         self._slide: str | None = None
         self._prob: np.ndarray = np.zeros((0, 0), np.float32)
 
     def _coverage_warnings(self, store: FeatureStore, in_store: set[str]) -> list[str]:
         """Lines naming the store's slides the prediction does not (fully) cover."""
         fix = f"run python -m engine.classify apply MODEL {store.path} --name {self.name} to predict them"
-        missing = sorted(in_store - set(self._slides))
+        missing = sorted(in_store - set(self.extra_slides))
         lines = []
         if missing:
             lines.append(
                 f"{store.path}: prediction {self.name!r} has no maps for slide(s) "
                 f"{', '.join(missing)} (added after it was made) — {fix}"
             )
-        partial = [s for s in self._slides if not self.maps.chunks_done(s).all()]
+        partial = [s for s in self.extra_slides if not self.maps.chunks_done(s).all()]
         if partial:
             lines.append(
                 f"{store.path}: prediction {self.name!r} is unfinished on slide(s) "
                 f"{', '.join(partial)} (an interrupted apply) — {fix}"
             )
         return lines
-
-    @property
-    def classes(self) -> list[ExportClass]:
-        return list(self._classes)
-
-    @property
-    def extra_slides(self) -> list[str]:
-        """The slides with maps (there is no cluster run: all are 'outside' it)."""
-        return list(self._slides)
-
-    @property
-    def warnings(self) -> list[str]:
-        return list(self._warnings)
 
     def assign(self, slide_id: str, labels: np.ndarray) -> np.ndarray:
         """(rows, cols) int16 export class per tile: predicted, chosen and probable enough; else -1."""
@@ -184,7 +172,7 @@ class PredictionChoice:
             "prediction": self.name,
             "model_sha256": self._model,
             "created": self._created,
-            "classes": [c.name for c in self._classes],
+            "classes": [c.name for c in self.classes],
             "min_prob": self.min_prob,
         }
 
