@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from timm.optim import Lamb, Lars
@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 OptimizerName = Literal["lars", "lamb", "adam"]
-OPTIMIZERS: tuple[str, ...] = ("lars", "lamb", "adam")
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
 DEFAULT_WEIGHT_DECAY = 1e-6
 
 

@@ -27,7 +27,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 from PIL import Image
@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 Task = Literal["classification", "regression", "segmentation"]
-TASKS: tuple[str, ...] = ("classification", "regression", "segmentation")
+TASKS: tuple[str, ...] = get_args(Task)
 SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
 _SPLIT_ALIASES = {
     "train": "train",

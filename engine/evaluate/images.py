@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 FitMode = Literal["resize", "resize-crop", "crop"]
-FIT_MODES: tuple[str, ...] = ("resize", "resize-crop", "crop")
+FIT_MODES: tuple[str, ...] = get_args(FitMode)
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
 
 
