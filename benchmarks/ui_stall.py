@@ -1,0 +1,282 @@
+"""How long the napari GUI thread stalls while a user works through a 20-slide cohort.
+
+Run under a display (Xvfb)::
+
+    QT_QPA_PLATFORM=xcb xvfb-run -a .venv/bin/python benchmarks/ui_stall.py
+
+A cohort of ``--slides`` slides (links to the shared CMU-1-Small-Region.svs and the project's
+sample slide under distinct names) is opened in a real napari viewer with the HistoCluster
+widget, and the widget is driven through the calls a user's clicks make: open the folder,
+Extract all, Cluster, name a cluster, correct tiles, switch slides, change k, open a cluster's
+gallery, click a gallery tile, export. A 10 ms ``QTimer`` records when the event loop runs;
+the longest interval between two of its ticks is the longest stall (the goal: under 100 ms).
+
+Per action it prints the longest stall, the widget's stage then running, and (``--profile``,
+on by default) where the GUI thread was: a watchdog thread samples the GUI thread's stack
+whenever it has not ticked for ``--sample-after-ms``, and the most frequent frames of our code
+(``histocluster_napari``, ``engine``) and of napari/vispy are listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SHARED = Path(os.environ.get("HISTOCLUSTER_SHARED_DATA", REPO.parent / "shared" / "data"))
+SOURCES = [SHARED / "slides" / "CMU-1-Small-Region.svs", REPO / "sample_data" / "sample_slide.tiff"]
+GOAL_MS = 100.0
+
+
+def make_cohort(folder: Path, n: int) -> list[Path]:
+    """``n`` links named ``sNN_<stem><suffix>`` to the source slides, alternating."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = [p for p in SOURCES if p.is_file()]
+    if not sources:
+        sys.exit(f"none of {', '.join(map(str, SOURCES))} found")
+    out = []
+    for i in range(n):
+        src = sources[i % len(sources)]
+        link = folder / f"s{i:02d}_{src.stem}{src.suffix}"
+        link.symlink_to(src)
+        out.append(link)
+    return out
+
+
+class StallMeter:
+    """Ticks of a 10 ms timer on the GUI thread; the longest gap per action, and stack samples."""
+
+    def __init__(self, widget, sample_after_ms: float, profile: bool) -> None:
+        from qtpy.QtCore import Qt, QTimer
+
+        self.widget = widget
+        self.action = "start"
+        self.last = time.perf_counter()
+        self.worst: dict[str, tuple[float, str]] = {}
+        self.order: list[str] = []
+        self.samples: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.stacks: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self.episodes: dict[tuple[str, float], collections.Counter] = collections.defaultdict(
+            collections.Counter
+        )
+        self._stage_before = ""
+        self.timer = QTimer()
+        self.timer.setTimerType(Qt.TimerType.PreciseTimer)
+        self.timer.timeout.connect(self.tick)
+        self.timer.start(10)
+        self._main = threading.main_thread().ident
+        self._after = sample_after_ms / 1000.0
+        self._stop = threading.Event()
+        if profile:
+            threading.Thread(target=self._watch, daemon=True).start()
+
+    def start(self, action: str) -> None:
+        self.tick()
+        self.action = action
+        self.order.append(action)
+        self.worst.setdefault(action, (0.0, ""))
+
+    def stage(self) -> str:
+        w = self.widget
+        stage = w._stage or ("busy" if w.busy else "")
+        if w.gallery_loading:
+            stage = (stage + "+gallery").strip("+")
+        return stage or "idle"
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        gap_ms = 1000.0 * (now - self.last)
+        self.last = now
+        if gap_ms > self.worst.get(self.action, (0.0, ""))[0]:
+            stage = (
+                self._stage_before
+                if self._stage_before == self.stage()
+                else (f"{self._stage_before} -> {self.stage()}")
+            )
+            self.worst[self.action] = (gap_ms, stage)
+        self._stage_before = self.stage()
+
+    def _watch(self) -> None:
+        """Sample the GUI thread's stack while it has not ticked for a while."""
+        while not self._stop.wait(0.005):
+            if time.perf_counter() - self.last < self._after:
+                continue
+            frame = sys._current_frames().get(self._main)
+            if frame is None:
+                continue
+            ours, chain = None, []
+            for fs in traceback.extract_stack(frame)[::-1]:
+                where = fs.filename
+                short = f"{Path(where).name}:{fs.lineno} {fs.name}"
+                if ours is None and ("histocluster_napari" in where or "/engine/" in where):
+                    ours = short
+                if len(chain) < 6:
+                    chain.append(short)
+            self.samples[self.action][ours or "(outside our code)"] += 1
+            self.episodes[self.action, self.last][ours or chain[0]] += 1
+            self.stacks[self.action][" < ".join(chain)] += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.timer.stop()
+
+
+def pump(ms: int) -> None:
+    """Run the Qt event loop for ``ms`` milliseconds."""
+    from qtpy.QtCore import QEventLoop, QTimer
+
+    loop = QEventLoop()
+    QTimer.singleShot(ms, loop.quit)
+    loop.exec()
+
+
+def wait_until(cond, timeout_s: float = 900.0, what: str = "") -> None:
+    t0 = time.perf_counter()
+    while not cond():
+        if time.perf_counter() - t0 > timeout_s:
+            raise TimeoutError(f"waited {timeout_s:.0f} s for {what}")
+        pump(20)
+
+
+def drive(args: argparse.Namespace, tmp: Path) -> StallMeter:
+    import napari
+    import numpy as np
+
+    from histocluster_napari._widget import HistoClusterWidget
+
+    folder = tmp / "slides"
+    slides = make_cohort(folder, args.slides)
+    viewer = napari.Viewer(show=True)
+    widget = HistoClusterWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="HistoCluster")
+    widget.encoder.value = args.encoder
+    widget.tile_px.value, widget.target_mpp.value = args.tile_px, args.mpp
+    widget.k.value = args.k
+    widget.store.value = str(tmp / "cohort.zarr")
+    pump(500)
+    meter = StallMeter(widget, args.sample_after_ms, not args.no_profile)
+    idle = lambda: not widget.busy  # noqa: E731
+
+    def act(name: str, func, until=idle, settle_ms: int = 500) -> None:
+        meter.start(name)
+        t0 = time.perf_counter()
+        func()
+        wait_until(until, what=name)
+        pump(settle_ms)
+        print(f"  {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+
+    rows_filled = lambda: widget.slide_list.rowCount() == len(slides)  # noqa: E731
+    act("open folder", lambda: widget.open_folder(folder), rows_filled, 1500)
+    act("extract all", widget.extract_all, settle_ms=1500)
+    act("cluster", widget.run_cluster, lambda: idle() and widget.view is not None, 1500)
+    view = widget.view
+    assert view is not None, widget.status.value
+    act("name a cluster", lambda: widget.table.set_name(0, "tumour"))
+
+    def correct() -> None:
+        sid = widget._current
+        labels = widget.clusters_layer
+        tissue = np.argwhere(view.labels[sid] >= 0)
+        widget.correction_class.reset_choices()
+        widget.correction_class.value = "tumour"
+        for (r, c), action in zip(tissue[:2], ("move", "exclude"), strict=False):
+            widget.correct_tile_at(tuple(labels.data_to_world((r, c))), action)
+
+    act("correct 2 tiles", correct)
+    order = [view.slide_ids[i % len(view.slide_ids)] for i in (1, 2, 7, 12, 19, 0)]
+    for sid in order:
+        act(f"switch slide ({sid})", lambda sid=sid: widget.slide_list.slide_chosen.emit(sid))
+    new_k = args.k + 1
+    act(
+        f"change k to {new_k}",
+        lambda: setattr(widget.k, "value", new_k),
+        lambda: idle() and widget.view is not None and widget.view.k == new_k,
+        1500,
+    )
+    view = widget.view
+    cluster = int(np.argmax(view.totals))
+    gallery_full = lambda: widget.gallery.count() > 0 and not widget.gallery_loading  # noqa: E731
+    act("open gallery", lambda: widget.table.cellClicked.emit(cluster, 1), gallery_full, 1000)
+
+    def click_other() -> None:
+        tiles = widget.gallery.tiles()
+        i = next((i for i, t in enumerate(tiles) if t[0] != widget._current), 0)
+        widget.gallery.click(i)
+
+    act("click a gallery tile", click_other)
+    widget.curation.select(cluster, True)
+    widget.curation.name_cluster(cluster, "tumour")
+    widget.export_dir.value = str(tmp / "export")
+    act("export", widget.export_selected, settle_ms=1000)
+    meter.stop()
+    print(f"  final status: {widget.status.value[:200]}")
+    viewer.close()
+    return meter
+
+
+def report(meter: StallMeter, load_before: tuple, load_after: tuple, top: int) -> None:
+    print()
+    print(f"{'action':<34} {'longest stall':>14}  stage running")
+    worst_all = (0.0, "", "")
+    for action in meter.order:
+        ms, stage = meter.worst[action]
+        flag = "" if ms <= GOAL_MS else "  > goal"
+        print(f"{action:<34} {ms:>11.0f} ms  {stage}{flag}")
+        if ms > worst_all[0]:
+            worst_all = (ms, action, stage)
+    ms, action, stage = worst_all
+    verdict = "meets" if ms <= GOAL_MS else "misses"
+    print(
+        f"\nlongest stall overall: {ms:.0f} ms ({action}, {stage}) — {verdict} the {GOAL_MS:.0f} ms goal"
+    )
+    print("load average before: {:.2f} {:.2f} {:.2f}".format(*load_before))
+    print("load average after:  {:.2f} {:.2f} {:.2f}".format(*load_after))
+    if not meter.samples:
+        return
+    print("\nwhere the GUI thread was while stalled (stack samples every 5 ms):")
+    for action in meter.order:
+        if not meter.samples.get(action):
+            continue
+        print(f"  {action}:")
+        for where, n in meter.samples[action].most_common(top):
+            print(f"    {5 * n:>6} ms  {where}")
+        for chain, n in meter.stacks[action].most_common(3):
+            print(f"    {5 * n:>6} ms  [{chain}]")
+        episodes = [(sum(c.values()), c) for (a, _), c in meter.episodes.items() if a == action]
+        n, longest = max(episodes, key=lambda e: e[0])
+        print(
+            f"    the longest stall's samples ({5 * n} ms): "
+            + "; ".join(f"{where} {5 * m} ms" for where, m in longest.most_common(4))
+        )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--slides", type=int, default=20)
+    parser.add_argument("--encoder", default="resnet18-random")
+    parser.add_argument("--tile-px", type=int, default=64)
+    parser.add_argument("--mpp", type=float, default=4.0, help="tile um/px (coarse: few tiles)")
+    parser.add_argument("--k", type=int, default=6)
+    parser.add_argument("--sample-after-ms", type=float, default=40.0)
+    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--top", type=int, default=6)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="ui_stall-") as tmp:
+        os.environ["HISTOCLUSTER_CACHE"] = str(Path(tmp) / "cache")
+        load_before = os.getloadavg()
+        print(f"{args.slides} slides, tile {args.tile_px} px at {args.mpp} um/px, k={args.k}")
+        meter = drive(args, Path(tmp))
+        report(meter, load_before, os.getloadavg(), args.top)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
