@@ -11,7 +11,6 @@ it a per-tile override of the curation, and the classifier is retrained in the b
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -284,13 +283,9 @@ class ClassifierPanel(Container):
         if pred is None or w.view is None:
             w._fail("Export predicted: train a classifier first")
             return None
-        out_text = w.export_dir.line_edit.value.strip()
-        if not out_text:
-            w._fail("Export predicted: choose a folder under 'export to'")
+        out = w.export_folder("Export predicted")
+        if out is None:
             return None
-        if w.busy:
-            return None
-        out = Path(out_text).expanduser()
         w.status.value = f"Exporting predicted tiles (prob >= {self.min_prob.value:g}) to {out}…"
         return w._start(
             _classifier.export_predicted,

@@ -18,6 +18,7 @@ import numpy as np
 from magicgui.widgets import ComboBox, Container, PushButton
 
 from histocluster_napari import _map
+from histocluster_napari._canvas_click import on_click
 from histocluster_napari._classifier_panel import hex_rgba
 from histocluster_napari._overlay import cluster_colors, labels_colormap
 
@@ -140,19 +141,7 @@ class MapPanel(Container):
 
     def on_mouse(self, viewer: Any, event: Any) -> Any:
         """A click (no drag) on the map in pan/zoom mode jumps to the nearest tile."""
-        if event.button != 1 or event.modifiers:
-            return
-        active = viewer.layers.selection.active
-        if active is not None and getattr(active, "mode", "pan_zoom") != "pan_zoom":
-            return
-        start = np.asarray(event.position)
-        dragged = False
-        yield
-        while event.type == "mouse_move":
-            dragged = True
-            yield
-        if not dragged or np.allclose(start, event.position):
-            self.click_at(tuple(event.position[-2:]))
+        yield from on_click(viewer, event, self.click_at)
 
     def on_map_move(self, viewer: Any, event: Any) -> None:
         self.hover_at(tuple(event.position[-2:]))

@@ -32,6 +32,8 @@ DEFAULT_TILE_PX = 256
 """Tile side assumed for slides that do not declare one (plain images)."""
 MAX_COARSEST_PX = 4096
 """Levels are added by factor 2 below the slide's own until the coarsest fits this."""
+OVERVIEW_PX = 1024
+"""The coarsest level shown is held in memory, at most this many pixels on its longer side."""
 PLACEHOLDER_MPP = 1.0
 """Scale shown for slides without resolution metadata until the user enters it in the widget."""
 
@@ -53,8 +55,13 @@ def open_for_viewing(path: str | Path, mpp: float | None = None) -> tuple[Slide 
         return None, False
 
 
-def slide_layer_data(slide: Slide, mpp_known: bool = True, name: str | None = None) -> LayerData:
-    """A napari image LayerDataTuple: multiscale RGB pyramid of ``slide`` with scale in um."""
+def slide_layer_data(
+    slide: Slide, mpp_known: bool = True, name: str | None = None, pyramid: list | None = None
+) -> LayerData:
+    """A napari image LayerDataTuple: multiscale RGB pyramid of ``slide`` with scale in um.
+
+    ``pyramid``: the levels to show (default: :func:`slide_pyramid`, read lazily).
+    """
     mx, my = slide.mpp
     meta = {
         "slide_path": str(slide.path),
@@ -75,7 +82,7 @@ def slide_layer_data(slide: Slide, mpp_known: bool = True, name: str | None = No
             f"{slide.path}: no resolution (microns per pixel) in the metadata — enter the slide's "
             "um/px in the HistoCluster widget (shown in pixels until then)"
         )
-    return slide_pyramid(slide), kwargs, "image"
+    return (slide_pyramid(slide) if pyramid is None else pyramid), kwargs, "image"
 
 
 def slide_tile_size(slide: Slide, level: int) -> tuple[int, int]:
@@ -190,3 +197,22 @@ def slide_pyramid(slide: Slide) -> list[da.Array]:
         levels.append(_lazy_level(arr, tw, th, meta, f"{coarsest}x{extra}"))
         extra *= 2
     return levels
+
+
+def with_overview(levels: list[da.Array]) -> list[Any]:
+    """``levels`` with the coarsest one in memory: read whole (a worker's job, not the GUI's).
+
+    A coarsest level wider than ``OVERVIEW_PX`` is kept lazy and an in-memory level shrunk by
+    the power of two that fits it is added below it, so the zoomed-out view (what a slide
+    opens at) never reads the slide on the GUI thread.
+    """
+    last = levels[-1]
+    h, w = last.shape[:2]
+    if max(h, w) <= OVERVIEW_PX:
+        return [*levels[:-1], np.ascontiguousarray(last.compute(scheduler="synchronous"))]
+    factor = 2
+    while max(math.ceil(h / factor), math.ceil(w / factor)) > OVERVIEW_PX:
+        factor *= 2
+    whole = np.asarray(last.compute(scheduler="synchronous"))
+    small = np.asarray(Image.fromarray(whole).reduce(factor))
+    return [*levels, np.ascontiguousarray(small)]

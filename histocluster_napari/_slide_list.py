@@ -5,7 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from qtpy.QtCore import Qt, Signal
-from qtpy.QtWidgets import QAbstractItemView, QHeaderView, QTableWidget, QTableWidgetItem
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QHeaderView,
+    QProgressBar,
+    QTableWidget,
+    QTableWidgetItem,
+)
 
 from histocluster_napari._cohort import SlideRow
 
@@ -13,7 +19,11 @@ HEADERS = ("slide", "tissue tiles", "encoded", "status")
 
 
 class SlideList(QTableWidget):
-    """One row per slide of the cohort; emits ``slide_chosen(slide_id)`` when a row is clicked."""
+    """One row per slide of the cohort; emits ``slide_chosen(slide_id)`` when a row is clicked.
+
+    While slides are extracted, each one with tiles to encode shows its own progress bar in the
+    status column (``set_progress``).
+    """
 
     slide_chosen = Signal(str)
 
@@ -30,6 +40,7 @@ class SlideList(QTableWidget):
             header.setSectionResizeMode(col, QHeaderView.ResizeMode.ResizeToContents)
         self.setMinimumHeight(90)
         self._ids: list[str] = []
+        self._bars: dict[str, QProgressBar] = {}
         self.cellClicked.connect(lambda row, _col: self.slide_chosen.emit(self._ids[row]))
 
     def set_rows(self, rows: Sequence[SlideRow]) -> None:
@@ -55,6 +66,31 @@ class SlideList(QTableWidget):
                 self.setItem(i, col, item)
         if current in self._ids:
             self.highlight(current)
+
+    def set_progress(self, counts: dict[str, tuple[int, int]]) -> None:
+        """Show (tiles done, tiles to do) of each slide in ``counts`` as a bar in its status cell."""
+        for sid, (done, total) in counts.items():
+            if sid not in self._ids:
+                continue
+            bar = self._bars.get(sid)
+            if bar is None:
+                bar = self._bars[sid] = QProgressBar()
+                bar.setFormat("encoding %v / %m")
+                bar.setTextVisible(True)
+                self.setCellWidget(self._ids.index(sid), 3, bar)
+            bar.setMaximum(max(1, total))
+            bar.setValue(min(done, max(1, total)))
+
+    def progress(self) -> dict[str, tuple[int, int]]:
+        """(done, to do) of each slide whose progress bar is shown."""
+        return {s: (b.value(), b.maximum()) for s, b in self._bars.items()}
+
+    def clear_progress(self) -> None:
+        """Remove the per-slide progress bars (the status column shows the counts again)."""
+        for sid in self._bars:
+            if sid in self._ids:
+                self.removeCellWidget(self._ids.index(sid), 3)
+        self._bars.clear()
 
     def slide_ids(self) -> list[str]:
         return list(self._ids)

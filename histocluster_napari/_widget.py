@@ -57,6 +57,7 @@ from engine.store import FeatureStore
 from engine.tiling import Tiling
 from engine.tissue import TISSUE_METHODS
 from histocluster_napari import _classifier, _map, _session
+from histocluster_napari._canvas_click import on_click
 from histocluster_napari._classifier_panel import ClassifierPanel
 from histocluster_napari._cluster_table import ClusterTable
 from histocluster_napari._cohort import cohort_rows, folder_slides, store_slides
@@ -73,8 +74,10 @@ from histocluster_napari._overlay import (
     hatch_placement,
     labels_colormap,
 )
-from histocluster_napari._slide_layers import METADATA_KEY, open_for_viewing, slide_layer_data
+from histocluster_napari._slide_layers import METADATA_KEY, slide_layer_data
 from histocluster_napari._slide_list import SlideList
+from histocluster_napari._slide_loader import SlideLoader
+from histocluster_napari._slide_progress import SlideProgress
 from histocluster_napari._store_layers import CLUSTERS_SUFFIX
 
 if TYPE_CHECKING:
@@ -84,6 +87,8 @@ SIMILAR_SUFFIX = " similar"
 UNREADABLE_SUFFIX = " unreadable"
 MARK_LAYER = "gallery tile"
 RECLUSTER_DELAY_MS = 400
+PROGRESS_INTERVAL_MS = 150
+"""Progress bars are redrawn at most this often (each redraw repaints the window)."""
 SAVE_DELAY_MS = 300
 OVERLAY_OPACITY = 0.6
 KEYS = {"Shift-F": "find similar", "Shift-M": "move", "Shift-X": "exclude", "Shift-U": "restore"}
@@ -138,7 +143,18 @@ class HistoClusterWidget(Container):
         self._save_timer.timeout.connect(self.save_curation)
         self._rows_bridge = _GalleryBridge()
         self._rows_bridge.event.connect(self._show_rows)
-        self._open_slides: dict[tuple, tuple[Any, bool]] = {}  # slides opened for viewing
+        self._shown_key: Any = None
+        self._colors_key: Any = None
+        self._features_key: Any = None
+        self._slides = SlideLoader()  # slides opened for viewing, in a background thread
+        self._slides.loaded.connect(self._on_slide_loaded)
+        self._pending_camera: tuple[tuple[float, float], float] | None = None
+        self._slide_progress: SlideProgress | None = None
+        self._latest_progress: tuple[str, int, int] | None = None
+        self._progress_timer = QTimer()
+        self._progress_timer.setSingleShot(True)
+        self._progress_timer.timeout.connect(self._apply_progress)
+        _warm_up_labels()
         self._gallery_bridge = _GalleryBridge()
         self._gallery_bridge.event.connect(self._on_gallery_event)
         self._gallery_generation = 0
@@ -158,14 +174,11 @@ class HistoClusterWidget(Container):
         )
         self.slide_list = SlideList()
         self.slide_list.setVisible(False)
-        self.slide_mpp = FloatSpinBox(
-            label="slide um/px",
-            value=0.0,
-            min=0.0,
-            max=100.0,
-            step=0.001,
-            tooltip="Micrometres per pixel of the slide's full resolution. Needed only when the "
-            "file has no resolution metadata; 0 = from the file.",
+        self.slide_mpp = _number_box(
+            "slide um/px",
+            (0.0, 0.0, 100.0, 0.001),
+            "Micrometres per pixel of the slide's full resolution. Needed only when the file "
+            "has no resolution metadata; 0 = from the file.",
             visible=False,
         )
         self.encoder = EncoderChoice(
@@ -173,27 +186,17 @@ class HistoClusterWidget(Container):
             value=default_encoder_spec(),
         )
         self.tile_px = SpinBox(label="tile px", value=224, min=16, max=4096, step=16)
-        self.target_mpp = FloatSpinBox(
-            label="um/px",
-            value=0.5,
-            min=0.05,
-            max=64.0,
-            step=0.25,
-            tooltip="Resolution of the tiles.",
-        )
+        self.target_mpp = _number_box("um/px", (0.5, 0.05, 64.0, 0.25), "Resolution of the tiles.")
         self.tissue_method = ComboBox(
             label="tissue",
             choices=list(TISSUE_METHODS),
             value="otsu",
             tooltip="How tissue is told from background on the slide's thumbnail.",
         )
-        self.min_tissue = FloatSpinBox(
-            label="min tissue",
-            value=0.5,
-            min=0.0,
-            max=1.0,
-            step=0.05,
-            tooltip="A tile is encoded and clustered when at least this share of it is tissue.",
+        self.min_tissue = _number_box(
+            "min tissue",
+            (0.5, 0.0, 1.0, 0.05),
+            "A tile is encoded and clustered when at least this share of it is tissue.",
         )
         self.k = SpinBox(label="k", value=8, min=2, max=64, tooltip="Number of clusters.")
         self.store = FileEdit(
@@ -266,19 +269,15 @@ class HistoClusterWidget(Container):
         self.extend([self.slide])
         self.native.layout().addWidget(open_box.native)
         self.native.layout().addWidget(self.slide_list)
-        inputs = Container(
-            widgets=[
-                self.slide_mpp,
-                self.encoder,
-                self.tile_px,
-                self.target_mpp,
-                self.tissue_method,
-                self.min_tissue,
-                self.k,
-                self.store,
-            ],
-            labels=True,
+        feature_inputs = (  # what the store's features depend on
+            self.slide_mpp,
+            self.encoder,
+            self.tile_px,
+            self.target_mpp,
+            self.tissue_method,
+            self.min_tissue,
         )
+        inputs = Container(widgets=[*feature_inputs, self.k, self.store], labels=True)
         self.native.layout().addWidget(inputs.native)
         self.native.layout().addWidget(run_box.native)
         self._run_box, self._inputs = run_box, inputs
@@ -308,15 +307,7 @@ class HistoClusterWidget(Container):
         self.slide.changed.connect(self._on_slide_changed)
         self.slide_mpp.changed.connect(self._on_slide_mpp_changed)
         self.k.changed.connect(self._on_k_changed)
-        for w in (
-            self.slide,
-            self.slide_mpp,
-            self.encoder,
-            self.tile_px,
-            self.target_mpp,
-            self.tissue_method,
-            self.min_tissue,
-        ):
+        for w in (self.slide, *feature_inputs):
             w.changed.connect(self._update_store_hint)
         self.table.selection_changed.connect(self._on_selection_changed)
         self.table.name_edited.connect(self._on_name_edited)
@@ -524,6 +515,8 @@ class HistoClusterWidget(Container):
         self.slide_list.set_rows(cohort_rows(None, self._cohort))  # names now, counts soon
         self._refresh_slide_list()
         self.show_slide(slide_id(slides[0]))
+        for path in slides[1:]:  # opened in the background, so switching slides is instant
+            self._slides.request((Path(path), None), urgent=False)
 
     def _open_existing_run(self) -> Any:
         """Show the store's latest run (with its saved curation) when the store has one."""
@@ -589,44 +582,93 @@ class HistoClusterWidget(Container):
         else:
             self.table.set_slide_counts(None)
 
+    def _slide_key(self, sid: str) -> tuple[Path, Any] | None:
+        """What the slide loader knows slide ``sid`` by: (file, um/px given or None)."""
+        source = self._source_of(sid)
+        if source is None:
+            return None
+        mpp = self._view.mpp.get(sid) if self._view is not None else None
+        plain = (Path(source), None)
+        if mpp is not None and self._slides.is_loaded(plain):
+            shown = self._slides.get(plain)
+            if shown is not None and shown.mpp_known and np.allclose(shown.slide.mpp, mpp):
+                return plain  # the file's own um/px is the store's: no second opening
+        return (Path(source), mpp)
+
+    @property
+    def slide_loading(self) -> bool:
+        """True while the slide to show is being opened (in the background), until it is shown."""
+        if self._cohort is None or self._current is None:
+            return False
+        return self._shown_key != self._slide_key(self._current)
+
     def _swap_image(self, sid: str) -> None:
         """Put slide ``sid`` into the one cohort image layer (its data replaced in place).
 
         Replacing the data, rather than removing the layer and adding another, keeps one image
         layer in the viewer; it also avoids a crash of vispy on Mesa's llvmpipe when a layer is
-        removed and another added while a Labels layer is drawn.
+        removed and another added while a Labels layer is drawn. A slide not opened yet is
+        opened in the background (``_slides``): the layer takes its name at once and shows
+        its pixels when they are read (``_on_slide_loaded``).
         """
         layer = self._cohort_layer
         if layer is not None and layer not in self._viewer.layers:
             layer = self._cohort_layer = None
-        if layer is not None and layer.name == sid and layer.visible:
+        key = self._slide_key(sid)
+        if layer is not None and layer.name == sid and layer.visible and self._shown_key == key:
             return
-        source = self._source_of(sid)
-        mpp = self._view.mpp.get(sid) if self._view is not None else None
-        key = (source, mpp)
-        if key not in self._open_slides:
-            self._open_slides[key] = open_for_viewing(source, mpp=mpp) if source else (None, False)
-        slide, mpp_known = self._open_slides[key]
-        if slide is None:
-            del self._open_slides[key]
+        if key is not None and not self._slides.is_loaded(key):
+            self._slides.request(key)
+            if layer is not None:
+                layer.visible = False  # not the previous slide's pixels under this one's labels
+                layer.name = sid
+            return
+        shown = self._slides.get(key) if key is not None else None
+        self._shown_key = key
+        if shown is None:
+            if key is not None:
+                self._slides.forget(key)  # tried again next time it is shown
             show_warning(
-                f"{source}: slide {sid!r} not found or unreadable — showing its clusters only"
+                f"{key[0] if key else sid}: slide {sid!r} not found or unreadable — showing its "
+                "clusters only"
             )
             if layer is not None:
                 layer.visible = False
             return
-        data, kwargs, _ = slide_layer_data(slide, mpp_known=mpp_known, name=sid)
+        data, kwargs, _ = slide_layer_data(
+            shown.slide, mpp_known=shown.mpp_known, name=sid, pyramid=shown.pyramid
+        )
         if layer is None:
-            self._cohort_layer = self._viewer.add_image(data, **kwargs)
-            self._viewer.layers.move(self._viewer.layers.index(self._cohort_layer), 0)
+            self._cohort_layer = layer = self._viewer.add_image(data, **kwargs)
+            self._viewer.layers.move(self._viewer.layers.index(layer), 0)
         else:
+            layer.visible = False  # sliced once, at the new camera, when shown again
             layer.data = data
             layer.scale = kwargs["scale"]
             layer.units = kwargs["units"]
             layer.metadata = kwargs["metadata"]
             layer.name = sid
-            layer.visible = True
-        self._viewer.reset_view()
+        self._shown_key = key
+        if self._pending_camera is not None:
+            centre, zoom = self._pending_camera
+            self._pending_camera = None
+            self.camera.center, self.camera.zoom = centre, zoom
+        else:
+            self._viewer.reset_view()
+        layer.visible = True
+
+    def _on_slide_loaded(self, key: Any, _shown: Any) -> None:
+        """A slide was opened in the background: show it when it is the one wanted."""
+        try:
+            self.native.objectName()
+        except RuntimeError:  # the widget was closed meanwhile
+            return
+        if self._cohort is None or self._current is None or self._slide_key(self._current) != key:
+            return
+        first = self._cohort_layer is None or self._cohort_layer not in self._viewer.layers
+        self._swap_image(self._current)
+        if first:
+            self._draw_labels()  # in the image layer's units, now that it exists
 
     # ================================================================== running
 
@@ -635,33 +677,40 @@ class HistoClusterWidget(Container):
         """True while a worker runs."""
         return self._worker is not None
 
-    def run_cluster(self, _value: Any = None) -> Any:
-        """Extract features when missing, then K-means over every slide, in a worker."""
+    def _new_job(self) -> _session.ClusterJob | None:
+        """The inputs' job, when no worker runs and the inputs are complete (else None, said why)."""
         if self.busy:
             return None
         try:
-            job = self.job()
+            return self.job()
         except HistoclusterError as e:
             self._fail(str(e))
+            return None
+
+    def _start_encoding(self, func: Any, job: _session.ClusterJob, *args: Any, on_done: Any) -> Any:
+        """``_start`` for work that may encode the job's slides: with a progress bar per slide."""
+        self._slide_progress = SlideProgress(job.store_path(), job.slides)
+        return self._start(func, job, *args, on_done=on_done)
+
+    def run_cluster(self, _value: Any = None) -> Any:
+        """Extract features when missing, then K-means over every slide, in a worker."""
+        job = self._new_job()
+        if job is None:
             return None
         self.save_curation()
         previous = self._view.curation.copy() if self._view is not None else None
         where = self._view.store_path if self._view is not None else None
         what = job.slides[0].name if len(job.slides) == 1 else f"{len(job.slides)} slides"
         self.status.value = f"Clustering {what} (k={job.k})…"
-        return self._start(_session.cluster, job, previous, where, on_done=self._show_view)
+        return self._start_encoding(_session.cluster, job, previous, where, on_done=self._show_view)
 
     def extract_all(self) -> Any:
         """Encode the missing tiles of every slide (no clustering), in a worker."""
-        if self.busy:
-            return None
-        try:
-            job = self.job()
-        except HistoclusterError as e:
-            self._fail(str(e))
+        job = self._new_job()
+        if job is None:
             return None
         self.status.value = f"Extracting {len(job.slides)} slide(s)…"
-        return self._start(_session.ensure_features, job, on_done=self._show_extracted)
+        return self._start_encoding(_session.ensure_features, job, on_done=self._show_extracted)
 
     def _show_extracted(self, report: _session.FeatureReport) -> None:
         self._refresh_slide_list()
@@ -725,6 +774,10 @@ class HistoClusterWidget(Container):
     def _report(self, stage: str, done: int, total: int) -> None:
         """Called in the worker thread: forward progress, stop when cancelled."""
         self._bridge.event.emit(("progress", stage, int(done), int(total)))
+        per_slide = self._slide_progress
+        counts = per_slide(stage, done, total) if per_slide is not None else None
+        if counts:
+            self._bridge.event.emit(("slides", counts))
         if self._cancel.is_set():
             raise Cancelled("cancelled by the user")
 
@@ -742,16 +795,31 @@ class HistoClusterWidget(Container):
 
     def _handle(self, event: tuple) -> None:
         kind = event[0]
-        if kind == "progress":
-            self._on_progress(*event[1:])
+        if kind == "progress":  # drawn at most every PROGRESS_INTERVAL_MS: the latest one
+            self._latest_progress = event[1:]
+            if not self._progress_timer.isActive():
+                self._progress_timer.start(PROGRESS_INTERVAL_MS)
+                self._apply_progress()
+            return
+        if kind == "slides":
+            self.slide_list.set_progress(event[1])
             return
         self._worker = None
+        self._slide_progress = None
+        self._latest_progress = None
+        self._progress_timer.stop()
+        self.slide_list.clear_progress()
         self._close_pbar()
         self._set_busy(False)
         if kind == "done":
             self._on_done(event[1])
         else:
             self._on_worker_error(event[1])
+
+    def _apply_progress(self) -> None:
+        latest, self._latest_progress = self._latest_progress, None
+        if latest is not None and self._worker is not None:
+            self._on_progress(*latest)
 
     def _on_progress(self, stage: str, done: int, total: int) -> None:
         label = (
@@ -931,9 +999,12 @@ class HistoClusterWidget(Container):
             layer.editable = False
             self._labels_layer = layer
         else:
+            translate = (geom.translate[0] + oy, geom.translate[1] + ox)
+            if not np.allclose(layer.scale[-2:], geom.scale):  # each setter redraws: only changes
+                layer.scale = geom.scale
+            if not np.allclose(layer.translate[-2:], translate):
+                layer.translate = translate
             layer.data = data
-            layer.scale = geom.scale
-            layer.translate = (geom.translate[0] + oy, geom.translate[1] + ox)
             layer.name = name
             layer.visible = self.classifier.prediction is None or layer.visible
         if image is not None:
@@ -1000,6 +1071,10 @@ class HistoClusterWidget(Container):
         if layer is None or self._view is None:
             return
         visible = set(self.table.selected()) if self.show_selected_only.value else None
+        key = (id(layer), self._view.k, None if visible is None else frozenset(visible))
+        if key == self._colors_key:
+            return  # a new colormap costs a texture and a redraw: only when it changes
+        self._colors_key = key
         layer.colormap = labels_colormap(cluster_colors(self._view.k), visible)
 
     def _update_layer_features(self) -> None:
@@ -1008,6 +1083,9 @@ class HistoClusterWidget(Container):
         if layer is None or self._view is None:
             return
         names = [n or f"cluster {c} (unnamed)" for c, n in enumerate(self._view.curation.names)]
+        if self._features_key == (id(layer), names):
+            return
+        self._features_key = (id(layer), names)
         layer.features = pd.DataFrame(
             {
                 "index": np.arange(self._view.k + 3),
@@ -1061,19 +1139,7 @@ class HistoClusterWidget(Container):
 
     def _on_mouse_press(self, viewer: Any, event: Any) -> Any:
         """A click (press and release without dragging) on a tile toggles its cluster."""
-        if event.type != "mouse_press" or event.button != 1 or event.modifiers:
-            return
-        active = viewer.layers.selection.active
-        if active is not None and getattr(active, "mode", "pan_zoom") != "pan_zoom":
-            return  # the user is painting or drawing
-        start = np.asarray(event.position)
-        dragged = False
-        yield
-        while event.type == "mouse_move":
-            dragged = True
-            yield
-        if not dragged or np.allclose(start, event.position):
-            self.click_tile_at(tuple(event.position[-2:]))
+        yield from on_click(viewer, event, self.click_tile_at)
 
     def tile_at(self, world_yx: tuple[float, float]) -> tuple[int, int] | None:
         """(row, col) of the shown slide's tile under a world point (um), or None."""
@@ -1301,6 +1367,8 @@ class HistoClusterWidget(Container):
         side = float(np.ptp(rect[:, 0]))
         canvas = getattr(self._viewer, "_canvas_size", None) or (600, 600)
         camera.zoom = min(canvas) / (4.0 * side)  # the tile spans a quarter of the canvas
+        if self.slide_loading:  # kept when the slide's pixels arrive
+            self._pending_camera = ((float(centre[0]), float(centre[1])), float(camera.zoom))
         self._query_tile = (row, col)
         cluster = int(self._view.labels[sid][row, col])
         self.status.value = f"{sid}, tile ({row}, {col}): cluster {cluster}"
@@ -1328,15 +1396,19 @@ class HistoClusterWidget(Container):
         if problem:
             self._fail(f"Export: {problem}")
             return None
-        out_text = self.export_dir.line_edit.value.strip()
-        if not out_text:
-            self._fail("Export: choose a folder under 'export to'")
+        out = self.export_folder("Export")
+        if out is None:
             return None
-        if self.busy:
-            return None
-        out = Path(out_text).expanduser()
         self.status.value = f"Exporting {', '.join(cur.exported_classes())} to {out}…"
         return self._start(_session.export_curation, self._view, out, on_done=self._show_export)
+
+    def export_folder(self, what: str) -> Path | None:
+        """The folder under 'export to'; None (and why, for ``what``) when empty or busy."""
+        out_text = self.export_dir.line_edit.value.strip()
+        if not out_text:
+            self._fail(f"{what}: choose a folder under 'export to'")
+            return None
+        return None if self.busy else Path(out_text).expanduser()
 
     def _show_export(self, report: _session.ExportReport) -> None:
         lines = ", ".join(f"{name}: {n}" for name, n in report.per_class.items())
@@ -1403,3 +1475,31 @@ class _ViewerHooks:
 
 def _html(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _number_box(
+    label: str, value_min_max_step: tuple[float, float, float, float], tooltip: str, **kw: Any
+) -> FloatSpinBox:
+    """A labelled float spin box: (value, min, max, step) and what it means."""
+    value, lo, hi, step = value_min_max_step
+    return FloatSpinBox(label=label, value=value, min=lo, max=hi, step=step, tooltip=tooltip, **kw)
+
+
+def _warm_up_labels() -> None:
+    """Load napari's compiled label colour mapping (numba) in the background, once, so the first
+    clusters layer does not wait for it on the GUI thread."""
+    global _WARMING
+    if _WARMING is not None:
+        return
+
+    def warm() -> None:
+        try:
+            labels_colormap(cluster_colors(2))._map_without_cache(np.zeros((2, 2), np.uint16))
+        except Exception:  # only a head start; napari does it again when needed
+            pass
+
+    _WARMING = threading.Thread(target=warm, name="histocluster-warm-up", daemon=True)
+    _WARMING.start()
+
+
+_WARMING: threading.Thread | None = None

@@ -34,6 +34,11 @@ def cohort_widget(make_napari_viewer, folder: Path, store: Path, **settings):
     return viewer, widget
 
 
+def shown(qtbot, widget) -> None:
+    """Wait until the slide chosen is on the canvas (slides are opened in the background)."""
+    qtbot.waitUntil(lambda: not widget.slide_loading, timeout=TIMEOUT_MS)
+
+
 def kinds(viewer) -> list[str]:
     return [type(layer).__name__ for layer in viewer.layers]
 
@@ -64,6 +69,7 @@ def test_opening_a_folder_then_cluster_extracts_and_clusters_every_slide(
     store = tmp_path / "cohort.zarr"
     viewer, widget = cohort_widget(make_napari_viewer, cohort_dir, store)
     assert widget.slide_list.slide_ids() == SLIDES
+    shown(qtbot, widget)
     assert kinds(viewer) == ["Image"] and viewer.layers[0].name == SLIDES[0]
     assert [widget.slide_list.status_of(s) for s in SLIDES] == ["not extracted"] * 3
     widget.run_cluster()
@@ -90,6 +96,7 @@ def test_a_cohort_is_clustered_once_and_shown_one_slide_at_a_time(qtbot, cluster
     )
     for sid in [SLIDES[1], SLIDES[2], SLIDES[0]]:
         widget.slide_list.slide_chosen.emit(sid)  # what clicking its row does
+        shown(qtbot, widget)
         assert kinds(viewer) == ["Image", "Labels"], [layer.name for layer in viewer.layers]
         image, labels = viewer.layers
         assert image.name == sid and labels.name == f"{sid} clusters"
@@ -125,6 +132,7 @@ def test_gallery_shows_a_cluster_across_slides_and_a_click_jumps_to_the_tile(
     i = next(i for i, (s, _, _) in enumerate(tiles) if s != widget._current)
     sid, row, col = tiles[i]
     widget.gallery.click(i)
+    shown(qtbot, widget)
     assert widget._current == sid and kinds(viewer)[:2] == ["Image", "Labels"]
     assert viewer.layers[0].name == sid
     labels = viewer.layers[f"{sid} clusters"]
@@ -164,4 +172,45 @@ def test_a_store_dropped_on_the_viewer_becomes_the_widget_cohort(
     qtbot.waitUntil(lambda: widget.view is not None and not widget.busy, timeout=TIMEOUT_MS)
     assert widget.slide_list.slide_ids() == SLIDES and widget.view.run == first.view.run
     assert widget.curation.name_of(0) == "stroma"
+    shown(qtbot, widget)
     assert kinds(viewer) == ["Image", "Labels"]  # the reader's layers replaced, not stacked
+
+
+def test_extract_all_shows_a_progress_bar_per_slide(
+    make_napari_viewer, qtbot, cohort_dir, tmp_path, isolated_cache
+):
+    """During Extract all, each slide with tiles to encode has its own bar in the slide list;
+    they end full (every pending tile counted once, on its own slide), then give way to counts."""
+    store = tmp_path / "cohort.zarr"
+    viewer, widget = cohort_widget(make_napari_viewer, cohort_dir, store)
+    seen: list[dict] = []
+    widget.slide_list.set_progress = _recording(widget.slide_list.set_progress, seen)
+    widget.extract_all()
+    qtbot.waitUntil(lambda: bool(widget.slide_list.progress()), timeout=TIMEOUT_MS)
+    shown_bars = widget.slide_list.progress()
+    assert set(shown_bars) <= set(SLIDES) and widget.busy
+    wait_idle(qtbot, widget)
+    assert widget.slide_list.progress() == {}  # the bars are gone, the counts are back
+    last = {sid: counts for update in seen for sid, counts in update.items()}
+    assert set(last) == set(SLIDES)  # every slide had tiles to encode
+    store_ = FeatureStore.open(store)
+    for sid, (done, total) in last.items():
+        sf = store_.slide(sid)
+        assert done == total == int(sf.selected.sum()), sid
+    # Slide after slide: a slide's bar starts moving only once the one before is full.
+    order = [s for s in widget.slide_list.slide_ids() if s in last]
+    for update in seen:
+        moving = [s for s in order if 0 < update[s][0] < update[s][1]]
+        assert len(moving) <= 1, update
+    qtbot.waitUntil(
+        lambda: [widget.slide_list.status_of(s) for s in SLIDES] == ["encoded"] * 3,
+        timeout=TIMEOUT_MS,
+    )
+
+
+def _recording(method, seen: list):
+    def record(counts):
+        seen.append(dict(counts))
+        method(counts)
+
+    return record

@@ -14,7 +14,7 @@ from engine.store import FeatureStore
 from histocluster_napari._overlay import HATCH_SUB
 from histocluster_napari._slide_layers import UNREADABLE_GREY
 from tests.napari.conftest import FAST
-from tests.napari.test_widget import wait_idle
+from tests.napari.test_widget import TIMEOUT_MS, wait_idle
 
 pytestmark = pytest.mark.gui
 
@@ -92,5 +92,6 @@ def test_a_slide_with_unreadable_tiles_is_clustered_and_its_tiles_hatched(
     widget._refresh_slide_list(wait=True)
     assert widget.slide_list.status_of("sample_slide") == f"encoded, {n} unreadable"
     # The slide itself is shown, its unreadable pixels grey (the viewer salvages the region).
+    qtbot.waitUntil(lambda: not widget.slide_loading, timeout=TIMEOUT_MS)
     coarse = np.asarray(widget._cohort_layer.data[-1])
     assert (coarse == UNREADABLE_GREY).all(axis=-1).any() and coarse.std() > 10
