@@ -38,6 +38,19 @@ class Config:
     threads: int = 0
 
 
+HELP = {
+    "n": "feature vectors",
+    "dim": "feature dimension",
+    "k": "components = clusters",
+    "separation": "distance of component means from the origin in noise sd; lower overlaps more",
+    "sample": "rows the streamed fit uses, as engine.cluster --sample",
+    "batch_size": "mini-batch rows",
+    "chunk_rows": "rows per streamed chunk",
+    "threads": "BLAS/OpenMP threads, 0 = library default",
+}
+"""The command-line flags: one per ``Config`` field (``--batch-size`` for ``batch_size``)."""
+
+
 def make_mixture(cfg: Config) -> tuple[np.ndarray, np.ndarray]:
     """(n, dim) float32 unit-norm features and (n,) int64 true components.
 
@@ -63,7 +76,7 @@ def make_mixture(cfg: Config) -> tuple[np.ndarray, np.ndarray]:
 
 
 def run_streamed(x: np.ndarray, cfg: Config) -> tuple[np.ndarray, float, float, dict]:
-    from engine.kmeans import assign, fit_streamed_kmeans
+    from engine.kmeans import KMeansSettings, assign, fit_streamed_kmeans
 
     def source():
         for s in range(0, len(x), cfg.chunk_rows):
@@ -75,15 +88,8 @@ def run_streamed(x: np.ndarray, cfg: Config) -> tuple[np.ndarray, float, float, 
         calls[0] += 1
 
     t0, c0 = time.perf_counter(), time.process_time()
-    fit = fit_streamed_kmeans(
-        source,
-        cfg.k,
-        n_total=len(x),
-        sample=cfg.sample,
-        seed=cfg.seed,
-        batch_size=cfg.batch_size,
-        progress=progress,
-    )
+    settings = KMeansSettings(cfg.k, sample=cfg.sample, seed=cfg.seed, batch_size=cfg.batch_size)
+    fit = fit_streamed_kmeans(source, settings, n_total=len(x), progress=progress)
     t1 = time.perf_counter()
     labels = np.concatenate([assign(c, fit.centroids, distances=False)[0] for c in source()])
     t2, c2 = time.perf_counter(), time.process_time()
@@ -107,41 +113,17 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     d = Config()
-    p.add_argument("--n", type=int, default=d.n, help="feature vectors (default %(default)s)")
-    p.add_argument("--dim", type=int, default=d.dim, help="feature dimension (default %(default)s)")
-    p.add_argument("--k", type=int, default=d.k, help="components = clusters (default %(default)s)")
+    for name, what in HELP.items():
+        p.add_argument(
+            "--" + name.replace("_", "-"),
+            type=type(getattr(d, name)),
+            default=getattr(d, name),
+            help=f"{what} (default %(default)s)",
+        )
     p.add_argument(
         "--seeds",
         default="0",
         help="comma-separated seeds; each draws its own mixture and seeds both methods (default 0)",
-    )
-    p.add_argument(
-        "--separation",
-        type=float,
-        default=d.separation,
-        help="distance of component means from the origin in noise sd; lower overlaps more "
-        "(default %(default)s)",
-    )
-    p.add_argument(
-        "--sample",
-        type=int,
-        default=d.sample,
-        help="rows the streamed fit uses, as engine.cluster --sample (default %(default)s)",
-    )
-    p.add_argument(
-        "--batch-size", type=int, default=d.batch_size, help="mini-batch rows (default %(default)s)"
-    )
-    p.add_argument(
-        "--chunk-rows",
-        type=int,
-        default=d.chunk_rows,
-        help="rows per streamed chunk (default %(default)s)",
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=d.threads,
-        help="BLAS/OpenMP threads, 0 = library default (default %(default)s)",
     )
     p.add_argument("--skip-full", action="store_true", help="time only the streamed K-means")
     a = p.parse_args(argv)

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.kmeans import row_norms2
 from engine.progress import Progress, Throttle, no_progress
 from engine.store import FeatureStore
 
@@ -51,7 +52,9 @@ Normalizer = Callable[[np.ndarray], np.ndarray]
 class FeatureTable:
     """The selected, encoded tiles of some slides, in ``FeatureStore.iter_tissue_features`` order.
 
-    x: (n, dim) float32 normalised features. rows, cols: (n,) int64 grid positions.
+    x: (n, dim) float32 normalised features. sq: (n,) float32 their squared norms
+    (``engine.kmeans.row_norms2``, for the assignment's distances). rows, cols: (n,) int64
+    grid positions.
     spans: {slide_id: (start, stop)} rows of ``x`` of each slide (contiguous, in slide order).
     bounds: (p + 1,) int64 starts of the chunks the store yielded, then n (assignment works
     chunk by chunk on these, exactly as the streamed path does). shapes: {slide_id: (rows,
@@ -62,6 +65,7 @@ class FeatureTable:
 
     slide_ids: list[str]
     x: np.ndarray
+    sq: np.ndarray
     rows: np.ndarray
     cols: np.ndarray
     spans: dict[str, tuple[int, int]]
@@ -78,7 +82,7 @@ class FeatureTable:
 
     @property
     def nbytes(self) -> int:
-        return int(self.x.nbytes + self.rows.nbytes + self.cols.nbytes)
+        return int(self.x.nbytes + self.sq.nbytes + self.rows.nbytes + self.cols.nbytes)
 
     def chunks(self) -> Iterator[tuple[int, int]]:
         """(start, stop) of each chunk the store yielded."""
@@ -147,10 +151,11 @@ def read_table(
     sfs = {s: store.slide(s) for s in slide_ids}
     n_total = sum(sf.n_encoded() for sf in sfs.values())
     dim = store.dim
-    if n_total * (dim * 4 + 16) > max_bytes:
+    if n_total * (dim * 4 + 20) > max_bytes:
         return None
     pending = {s: int(sf.pending().sum()) for s, sf in sfs.items()}
     x = np.empty((n_total, dim), np.float32)
+    sq = np.empty(n_total, np.float32)
     rows = np.empty(n_total, np.int64)
     cols = np.empty(n_total, np.int64)
     bounds = [0]
@@ -165,20 +170,24 @@ def read_table(
             if at + n > len(x):  # tiles encoded since they were counted
                 grow = max(n, len(x) // 4)
                 x = np.concatenate([x, np.empty((grow, dim), np.float32)])
+                sq = np.concatenate([sq, np.empty(grow, np.float32)])
                 rows = np.concatenate([rows, np.empty(grow, np.int64)])
                 cols = np.concatenate([cols, np.empty(grow, np.int64)])
             x[at : at + n] = normalize(tf.features)
+            sq[at : at + n] = row_norms2(x[at : at + n])
             rows[at : at + n], cols[at : at + n] = tf.rows, tf.cols
             at += n
             bounds.append(at)
             report(STAGE, min(at, n_total), n_total)
         spans[sid] = (start, at)
     if at != len(x):
-        x, rows, cols = x[:at].copy(), rows[:at].copy(), cols[:at].copy()
+        x, sq = x[:at].copy(), sq[:at].copy()
+        rows, cols = rows[:at].copy(), cols[:at].copy()
     report(STAGE, n_total, n_total)
     return FeatureTable(
         slide_ids=list(slide_ids),
         x=x,
+        sq=sq,
         rows=rows,
         cols=cols,
         spans=spans,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,16 @@ from PIL import Image
 
 from engine.cluster import main as cluster_main
 from engine.encoder_id import EncoderId
-from engine.kmeans import MiniBatchKMeans, _choose, _select, assign, fit_streamed_kmeans
+from engine.kmeans import (
+    KMeansSettings,
+    MiniBatchKMeans,
+    _choose,
+    _select,
+    assign,
+    fit_kmeans,
+    fit_streamed_kmeans,
+    l2_normalize,
+)
 from engine.store import FeatureStore
 from tests.engine.clustering_fixtures import copy_store, real_store, synthetic_store
 
@@ -62,7 +72,9 @@ def test_streamed_fit_recovers_a_mixture_and_assign_is_exact() -> None:
     from sklearn.metrics import adjusted_rand_score
 
     x, truth = _blobs(6000, k=4)
-    fit = fit_streamed_kmeans(_chunks(x, 700), 4, seed=0, batch_size=256, buffer_rows=1500)
+    fit = fit_streamed_kmeans(
+        _chunks(x, 700), KMeansSettings(4, seed=0, batch_size=256, buffer_rows=1500)
+    )
     labels, dist = assign(x, fit.centroids)
     assert adjusted_rand_score(truth, labels) > 0.99
     d = np.linalg.norm(x[:, None, :] - fit.centroids[None], axis=2)
@@ -73,9 +85,10 @@ def test_streamed_fit_recovers_a_mixture_and_assign_is_exact() -> None:
 
 def test_streamed_fit_is_deterministic_and_respects_sample() -> None:
     x, _ = _blobs(5000, k=6, seed=1)
-    a = fit_streamed_kmeans(_chunks(x, 333), 6, sample=1200, seed=7, batch_size=128)
-    b = fit_streamed_kmeans(_chunks(x, 333), 6, sample=1200, seed=7, batch_size=128)
-    c = fit_streamed_kmeans(_chunks(x, 333), 6, sample=1200, seed=8, batch_size=128)
+    settings = KMeansSettings(6, sample=1200, seed=7, batch_size=128)
+    a = fit_streamed_kmeans(_chunks(x, 333), settings)
+    b = fit_streamed_kmeans(_chunks(x, 333), settings)
+    c = fit_streamed_kmeans(_chunks(x, 333), replace(settings, seed=8))
     np.testing.assert_array_equal(a.centroids, b.centroids)
     assert not np.array_equal(a.centroids, c.centroids)
     assert a.n_fit == 1200 and a.n_total == 5000
@@ -84,10 +97,12 @@ def test_streamed_fit_is_deterministic_and_respects_sample() -> None:
 def test_cache_does_not_change_the_result_and_refinement_reaches_a_lloyd_fixed_point() -> None:
     x, _ = _blobs(4000, k=5, seed=2)
     x[:, 0] += np.linspace(0, 3, len(x), dtype=np.float32)  # overlapping, so refinement matters
-    kw = {"sample": 2500, "seed": 4, "batch_size": 200, "refine_passes": 50, "tol": 0.0}
-    cached = fit_streamed_kmeans(_chunks(x, 300), 5, **kw)
-    streamed = fit_streamed_kmeans(_chunks(x, 300), 5, cache_bytes=0, **kw)
+    settings = KMeansSettings(5, sample=2500, seed=4, batch_size=200, refine_passes=50, tol=0.0)
+    cached = fit_streamed_kmeans(_chunks(x, 300), settings)
+    streamed = fit_streamed_kmeans(_chunks(x, 300), settings, cache_bytes=0)
+    in_memory = fit_kmeans(x, settings)
     np.testing.assert_array_equal(cached.centroids, streamed.centroids)
+    np.testing.assert_array_equal(cached.centroids, in_memory.centroids)
     # a Lloyd fixed point on the fitting rows: each centre is the mean of the rows nearest it
     chosen = _choose(np.random.default_rng(4), len(x), 2500)
     rows = x[chosen]
@@ -95,6 +110,37 @@ def test_cache_does_not_change_the_result_and_refinement_reaches_a_lloyd_fixed_p
     means = np.stack([rows[labels == c].mean(0) for c in range(5)])
     np.testing.assert_allclose(cached.centroids, means, rtol=1e-4, atol=1e-4)
     assert cached.passes > 3
+
+
+def test_lloyd_bounds_skip_rows_without_changing_the_centres(monkeypatch) -> None:
+    """Rows whose distance bounds prove their label are not recomputed, and that changes
+    nothing: the same centres, bit for bit, as recomputing every row in every pass."""
+    from engine import kmeans
+
+    x, _ = _blobs(10_000, k=3, dim=16, seed=3)  # 8 centres over 3 blobs: boundaries in blobs
+    x = l2_normalize(x)
+    start = x[:: len(x) // 8][:8].copy()
+    for _ in range(10):  # near a fixed point, as after the mini-batch passes
+        labels, _ = assign(x, start)
+        start = np.stack([x[labels == c].mean(0) for c in range(8)])
+    recomputed: list[int] = []
+    two_nearest, widen = kmeans._two_nearest, kmeans._widen
+
+    def counting(rows, sq, centers):
+        recomputed.append(len(rows))
+        return two_nearest(rows, sq, centers)
+
+    monkeypatch.setattr(kmeans, "_two_nearest", counting)
+    plan = kmeans._Plan.make(KMeansSettings(8, max_passes=0, refine_passes=8, tol=0.0), len(x))
+    blocks = lambda size: (x[s : s + size] for s in range(0, len(x), size))  # noqa: E731
+    bounded, passes, _ = kmeans._lloyd_passes(plan, start, blocks, 1.0, lambda *a: None)
+    assert passes == 8 and sum(recomputed[:3]) == len(x)  # the first pass: every row
+    assert sum(recomputed[3:]) < 0.5 * (passes - 1) * len(x)  # later ones: fewer rows
+    monkeypatch.setattr(kmeans, "_widen", lambda *a: np.ones(len(x), bool) | widen(*a))
+    before = len(recomputed)
+    every, _, _ = kmeans._lloyd_passes(plan, start, blocks, 1.0, lambda *a: None)
+    np.testing.assert_array_equal(bounded, every)
+    assert sum(recomputed[before:]) == passes * len(x)
 
 
 def test_sample_rows_are_spread_over_the_whole_stream() -> None:
@@ -108,7 +154,7 @@ def test_sample_rows_are_spread_over_the_whole_stream() -> None:
 def test_too_few_rows_for_k_is_refused() -> None:
     x, _ = _blobs(10, k=2)
     with pytest.raises(ValueError, match="cannot fit 20 clusters on 10 rows"):
-        fit_streamed_kmeans(_chunks(x, 4), 20)
+        fit_streamed_kmeans(_chunks(x, 4), KMeansSettings(20))
 
 
 # ----------------------------------------------------------------------------- python -m engine.cluster
