@@ -151,6 +151,7 @@ class HistoClusterWidget(Container):
         self._pending_camera: tuple[tuple[float, float], float] | None = None
         self._slide_progress: SlideProgress | None = None
         self._latest_progress: tuple[str, int, int] | None = None
+        self._latest_slides: dict[str, tuple[int, int]] | None = None
         self._progress_timer = QTimer()
         self._progress_timer.setSingleShot(True)
         self._progress_timer.timeout.connect(self._apply_progress)
@@ -801,12 +802,16 @@ class HistoClusterWidget(Container):
                 self._progress_timer.start(PROGRESS_INTERVAL_MS)
                 self._apply_progress()
             return
-        if kind == "slides":
-            self.slide_list.set_progress(event[1])
+        if kind == "slides":  # likewise: each bar's redraw repaints the window
+            self._latest_slides = event[1]
+            if not self._progress_timer.isActive():
+                self._progress_timer.start(PROGRESS_INTERVAL_MS)
+                self._apply_progress()
             return
+        self._apply_progress()  # the last counts, once
         self._worker = None
         self._slide_progress = None
-        self._latest_progress = None
+        self._latest_progress = self._latest_slides = None
         self._progress_timer.stop()
         self.slide_list.clear_progress()
         self._close_pbar()
@@ -818,8 +823,13 @@ class HistoClusterWidget(Container):
 
     def _apply_progress(self) -> None:
         latest, self._latest_progress = self._latest_progress, None
-        if latest is not None and self._worker is not None:
+        slides, self._latest_slides = self._latest_slides, None
+        if self._worker is None:
+            return
+        if latest is not None:
             self._on_progress(*latest)
+        if slides is not None:
+            self.slide_list.set_progress(slides)
 
     def _on_progress(self, stage: str, done: int, total: int) -> None:
         label = (
