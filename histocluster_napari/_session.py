@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from engine.progress import Cancelled, Progress, no_progress
 from engine.query import similar_tiles as query_similar
 from engine.query import tile_vector
 from engine.slide import SlideCache, slide_id
-from engine.store import Coverage, FeatureStore
+from engine.store import ClusterRun, Coverage, FeatureStore
 from engine.tiling import Tiling
 from histocluster_napari._overlay import GridGeometry
 
@@ -266,6 +266,7 @@ class ClusterView:
     job: ClusterJob | None = None
     encoded: int = 0
     warnings: list[str] = field(default_factory=list)
+    centroids: np.ndarray | None = None  # (k, dim) float32, the run's (for the next carry-over)
 
     @property
     def k(self) -> int:
@@ -280,6 +281,16 @@ class ClusterView:
     def totals(self) -> np.ndarray:
         """(k,) int64 tiles per cluster over the whole cohort."""
         return np.sum([self.counts[s] for s in self.slide_ids], axis=0).astype(np.int64)
+
+    def run_data(self) -> ClusterRun | None:
+        """The run's centroids and labels as the store holds them (None without centroids)."""
+        if self.centroids is None:
+            return None
+        return ClusterRun({}, self.centroids, dict(self.labels))
+
+
+ViewHook = Callable[[ClusterView], None]
+"""``on_view(view)``: called in the worker thread with a new run's view before it is written."""
 
 
 def next_run_name(store: FeatureStore, k: int) -> str:
@@ -308,9 +319,17 @@ def cluster(
     previous_store: Path | None = None,
     *,
     progress: Progress = no_progress,
+    on_view: ViewHook | None = None,
 ) -> ClusterView:
     """Encode what the job's store lacks, K-means over all its slides, carry the names over."""
     report = ensure_features(job, progress=progress)
+
+    def shown(view: ClusterView) -> None:
+        view.job, view.encoded = job, report.encoded
+        view.warnings = report.failures + view.warnings
+        if on_view is not None:
+            on_view(view)
+
     view = cluster_store(
         job.store_path(),
         job.slide_ids,
@@ -319,19 +338,40 @@ def cluster(
         previous_store,
         job.seed,
         progress=progress,
+        on_view=shown,
     )
-    view.job, view.encoded = job, report.encoded
-    view.warnings = report.failures + view.warnings
+    view.warnings = report.failures + [w for w in view.warnings if w not in report.failures]
     return view
 
 
-def recluster(view: ClusterView, k: int, *, progress: Progress = no_progress) -> ClusterView:
-    """K-means again with another ``k`` from the stored features, carrying the curation over."""
-    new = cluster_store(
-        view.store_path, view.slide_ids, k, view.curation.copy(), view.store_path, progress=progress
+def recluster(
+    view: ClusterView,
+    k: int,
+    *,
+    progress: Progress = no_progress,
+    on_view: ViewHook | None = None,
+) -> ClusterView:
+    """K-means again with another ``k`` from the stored features, carrying the curation over.
+
+    ``on_view``: see :func:`cluster_store` (the repaint before the run is written).
+    """
+    job = view.job.with_k(k) if view.job is not None else None
+
+    def shown(new: ClusterView) -> None:
+        new.job = job
+        if on_view is not None:
+            on_view(new)
+
+    return cluster_store(
+        view.store_path,
+        view.slide_ids,
+        k,
+        view.curation.copy(),
+        view.store_path,
+        progress=progress,
+        on_view=shown,
+        previous_run=view.run_data(),
     )
-    new.job = view.job.with_k(k) if view.job is not None else None
-    return new
 
 
 def cluster_store(
@@ -343,14 +383,28 @@ def cluster_store(
     seed: int = 0,
     *,
     progress: Progress = no_progress,
+    on_view: ViewHook | None = None,
+    previous_run: ClusterRun | None = None,
 ) -> ClusterView:
     """A new run over ``slide_ids`` of the store, its curation carried from ``previous``.
 
     Without ``previous`` the store's latest saved curation is carried over, so names made
     before napari was closed come back. The new curation is saved beside the new run.
+
+    The view is built from the clustering in memory (nothing is read back), and the names are
+    carried over before the run is written: ``on_view(view)`` is then called (in the calling
+    thread) with the view the function returns, so the caller can paint it at once; the run
+    and its curation are written after it, and are complete in the store when the function
+    returns. No progress is reported after ``on_view``, so a Cancel pressed then does not stop
+    the write; a cancel or an error before it leaves no new run. Until the function returns
+    the run is not listed: do not save the view's curation before that.
+
+    ``previous_run``: the centroids and labels of ``previous``'s run when the caller holds
+    them (read from the store otherwise).
     """
     store = FeatureStore.open(store_path, mode="r+")
-    ready = [s for s in slide_ids if s in store]
+    known = set(store.slide_ids())
+    ready = [s for s in slide_ids if s in known]
     if previous is None:
         previous, previous_store = latest_curation(store), store_path
     cfg = engine_cluster.ClusterConfig(
@@ -363,26 +417,97 @@ def cluster_store(
         overlays=False,
         quiet=True,
     )
-    result = engine_cluster.run_clustering(store, cfg, progress=progress, features=FEATURES)
-    store = FeatureStore.open(store_path, mode="r+")
-    carried: list[str] = []
-    if previous is not None:
-        old_store = (
-            FeatureStore.open(previous_store) if previous_store not in (None, store_path) else store
-        )
-        try:
-            moved = carry_over(previous, store, result.run, old_store=old_store)
-            curation, carried = moved.curation, list(moved.report)
-        except (HistoclusterError, KeyError, ValueError) as e:
-            curation = Curation.for_run(store, result.run)
-            carried = [f"names of run {previous.run!r} not carried over: {e}"]
-    else:
-        curation = Curation.for_run(store, result.run)
-    curation.save(store)
-    view = _view(store, result.run, curation, result.exemplar_tiles)
-    view.carried = carried
-    view.warnings = list(result.warnings)
+    views: list[ClusterView] = []
+
+    def shown(result: engine_cluster.ClusterResult) -> None:
+        curation, carried = _carried(store, result, previous, previous_store, previous_run)
+        view = _result_view(store, result, curation)
+        view.carried = carried
+        views.append(view)
+        if on_view is not None:
+            on_view(view)
+
+    result = engine_cluster.run_clustering(
+        store, cfg, progress=progress, features=FEATURES, on_result=shown
+    )
+    (view,) = views
+    # the run's creation time is set by the write; the curation names it (Curation.load checks)
+    view.curation.run_created = store.read_cluster_run(result.run, slide_ids=[]).attrs["created"]
+    view.curation.save(store)
+    view.warnings = view.warnings + [w for w in result.warnings if w not in view.warnings]
     return view
+
+
+class _RunsInMemory:
+    """``store`` as ``carry_over`` reads it, with some runs' centroids and labels in memory
+    (the new run, not written yet, and the previous one the caller holds)."""
+
+    def __init__(self, store: FeatureStore, runs: dict[str, ClusterRun]) -> None:
+        self._store, self._runs = store, runs
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
+
+    def read_cluster_run(self, run: str, slide_ids: Sequence[str] | None = None) -> ClusterRun:
+        data = self._runs.get(run)
+        if data is None:
+            return self._store.read_cluster_run(run, slide_ids)
+        ids = sorted(data.labels) if slide_ids is None else list(slide_ids)
+        return ClusterRun(dict(data.attrs), data.centroids, {s: data.labels[s] for s in ids})
+
+
+def _carried(
+    store: FeatureStore,
+    result: engine_cluster.ClusterResult,
+    previous: Curation | None,
+    previous_store: Path | None,
+    previous_run: ClusterRun | None,
+) -> tuple[Curation, list[str]]:
+    """The new run's curation carried over from ``previous`` (before the run is written)."""
+    k = len(result.centroids)
+    if previous is None:
+        return Curation(result.run, k), []
+    same = previous_store is None or Path(previous_store).resolve() == Path(store.path).resolve()
+    runs = {result.run: ClusterRun({}, result.centroids, result.labels)}
+    if previous_run is not None and same:
+        runs[previous.run] = previous_run
+    new_store = _RunsInMemory(store, runs)
+    old_store = new_store if same else FeatureStore.open(previous_store)  # type: ignore[arg-type]
+    try:
+        moved = carry_over(previous, new_store, result.run, old_store=old_store)  # type: ignore[arg-type]
+    except (HistoclusterError, KeyError, ValueError) as e:
+        return Curation(result.run, k), [f"names of run {previous.run!r} not carried over: {e}"]
+    return moved.curation, list(moved.report)
+
+
+def _slide_fields(sids: Sequence[str], attrs: dict[str, dict]) -> dict[str, dict]:
+    """A view's per-slide sources, um/px and grid geometry from the store's slide attrs."""
+    return {
+        "sources": {s: Path(attrs[s]["source_path"]) for s in sids},
+        "mpp": {s: tuple(float(v) for v in attrs[s]["mpp"]) for s in sids},
+        "geometry": {s: GridGeometry.from_store_attrs(attrs[s]) for s in sids},
+    }
+
+
+def _result_view(
+    store: FeatureStore, result: engine_cluster.ClusterResult, curation: Curation
+) -> ClusterView:
+    """The view of a clustering from its result in memory (what ``_view`` reads back)."""
+    sids = sorted(result.labels)
+    attrs = result.slide_attrs
+    return ClusterView(
+        store_path=Path(store.path),
+        run=result.run,
+        slide_ids=sids,
+        **_slide_fields(sids, attrs),
+        labels=dict(result.labels),
+        counts={s: np.asarray(result.counts[s], np.int64) for s in sids},
+        failed={s: np.asarray(result.failed[s], bool) for s in sids},
+        exemplars=result.exemplar_tiles or [[] for _ in range(len(result.centroids))],
+        curation=curation,
+        warnings=list(result.warnings),
+        centroids=result.centroids,
+    )
 
 
 def open_run(
@@ -416,14 +541,13 @@ def _view(
         store_path=Path(store.path),
         run=run,
         slide_ids=sids,
-        sources={s: Path(attrs[s]["source_path"]) for s in sids},
-        mpp={s: tuple(float(v) for v in attrs[s]["mpp"]) for s in sids},  # type: ignore[misc]
-        geometry={s: GridGeometry.from_store_attrs(attrs[s]) for s in sids},
+        **_slide_fields(sids, attrs),
         labels=labels,
         counts=counts,
         failed=failed,
         exemplars=exemplars or [[] for _ in range(k)],
         curation=curation,
+        centroids=data.centroids,
     )
 
 

@@ -8,11 +8,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engine.curation_match import carry_over
+from engine.progress import Cancelled
 from engine.store import FeatureStore
 from engine.tiling import Tiling
 from histocluster_napari._cohort import cohort_rows, folder_slides, store_slides
 from histocluster_napari._gallery import gallery_order, read_gallery
-from histocluster_napari._session import ClusterJob, cluster, ensure_features, open_run
+from histocluster_napari._session import (
+    ClusterJob,
+    ClusterView,
+    cluster,
+    ensure_features,
+    open_run,
+    recluster,
+)
 from tests.napari.conftest import FAST
 
 TILING = Tiling(tile_px=FAST["tile_px"], target_mpp=FAST["target_mpp"])
@@ -100,3 +109,47 @@ def test_open_run_restores_the_saved_curation(two_slide_store):
     third = cluster(job_for(slides, store_path))
     assert third.run != view.run and third.curation.names == view.curation.names
     assert third.curation.overrides() == view.curation.overrides()
+
+
+def test_recluster_paints_before_writing_and_equals_the_stored_run(two_slide_store):
+    store_path, slides = two_slide_store
+    first = cluster(job_for(slides, store_path))
+    first.curation.name_cluster(0, "tumour")
+    first.curation.select(0)
+    painted: list[tuple[ClusterView, list[str]]] = []
+
+    def on_view(view: ClusterView) -> None:  # the widget's repaint, in the worker thread
+        painted.append((view, FeatureStore.open(store_path).cluster_runs()))
+
+    new = recluster(first, first.k + 1, on_view=on_view)
+    ((shown, listed),) = painted
+    assert shown is new and new.run not in listed  # painted before the run was written
+    store = FeatureStore.open(store_path)
+    assert new.run in store.cluster_runs()  # complete once recluster returns
+    again = open_run(store_path, new.run)  # the run as the store holds it
+    assert again.curation == new.curation and again.curation.run_created is not None
+    assert again.slide_ids == new.slide_ids
+    for s in new.slide_ids:
+        np.testing.assert_array_equal(again.labels[s], new.labels[s])
+        np.testing.assert_array_equal(again.counts[s], new.counts[s])
+        np.testing.assert_array_equal(again.failed[s], new.failed[s])
+        assert again.geometry[s] == new.geometry[s] and again.sources[s] == new.sources[s]
+    np.testing.assert_array_equal(again.centroids, new.centroids)
+    # the names were carried in memory as carry_over carries them from the stored runs
+    stored = carry_over(first.curation, store, new.run)
+    assert new.curation.names == stored.curation.names and "tumour" in new.curation.names
+    assert new.carried == list(stored.report)
+
+
+def test_a_recluster_cancelled_before_the_repaint_leaves_no_run(two_slide_store):
+    store_path, slides = two_slide_store
+    first = cluster(job_for(slides, store_path))
+    runs = FeatureStore.open(store_path).cluster_runs()
+
+    def cancel_in_kmeans(stage: str, done: int, total: int) -> None:
+        if stage == "kmeans" and done > 0:
+            raise Cancelled("cancelled by the user")
+
+    with pytest.raises(Cancelled):
+        recluster(first, first.k + 2, progress=cancel_in_kmeans, on_view=pytest.fail)
+    assert FeatureStore.open(store_path).cluster_runs() == runs
