@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import torch
 import torchvision
 from torch import nn
 
-from engine import models
+from engine import models, resnet
 from engine.errors import CheckpointError
 from engine.models import (
     CIGA_MEAN,
@@ -96,7 +98,7 @@ def test_feature_dims_and_backbone_shapes() -> None:
         "resnet101": 2048,
     }
     backbone = build_backbone("resnet18")
-    assert isinstance(backbone, torchvision.models.ResNet)
+    assert isinstance(backbone, resnet.ResNet)
     assert isinstance(backbone.fc, nn.Identity)
     with torch.no_grad():
         assert backbone(torch.zeros(2, 3, 64, 64)).shape == (2, 512)
@@ -105,6 +107,33 @@ def test_feature_dims_and_backbone_shapes() -> None:
         assert wide(torch.zeros(1, 3, 64, 64)).shape == (1, 2048)
     with pytest.raises(ValueError, match="resnet152"):
         build_backbone("resnet152")
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_backbone_is_torchvisions_network(arch: str) -> None:
+    """engine.resnet builds torchvision's network: same keys, same seeded weights, same features."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        ours = build_backbone(arch)
+        torch.manual_seed(5)
+        theirs = getattr(torchvision.models, arch)(weights=None)
+    theirs.fc = nn.Identity()
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert list(a) == list(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert torch.equal(ours.eval()(x), theirs.eval()(x))
+
+
+def test_extraction_imports_no_torchvision() -> None:
+    """torchvision's import costs ~2 s of start-up (its ops import torch._dynamo); extraction
+    builds its ResNets without it."""
+    code = "import sys, engine.extract; print(sorted({'torchvision', 'torch._dynamo'} & set(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50", "resnet101"])
@@ -484,6 +513,17 @@ def test_preprocess_normalises_and_resizes() -> None:
     board[:, ::2, ::2] = board[:, 1::2, 1::2] = 255
     smooth = encoder.preprocess(board) * std + mean
     torch.testing.assert_close(smooth, torch.full((1, 3, 32, 32), 0.5), atol=0.02, rtol=0)
+
+    # op for op torchvision's to_dtype(scale=True), resize(antialias=True), normalize
+    from torchvision.transforms.v2 import functional as TF
+
+    for batch in (tiles, grey, board, rng.integers(0, 256, size=(3, 45, 45, 3), dtype=np.uint8)):
+        x = TF.to_dtype(torch.from_numpy(batch).permute(0, 3, 1, 2), torch.float32, scale=True)
+        if x.shape[-2:] != (32, 32):
+            x = TF.resize(x, [32, 32], antialias=True)
+        assert torch.equal(
+            encoder.preprocess(batch), TF.normalize(x, list(encoder.mean), list(encoder.std))
+        )
 
     with pytest.raises(ValueError, match="uint8"):
         encoder.preprocess(tiles.astype(np.float32))
