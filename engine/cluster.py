@@ -385,7 +385,7 @@ def _fit_in_memory(
     """K-means and the assignment of every tile on a table of features held in memory."""
     slides = table.slide_ids
     _too_few(store, slides, table.n, cfg.k)
-    fit = fit_kmeans(table.x, cfg.kmeans(), progress=progress)
+    fit = fit_kmeans(table.x, cfg.kmeans(), sq=table.sq, progress=progress)
     k, m = cfg.k, cfg.exemplars
     lab = np.empty(table.n, np.int64)
     dist = np.empty(table.n, np.float32)

@@ -286,12 +286,17 @@ def fit_streamed_kmeans(
 
 
 def fit_kmeans(
-    x: np.ndarray, settings: KMeansSettings, *, progress: Progress = no_progress
+    x: np.ndarray,
+    settings: KMeansSettings,
+    *,
+    sq: np.ndarray | None = None,
+    progress: Progress = no_progress,
 ) -> KMeansFit:
     """``fit_streamed_kmeans`` on rows already in memory: the same centroids, bit for bit.
 
     ``x`` is (n, dim) float32 (e.g. ``ClusterFeatures``' table); with ``sample`` >= n it is
-    used in place (no copy), otherwise the drawn rows are gathered once. The progress totals
+    used in place (no copy), otherwise the drawn rows are gathered once. ``sq``: (n,) its
+    squared row norms (:func:`row_norms2`) when the caller holds them. The progress totals
     are those of :func:`fit_streamed_kmeans` (the seeding pass, which reads nothing here, is
     reported done at once).
     """
@@ -300,13 +305,15 @@ def fit_kmeans(
     report = Throttle(progress)
     report(STAGE, 0, plan.total)
     rows = x if plan.chosen is None else x[plan.chosen]
+    if sq is not None and plan.chosen is not None:
+        sq = sq[plan.chosen]
     init_x = rows[plan.init_idx]
     report(STAGE, plan.n_fit, plan.total)
 
     def blocks(size: int) -> Iterable[np.ndarray]:
         yield from (rows[s : s + size] for s in range(0, plan.n_fit, size))
 
-    return _descend(plan, init_x, blocks, report)
+    return _descend(plan, init_x, blocks, report, sq)
 
 
 @dataclass(frozen=True)
@@ -348,8 +355,18 @@ Blocks = Callable[[int], Iterable[np.ndarray]]
 """``blocks(size)``: the fitting rows in order, in blocks of ``size`` rows (the last may be short)."""
 
 
-def _descend(plan: _Plan, init_x: np.ndarray, blocks: Blocks, report: Progress) -> KMeansFit:
-    """k-means++ on ``init_x``, the mini-batch passes, then the Lloyd passes over ``blocks``."""
+def _descend(
+    plan: _Plan,
+    init_x: np.ndarray,
+    blocks: Blocks,
+    report: Progress,
+    sq: np.ndarray | None = None,
+) -> KMeansFit:
+    """k-means++ on ``init_x``, the mini-batch passes, then the Lloyd passes over ``blocks``.
+
+    ``sq``: (n_fit,) squared norms of the fitting rows (computed in the first Lloyd pass when
+    None; the same values, row by row).
+    """
     from sklearn.cluster import kmeans_plusplus
     from threadpoolctl import threadpool_limits
 
@@ -365,7 +382,7 @@ def _descend(plan: _Plan, init_x: np.ndarray, blocks: Blocks, report: Progress) 
         del init_x
         centers, steps, passes = _minibatch_passes(plan, centers, blocks, variance, report)
         report(STAGE, plan.n_fit * (1 + plan.settings.max_passes), plan.total)
-        centers, refined, shift = _lloyd_passes(plan, centers, blocks, variance, report)
+        centers, refined, shift = _lloyd_passes(plan, centers, blocks, variance, report, sq)
     finally:
         blas.restore_original_limits()
     report(STAGE, plan.total, plan.total)
@@ -411,7 +428,12 @@ def _minibatch_passes(
 
 
 def _lloyd_passes(
-    plan: _Plan, centers: np.ndarray, blocks: Blocks, variance: float, report: Progress
+    plan: _Plan,
+    centers: np.ndarray,
+    blocks: Blocks,
+    variance: float,
+    report: Progress,
+    sq: np.ndarray | None = None,
 ) -> tuple[np.ndarray, int, float]:
     """Lloyd passes: every centre becomes the mean of the fitting rows nearest to it.
 
@@ -429,7 +451,8 @@ def _lloyd_passes(
     labels = np.empty(n, np.int64)
     upper = np.empty(n)  # >= distance of each row to its centre
     lower = np.empty(n)  # <= distance of each row to every other centre
-    sq = np.empty(n, np.float32)  # squared norm of each row
+    known = sq is not None
+    sq = np.empty(n, np.float32) if sq is None else sq  # squared norm of each row
     sums = np.zeros(centers.shape, np.float64)
     counts = np.zeros(k, np.int64)
     active: np.ndarray | None = None  # rows to recompute (None: the first pass, every row)
@@ -440,7 +463,8 @@ def _lloyd_passes(
         for block in blocks(_REFINE_BLOCK):
             b = len(block)
             if active is None:
-                sq[at : at + b] = row_norms2(block)
+                if not known:
+                    sq[at : at + b] = row_norms2(block)
                 lab, upper[at : at + b], lower[at : at + b] = _two_nearest(
                     block, sq[at : at + b], centers
                 )

@@ -321,7 +321,10 @@ def cluster(
     progress: Progress = no_progress,
     on_view: ViewHook | None = None,
 ) -> ClusterView:
-    """Encode what the job's store lacks, K-means over all its slides, carry the names over."""
+    """Encode what the job's store lacks, K-means over all its slides, carry the names over.
+
+    ``on_view``: see :func:`cluster_store` (the view painted before the run is written).
+    """
     report = ensure_features(job, progress=progress)
 
     def shown(view: ClusterView) -> None:
@@ -330,7 +333,7 @@ def cluster(
         if on_view is not None:
             on_view(view)
 
-    view = cluster_store(
+    return cluster_store(
         job.store_path(),
         job.slide_ids,
         job.k,
@@ -340,8 +343,6 @@ def cluster(
         progress=progress,
         on_view=shown,
     )
-    view.warnings = report.failures + [w for w in view.warnings if w not in report.failures]
-    return view
 
 
 def recluster(

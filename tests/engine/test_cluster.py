@@ -22,6 +22,7 @@ from engine.kmeans import (
     fit_kmeans,
     fit_streamed_kmeans,
     l2_normalize,
+    row_norms2,
 )
 from engine.store import FeatureStore
 from tests.engine.clustering_fixtures import copy_store, real_store, synthetic_store
@@ -101,8 +102,11 @@ def test_cache_does_not_change_the_result_and_refinement_reaches_a_lloyd_fixed_p
     cached = fit_streamed_kmeans(_chunks(x, 300), settings)
     streamed = fit_streamed_kmeans(_chunks(x, 300), settings, cache_bytes=0)
     in_memory = fit_kmeans(x, settings)
+    norms = np.concatenate([row_norms2(x[s : s + 300]) for s in range(0, len(x), 300)])
+    with_norms = fit_kmeans(x, settings, sq=norms)  # held per chunk, as ClusterFeatures does
     np.testing.assert_array_equal(cached.centroids, streamed.centroids)
     np.testing.assert_array_equal(cached.centroids, in_memory.centroids)
+    np.testing.assert_array_equal(cached.centroids, with_norms.centroids)
     # a Lloyd fixed point on the fitting rows: each centre is the mean of the rows nearest it
     chosen = _choose(np.random.default_rng(4), len(x), 2500)
     rows = x[chosen]
