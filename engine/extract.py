@@ -10,6 +10,8 @@ How it works:
   the selected tiles of a chunk, in row-major order, are cut into batches of ``--batch-size``
   (a batch never spans chunks, and a given tile always lands in the same batch, so a resumed or
   multi-process run computes bit-identical features).
+- Start-up: the encoder loads in a thread while the first slides' tissue masks are computed
+  (both release the GIL for most of their work); nothing on the way imports torchvision.
 - DataLoader worker processes open each slide once and read + decode tiles; the main process
   normalises them and runs the encoder (:class:`~engine.encode.TileEncoder`: channels_last;
   bf16 autocast on CPUs with native bf16 and fp16/bf16 on CUDA when ``--precision auto``;
@@ -39,6 +41,7 @@ import csv
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -514,12 +517,9 @@ def _broadcast(obj: Any, info: DistInfo) -> Any:
     return box[0]
 
 
-def _prepare_slide(store: FeatureStore, path: Path, tiling: Tiling, slide_mpp: Any) -> str | None:
-    """Open ``path``, tile it and create (or reuse) its group in the store.
-
-    Returns the one-line error when the slide cannot be read (the slide fails, the run goes
-    on); an ``OSError`` writing the store is raised (the whole run stops).
-    """
+def _tile_slide(path: Path, tiling: Tiling, slide_mpp: Any) -> TileGrid | str:
+    """``path``'s tile grid with its tissue fractions computed, or the one-line error when the
+    slide cannot be read (the slide fails, the run goes on)."""
     try:
         with open_slide(path, mpp=_mpp_for(path, slide_mpp)) as slide:
             grid = TileGrid.from_tiling(slide, tiling)
@@ -530,6 +530,17 @@ def _prepare_slide(store: FeatureStore, path: Path, tiling: Tiling, slide_mpp: A
         return cli.describe_os_error(e)
     except Exception as e:  # a codec error deep in a reader
         return f"{path}: failed to read ({type(e).__name__}: {one_line(e)}) — the file may be corrupt; re-copy it"
+    return grid
+
+
+def _prepare_slide(store: FeatureStore, path: Path, grid: TileGrid | str) -> str | None:
+    """Create (or reuse) the store group of ``path`` tiled as ``grid`` (from :func:`_tile_slide`).
+
+    Returns ``grid`` when it is an error; an ``OSError`` writing the store is raised (the whole
+    run stops).
+    """
+    if isinstance(grid, str):
+        return grid
     store.add_slide(slide_id(path), grid).discard_damaged_blocks()  # re-encoded below
     return None
 
@@ -592,10 +603,20 @@ def run(
     workers = auto_workers(local_world) if cfg.workers is None else cfg.workers
     paths = expand_inputs(cfg.slides)
     slide_mpp = parse_slide_mpp(cfg.slide_mpp)
-    encoder = load_encoder(cfg.encoder, trust_checkpoint=cfg.trust_checkpoint)
-    tile_encoder = TileEncoder(encoder, device, cfg.precision, cfg.channels_last)
     out = Path(cfg.out)
     tiling = cfg.tiling
+    mine = [p for i, p in enumerate(paths) if i % info.world_size == info.rank]
+    progress("tissue", 0, len(mine))
+    # The encoder loads in a thread while this one computes the first tissue masks (both
+    # release the GIL for most of their work: start-up keeps two cores busy instead of one).
+    loading = _Background(lambda: _load_tile_encoder(cfg, device))
+    early: dict[Path, TileGrid | str] = {}
+    for path in mine[:_EARLY_SLIDES]:
+        if loading.done():
+            break
+        early[path] = _tile_slide(path, tiling, slide_mpp)
+    tile_encoder = loading.result()
+    encoder = tile_encoder.encoder
     with _naming_os_errors(out), ExitStack() as held:
         lock = _open_store(out, encoder.identity(), tiling, cfg.overwrite, info)
         if lock is not None:
@@ -613,7 +634,7 @@ def run(
                 workers=workers,
             )
 
-        failures = _prepare_slides(store, paths, tiling, slide_mpp, info, progress)
+        failures = _prepare_slides(store, mine, early, tiling, slide_mpp, info, progress)
         ready = [slide_id(p) for p in paths if str(p) not in failures]
         plan = make_plan(
             store, ready, cfg.batch_size, info.rank, info.world_size, cfg.retry_failed, cfg.reader
@@ -657,6 +678,45 @@ def run(
         if info.is_main:
             atomic_write_json(cfg.summary_path(), asdict(summary))
     return summary
+
+
+def _load_tile_encoder(cfg: ExtractConfig, device: torch.device) -> TileEncoder:
+    """``cfg.encoder`` on ``device`` at ``cfg.precision`` (run in a thread: CUDA's current
+    device is per thread, so it is set here too)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    encoder = load_encoder(cfg.encoder, trust_checkpoint=cfg.trust_checkpoint)
+    return TileEncoder(encoder, device, cfg.precision, cfg.channels_last)
+
+
+_EARLY_SLIDES = 2
+"""Slides tiled while the encoder loads (their grids wait in memory until the store is open)."""
+
+
+class _Background:
+    """``fn()`` run in a daemon thread (a Ctrl-C never waits for it): ``done()``, ``result()``."""
+
+    def __init__(self, fn: Any) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Any) -> None:
+        try:
+            self._value = fn()
+        except BaseException as e:  # re-raised in the caller's thread by result()
+            self._error = e
+
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self) -> Any:
+        """``fn``'s return value, once it is ready; its exception is raised here."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def _unreadable_tiles(
@@ -703,19 +763,20 @@ def _naming_os_errors(path: Path) -> Iterator[None]:
 
 def _prepare_slides(
     store: FeatureStore,
-    paths: list[Path],
+    mine: list[Path],
+    early: dict[Path, TileGrid | str],
     tiling: Tiling,
     slide_mpp: dict[str, float] | float | None,
     info: DistInfo,
     progress: Progress,
 ) -> dict[str, str]:
-    """Tile every slide and add it to the store, round-robin over ranks (tissue masks are the
-    slow part); returns {path: error} of the slides that could not be opened, from every rank."""
+    """Tile this rank's slides (``early``: those tiled already) and add them to the store (the
+    ranks take the slides round-robin: tissue masks are the slow part); returns {path: error}
+    of the slides that could not be opened, from every rank."""
     failures: dict[str, str] = {}
-    mine = [p for i, p in enumerate(paths) if i % info.world_size == info.rank]
-    progress("tissue", 0, len(mine))
     for n, path in enumerate(mine, start=1):
-        error = _prepare_slide(store, path, tiling, slide_mpp)
+        grid = early.pop(path) if path in early else _tile_slide(path, tiling, slide_mpp)
+        error = _prepare_slide(store, path, grid)
         if error is not None:
             failures[str(path)] = error
         progress("tissue", n, len(mine))

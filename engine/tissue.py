@@ -20,7 +20,6 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
 TissueMethod = Literal["otsu", "hsv"]
 TISSUE_METHODS: tuple[str, ...] = ("otsu", "hsv")
@@ -96,6 +95,9 @@ def tissue_mask(
             f"unknown tissue method {method!r}; choose one of {', '.join(TISSUE_METHODS)}"
         )
     if clean and min(mask.shape) >= 3:
+        from scipy import ndimage  # ~0.3 s to import: only once a mask is cleaned (extraction
+        # then loads its encoder in another thread, so the import overlaps it)
+
         mask = ndimage.binary_closing(mask, border_value=0) | mask
     return mask
 
