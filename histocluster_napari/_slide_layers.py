@@ -169,50 +169,50 @@ class LevelArray:
         return out
 
 
-def _lazy_level(arr: LevelArray, tw: int, th: int, meta: np.ndarray, key: str) -> da.Array:
-    """``arr`` as a dask array chunked in whole slide tiles, named by its slide and ``key``."""
-    return da.from_array(
-        arr,
-        chunks=(_chunk(th), _chunk(tw), 3),
-        meta=meta,
-        asarray=False,
-        fancy=False,
-        lock=False,
-        name=f"histocluster-{arr.slide.path.name}-{id(arr.slide)}-{key}",
-    )
+def level_arrays(slide: Slide) -> list[tuple[LevelArray, tuple[int, int]]]:
+    """Finest first: each level's region reader and its chunk (h, w), whole slide tiles.
+
+    The slide's own levels, then synthetic ones (factor 2 each) below the coarsest until one
+    fits ``MAX_COARSEST_PX``.
+    """
+    out = []
+    for level in range(slide.level_count):
+        tw, th = slide_tile_size(slide, level)
+        out.append((LevelArray(slide, level), (_chunk(th), _chunk(tw))))
+    coarsest = slide.level_count - 1
+    tw, th = slide_tile_size(slide, coarsest)
+    extra = 2
+    while max(out[-1][0].shape[:2]) > MAX_COARSEST_PX:
+        out.append((LevelArray(slide, coarsest, extra), (_chunk(th), _chunk(tw))))
+        extra *= 2
+    return out
 
 
 def slide_pyramid(slide: Slide) -> list[da.Array]:
     """Finest-first dask arrays (h, w, 3) uint8 of every level, chunked on the slide's tiles."""
-    levels: list[da.Array] = []
     meta = np.empty((0, 0, 0), np.uint8)
-    for level in range(slide.level_count):
-        tw, th = slide_tile_size(slide, level)
-        levels.append(_lazy_level(LevelArray(slide, level), tw, th, meta, f"{level}"))
-    coarsest = slide.level_count - 1
-    tw, th = slide_tile_size(slide, coarsest)
-    extra = 2
-    while max(levels[-1].shape[:2]) > MAX_COARSEST_PX:
-        arr = LevelArray(slide, coarsest, extra)
-        levels.append(_lazy_level(arr, tw, th, meta, f"{coarsest}x{extra}"))
-        extra *= 2
-    return levels
+    return [
+        da.from_array(
+            arr,
+            chunks=(*chunk, 3),
+            meta=meta,
+            asarray=False,
+            fancy=False,
+            lock=False,
+            name=f"histocluster-{slide.path.name}-{id(slide)}-{arr.level}x{arr.extra}",
+        )
+        for arr, chunk in level_arrays(slide)
+    ]
 
 
-def with_overview(levels: list[da.Array]) -> list[Any]:
-    """``levels`` with the coarsest one in memory: read whole (a worker's job, not the GUI's).
-
-    A coarsest level wider than ``OVERVIEW_PX`` is kept lazy and an in-memory level shrunk by
-    the power of two that fits it is added below it, so the zoomed-out view (what a slide
-    opens at) never reads the slide on the GUI thread.
-    """
-    last = levels[-1]
-    h, w = last.shape[:2]
-    if max(h, w) <= OVERVIEW_PX:
-        return [*levels[:-1], np.ascontiguousarray(last.compute(scheduler="synchronous"))]
-    factor = 2
+def overview(arr: LevelArray) -> np.ndarray:
+    """(h, w, 3) uint8 of the whole level ``arr`` (read here: a worker's job, not the GUI's),
+    shrunk by the power of two that fits ``OVERVIEW_PX``."""
+    h, w = arr.shape[:2]
+    factor = 1
     while max(math.ceil(h / factor), math.ceil(w / factor)) > OVERVIEW_PX:
         factor *= 2
-    whole = np.asarray(last.compute(scheduler="synchronous"))
-    small = np.asarray(Image.fromarray(whole).reduce(factor))
-    return [*levels, np.ascontiguousarray(small)]
+    whole = np.asarray(arr[:, :])
+    if factor > 1:
+        whole = np.asarray(Image.fromarray(whole).reduce(factor))
+    return np.ascontiguousarray(whole)

@@ -68,18 +68,23 @@ class SlideList(QTableWidget):
             self.highlight(current)
 
     def set_progress(self, counts: dict[str, tuple[int, int]]) -> None:
-        """Show (tiles done, tiles to do) of each slide in ``counts`` as a bar in its status cell."""
+        """Show (tiles done, tiles to do) of each slide in ``counts`` as a bar in its status cell.
+
+        A slide's bar is made when its first tiles are done (slides waiting their turn keep
+        their status text), so a cohort's bars appear one at a time, not all at once.
+        """
         for sid, (done, total) in counts.items():
             if sid not in self._ids:
                 continue
             bar = self._bars.get(sid)
             if bar is None:
+                if done <= 0:
+                    continue
                 bar = self._bars[sid] = QProgressBar()
                 bar.setFormat("encoding %v / %m")
                 bar.setTextVisible(True)
                 self.setCellWidget(self._ids.index(sid), 3, bar)
-            bar.setMaximum(max(1, total))
-            bar.setValue(min(done, max(1, total)))
+            set_bar(bar, done, total)
 
     def progress(self) -> dict[str, tuple[int, int]]:
         """(done, to do) of each slide whose progress bar is shown."""
@@ -108,3 +113,21 @@ class SlideList(QTableWidget):
 
     def status_of(self, slide_id: str) -> str:
         return self.item(self._ids.index(slide_id), 3).text()
+
+
+def set_bar(bar: QProgressBar, value: int, maximum: int) -> None:
+    """Set a progress bar's range and value, drawn with the window's next paint.
+
+    ``QProgressBar.setValue`` repaints at once (synchronously) when its text shows; in a window
+    holding napari's OpenGL canvas each such repaint composes the whole window. With updates
+    off while the value changes, the bar is only marked for the next (coalesced) paint.
+    """
+    maximum = max(1, int(maximum))
+    if bar.maximum() == maximum and bar.value() == min(int(value), maximum):
+        return
+    bar.setUpdatesEnabled(False)
+    try:
+        bar.setMaximum(maximum)
+        bar.setValue(min(int(value), maximum))
+    finally:
+        bar.setUpdatesEnabled(True)  # schedules one update()

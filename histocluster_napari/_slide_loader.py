@@ -2,21 +2,23 @@
 
 Opening a slide (OpenSlide, a TIFF completeness check) and reading its zoomed-out level take
 from tens of milliseconds to seconds; both happen here, in one daemon thread, and the widget
-gets a ``loaded(key, Shown | None)`` signal on the GUI thread. The slide asked for now goes
+gets a ``loaded(key, Shown | None)`` signal on the GUI thread. The finer levels are display
+levels (``_display_pyramid``): their pixels are read by a ``TileReader``, never by the GUI. The slide asked for now goes
 before the ones prefetched. What is loaded is kept (the most recently used ``capacity``).
 """
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qtpy.QtCore import QObject, Signal
 
-from histocluster_napari._slide_layers import open_for_viewing, slide_pyramid, with_overview
+from histocluster_napari._display_pyramid import TileReader, display_pyramid
+from histocluster_napari._slide_layers import open_for_viewing
+from histocluster_napari._work_queue import WorkQueue
 
 Key = tuple[Path, Any]
 """(slide file, level-0 um/px given or None)."""
@@ -31,16 +33,13 @@ class Shown:
     pyramid: list
 
 
-def load(key: Key) -> Shown | None:
+def load(key: Key, reader: TileReader) -> Shown | None:
     """Open ``key``'s slide and read its overview level (None when it cannot be read)."""
     path, mpp = key
     slide, mpp_known = open_for_viewing(path, mpp=mpp)
     if slide is None:
         return None
-    try:
-        return Shown(slide, mpp_known, with_overview(slide_pyramid(slide)))
-    except Exception:  # unreadable pixels: show it lazily, the tiles read grey
-        return Shown(slide, mpp_known, slide_pyramid(slide))
+    return Shown(slide, mpp_known, display_pyramid(slide, reader))
 
 
 class SlideLoader(QObject):
@@ -48,14 +47,13 @@ class SlideLoader(QObject):
 
     loaded = Signal(object, object)  # key, Shown | None
 
-    def __init__(self, capacity: int = 32) -> None:
+    def __init__(self, reader: TileReader, capacity: int = 32) -> None:
         super().__init__()
+        self._work = WorkQueue("histocluster-slides", self._do, self._deliver)
+        self._cond = self._work.lock
+        self.reader = reader
         self.capacity = int(capacity)
         self._done: OrderedDict[Key, Shown | None] = OrderedDict()
-        self._queue: deque[Key] = deque()
-        self._cond = threading.Condition()
-        self._thread: threading.Thread | None = None
-        self._closed = False
 
     def get(self, key: Key) -> Shown | None:
         """The loaded slide (None when not loaded yet or unreadable: see ``is_loaded``)."""
@@ -72,45 +70,26 @@ class SlideLoader(QObject):
     def request(self, key: Key, urgent: bool = True) -> None:
         """Load ``key`` (first in line when ``urgent``, else after what is queued)."""
         with self._cond:
-            if key in self._done:
-                return
-            if key in self._queue:
-                self._queue.remove(key)
-            if urgent:
-                self._queue.appendleft(key)
-            else:
-                self._queue.append(key)
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="histocluster-slides", daemon=True
-                )
-                self._thread.start()
-            self._cond.notify()
+            if key not in self._done:
+                self._work.put([(key, None)], front=urgent)
 
     def forget(self, key: Key) -> None:
         with self._cond:
             self._done.pop(key, None)
 
     def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._queue.clear()
-            self._cond.notify()
+        self._work.close()
 
-    def _run(self) -> None:
-        while True:
+    def _do(self, key: Key, _job: None) -> Shown | None:
+        shown = load(key, self.reader)
+        with self._cond:
+            self._done[key] = shown
+            while len(self._done) > self.capacity:
+                self._done.popitem(last=False)
+        return shown
+
+    def _deliver(self, key: Key, shown: Shown | None) -> None:
+        if shown is None:
             with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
-                if self._closed:
-                    return
-                key = self._queue.popleft()
-            shown = load(key)
-            with self._cond:
-                self._done[key] = shown
-                while len(self._done) > self.capacity:
-                    self._done.popitem(last=False)
-            try:
-                self.loaded.emit(key, shown)
-            except RuntimeError:  # the widget (and this QObject) was deleted
-                return
+                self._done.setdefault(key, None)  # unreadable: known, shown as such
+        self.loaded.emit(key, shown)

@@ -41,7 +41,6 @@ from magicgui.widgets import (
     SpinBox,
 )
 from napari.layers import Image, Labels, Shapes
-from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QObject, Qt, QTimer, Signal
 from qtpy.QtWidgets import QFileDialog, QSizePolicy
@@ -61,6 +60,7 @@ from histocluster_napari._canvas_click import on_click
 from histocluster_napari._classifier_panel import ClassifierPanel
 from histocluster_napari._cluster_table import ClusterTable
 from histocluster_napari._cohort import cohort_rows, folder_slides, store_slides
+from histocluster_napari._display_pyramid import TileReader, pyramid_id
 from histocluster_napari._encoder_choice import EncoderChoice
 from histocluster_napari._gallery import PAGE, GalleryTile, gallery_order, read_gallery
 from histocluster_napari._gallery_view import GalleryView
@@ -75,7 +75,7 @@ from histocluster_napari._overlay import (
     labels_colormap,
 )
 from histocluster_napari._slide_layers import METADATA_KEY, slide_layer_data
-from histocluster_napari._slide_list import SlideList
+from histocluster_napari._slide_list import SlideList, set_bar
 from histocluster_napari._slide_loader import SlideLoader
 from histocluster_napari._slide_progress import SlideProgress
 from histocluster_napari._store_layers import CLUSTERS_SUFFIX
@@ -88,6 +88,9 @@ UNREADABLE_SUFFIX = " unreadable"
 MARK_LAYER = "gallery tile"
 RECLUSTER_DELAY_MS = 400
 PROGRESS_INTERVAL_MS = 150
+"""Progress bars are redrawn at most this often (each redraw repaints the window)."""
+TILES_INTERVAL_MS = 100
+"""Slide pixels read in the background are shown at most this often (each is a new texture)."""
 """Progress bars are redrawn at most this often (each redraw repaints the window)."""
 SAVE_DELAY_MS = 300
 OVERLAY_OPACITY = 0.6
@@ -121,7 +124,6 @@ class HistoClusterWidget(Container):
         self._viewer = viewer
         self._worker: Any = None
         self._cancel = threading.Event()
-        self._pbar: napari_progress | None = None
         self._stage = ""
         self._view: _session.ClusterView | None = None
         self._cohort: list[Path] | None = None  # None: the slide layer picked under 'slide'
@@ -146,7 +148,13 @@ class HistoClusterWidget(Container):
         self._shown_key: Any = None
         self._colors_key: Any = None
         self._features_key: Any = None
-        self._slides = SlideLoader()  # slides opened for viewing, in a background thread
+        self._tiles = TileReader()  # the shown slide's finer pixels, read in a background thread
+        self._tiles.arrived.connect(self._on_tiles_arrived)
+        self._shown_pyramid: int | None = None
+        self._tiles_timer = QTimer()
+        self._tiles_timer.setSingleShot(True)
+        self._tiles_timer.timeout.connect(self._show_arrived_tiles)
+        self._slides = SlideLoader(self._tiles)  # slides opened for viewing, in the background
         self._slides.loaded.connect(self._on_slide_loaded)
         self._pending_camera: tuple[tuple[float, float], float] | None = None
         self._slide_progress: SlideProgress | None = None
@@ -650,6 +658,7 @@ class HistoClusterWidget(Container):
             layer.metadata = kwargs["metadata"]
             layer.name = sid
         self._shown_key = key
+        self._shown_pyramid = pyramid_id(shown.pyramid)
         if self._pending_camera is not None:
             centre, zoom = self._pending_camera
             self._pending_camera = None
@@ -670,6 +679,19 @@ class HistoClusterWidget(Container):
         self._swap_image(self._current)
         if first:
             self._draw_labels()  # in the image layer's units, now that it exists
+
+    def _on_tiles_arrived(self, pid: int) -> None:
+        """Pixels of a slide were read in the background: show them soon if it is the one shown."""
+        if pid == self._shown_pyramid and not self._tiles_timer.isActive():
+            self._tiles_timer.start(TILES_INTERVAL_MS)
+
+    def _show_arrived_tiles(self) -> None:
+        try:
+            layer = self._image_layer()
+        except RuntimeError:  # the widget was closed meanwhile
+            return
+        if layer is not None and layer.visible and pyramid_id(layer.data) == self._shown_pyramid:
+            layer.refresh(thumbnail=False, highlight=False, extent=False)
 
     # ================================================================== running
 
@@ -814,7 +836,7 @@ class HistoClusterWidget(Container):
         self._latest_progress = self._latest_slides = None
         self._progress_timer.stop()
         self.slide_list.clear_progress()
-        self._close_pbar()
+        self._stage = ""
         self._set_busy(False)
         if kind == "done":
             self._on_done(event[1])
@@ -835,23 +857,12 @@ class HistoClusterWidget(Container):
         label = (
             _session.STAGES.get(stage) or _classifier.STAGES.get(stage) or _map.STAGES.get(stage)
         ) or stage
-        if stage != self._stage or self._pbar is None:
-            self._close_pbar()
-            self._stage = stage
-            self._pbar = napari_progress(total=max(total, 1), desc=label)
-        self._pbar.n = done
-        self._pbar.refresh()
+        self._stage = stage
         self.progress_bar.visible = True
-        self.progress_bar.max = max(total, 1)
-        self.progress_bar.value = min(done, max(total, 1))
-        self.progress_bar.label = label
-        self.status.value = f"{label}: {done} / {total}"
-
-    def _close_pbar(self) -> None:
-        if self._pbar is not None:
-            self._pbar.close()
-            self._pbar = None
-        self._stage = ""
+        set_bar(self.progress_bar.native, done, total)
+        text = f"{label}: {done} / {total}"
+        if self.status.value != text:
+            self.status.value = text
 
     def _set_busy(self, busy: bool) -> None:
         self.cluster_button.enabled = not busy
@@ -861,7 +872,7 @@ class HistoClusterWidget(Container):
         self.classifier.set_busy(busy)
         self.progress_bar.visible = busy
         if busy:
-            self.progress_bar.value = 0
+            set_bar(self.progress_bar.native, 0, 1)
 
     def _on_worker_error(self, error: BaseException) -> None:
         self._refresh_slide_list()
