@@ -7,7 +7,7 @@ Builds, in a temp dir, a real ``FeatureStore`` over real slide grids: copies (sy
 ``../shared/data/slides/CMU-1-Small-Region.svs`` under several slide ids, cut into ``--tile-px``
 tiles at 0.5 um/px with the default tissue rule, as many slides as reach ``--tiles`` tissue
 tiles. Every tissue tile holds a float16 feature drawn around one of 10 random centres (as
-extraction writes them). The slides are real files, so the exemplar tiles are read from them
+extraction writes them; ``--noise`` sets how much the 10 overlap). The slides are real files, so the exemplar tiles are read from them
 exactly as the widget reads them.
 
 Then it calls what the widget calls when k changes, ``histocluster_napari._session.recluster``
@@ -66,7 +66,7 @@ GOAL_S = 1.0
 
 
 def build_store(
-    tmp: Path, n_tiles: int, dim: int, tile_px: int, seed: int = 0
+    tmp: Path, n_tiles: int, dim: int, tile_px: int, noise: float = 0.6, seed: int = 0
 ) -> tuple[Path, list[str]]:
     """A store of real CMU-slide grids (symlinked copies) with clustered float16 features."""
     rng = np.random.default_rng(seed)
@@ -92,8 +92,8 @@ def build_store(
         for block in sf.blocks():
             sel = selected[block.r0 : block.r1, block.c0 : block.c1]
             l_ = lab[block.r0 : block.r1, block.c0 : block.c1]
-            noise = rng.standard_normal((*l_.shape, dim), dtype=np.float32) * 0.6
-            feats = np.maximum(centres[l_] + noise, 0)  # ReLU-like, as a CNN's features
+            jitter = rng.standard_normal((*l_.shape, dim), dtype=np.float32) * noise
+            feats = np.maximum(centres[l_] + jitter, 0)  # ReLU-like, as a CNN's features
             sf.write_block(block, feats * sel[..., None], sel)
         ids.append(sid)
         total += int(selected.sum())
@@ -182,6 +182,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds (default %(default)s)")
     p.add_argument("--tile-px", type=int, default=16, help="tile side in px (default %(default)s)")
     p.add_argument(
+        "--noise",
+        type=float,
+        default=0.6,
+        help="feature noise sd around the 10 unit-variance centres; 1.5 and more overlaps "
+        "them as real tissue classes do, so the Lloyd passes run to their cap "
+        "(default %(default)s)",
+    )
+    p.add_argument(
         "--modes",
         default="plain,cached",
         help="modes to time, comma-separated (default %(default)s)",
@@ -196,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HISTOCLUSTER_CACHE", str(tmp / "cache"))
     try:
         t = time.perf_counter()
-        path, ids = build_store(tmp, a.tiles, a.dim, a.tile_px)
+        path, ids = build_store(tmp, a.tiles, a.dim, a.tile_px, a.noise)
         store = FeatureStore.open(path)
         n = store.n_tissue_tiles()
         print(

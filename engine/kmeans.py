@@ -443,7 +443,9 @@ def _lloyd_passes(
     only the rows whose bounds no longer prove their label, and moves the rows that changed
     label from one centre's sum to the other's. The labels are those of a full assignment
     (distances within float32 rounding of a tie excepted), at a fraction of its cost once
-    few rows move. Returns the (k, dim) float32 centres, the passes run and the last shift.
+    few rows move (a block whose rows are mostly unproven is recomputed whole: a row proven
+    keeps its label either way). Returns the (k, dim) float32 centres, the passes run and the
+    last shift.
     """
     s = plan.settings
     k, n = plan.k, plan.n_fit
@@ -474,8 +476,10 @@ def _lloyd_passes(
                 counts += n_b
             else:
                 idx = np.flatnonzero(active[at : at + b])
+                if 2 * len(idx) > b:  # most rows: the whole block costs less than a gather
+                    idx = np.arange(b)
                 if len(idx):
-                    rows, where = block[idx], at + idx
+                    rows, where = (block if len(idx) == b else block[idx]), at + idx
                     lab, upper[where], lower[where] = _two_nearest(rows, sq[where], centers)
                     moved = lab != labels[where]
                     if moved.any():
