@@ -33,8 +33,9 @@ and prints the seconds of each stage (median over rounds and ks):
     save       the curation saved beside the run
 
 then ``repaint`` (call to ``on_view``: what the user waits for, against the 1 s goal) and
-``total`` (call to return: the run listed and its curation saved), with the process CPU
-seconds (steadier when other processes share the cores) and the load average. Each mode
+``total`` (call to return: the run listed and its curation saved), each with the process CPU
+seconds (``repaint cpu``, ``cpu``: steadier when other processes share the cores; zarr's
+threads make the total's exceed its wall time) and the load average. Each mode
 first makes one untimed k change (the cache's first read, imports). Labels of both modes are
 checked equal (same seed, same labels).
 """
@@ -107,6 +108,7 @@ class Timer:
         self.marks: dict[str, float] = {}
         self.spans: dict[str, float] = defaultdict(float)
         self.cpu = 0.0
+        self.cpu0 = 0.0
 
     def progress(self, stage: str, done: int, total: int) -> None:
         now = time.perf_counter()
@@ -115,6 +117,7 @@ class Timer:
 
     def painted(self, view) -> None:
         self.marks.setdefault("paint", time.perf_counter())
+        self.marks.setdefault("paint:cpu", time.process_time())
 
     def wrap(self, name: str, fn):
         def timed(*args, **kwargs):
@@ -150,6 +153,7 @@ class Timer:
         out["repaint"] = m.get("paint", t1) - t0
         out["total"] = t1 - t0
         out["cpu"] = self.cpu
+        out["repaint cpu"] = m.get("paint:cpu", self.cpu0 + self.cpu) - self.cpu0
         return out
 
 
@@ -165,6 +169,7 @@ def one_change(view, k: int, features) -> tuple[object, dict[str, float]]:
     _session._result_view = timer.wrap("view", saved[2])
     try:
         t0, c0 = time.perf_counter(), time.process_time()
+        timer.cpu0 = c0
         new = _session.recluster(view, k, progress=timer.progress, on_view=timer.painted)
         t1 = time.perf_counter()
         timer.cpu = time.process_time() - c0
@@ -220,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
             views[m], _ = one_change(view, ks[-1], caches[m])
         rows: dict[str, list[dict[str, float]]] = defaultdict(list)
         labels: dict[tuple[str, int, int], dict[str, np.ndarray]] = {}
-        cols = (*STAGES, "repaint", "total", "cpu")
+        cols = (*STAGES, "repaint", "total", "repaint cpu", "cpu")
         print(f"{'round':>5} {'mode':<7} {'k':>3} " + " ".join(f"{c:>9}" for c in cols))
         for r in range(a.rounds):
             for k in ks:
@@ -241,7 +246,8 @@ def main(argv: list[str] | None = None) -> None:
             cells = " ".join(f"{c} {med[c]:.3f}" for c in STAGES)
             print(
                 f"  {m:<7} {cells}\n          repaint {med['repaint']:.3f} s"
-                f" -> goal <= {GOAL_S} s {'met' if med['repaint'] <= GOAL_S else 'NOT met'};"
+                f" (process cpu {med['repaint cpu']:.3f} s) -> goal <= {GOAL_S} s"
+                f" {'met' if med['repaint'] <= GOAL_S else 'NOT met'};"
                 f" run written {med['total']:.3f} s (process cpu {med['cpu']:.3f} s)"
             )
         if len(modes) == 2:
