@@ -708,7 +708,7 @@ class FeatureStore:
                     old.get("source_path") != attrs["source_path"]
                     or old.get("mtime") != attrs["mtime"]
                 ):
-                    existing.attrs.update(
+                    existing.update_attributes(
                         {"source_path": attrs["source_path"], "mtime": attrs["mtime"]}
                     )
                 if existing.get("failed") is None:  # older store: add it before ranks write
@@ -724,7 +724,7 @@ class FeatureStore:
         origins = _tile_map(group, "origins", (rows, cols, 2), _BIG_CHUNK, "int64", 0)
         tissue[...] = grid.tissue.astype(np.float16)
         origins[...] = grid.origins
-        group.attrs.update({**attrs, "complete": True})
+        group.update_attributes({**attrs, "complete": True})
         return self.slide(slide_id)
 
     def iter_tissue_features(
@@ -834,7 +834,7 @@ class FeatureStore:
             "created": _now(),
             "complete": True,
         }
-        group.attrs.update(meta)
+        group.update_attributes(meta)
 
     def cluster_run_problem(self, run: str) -> str | None:
         """None when run ``run``'s centroids were fitted on this store's features; else one line why not.
@@ -967,7 +967,7 @@ class FeatureStore:
 
     def update_embedding_attrs(self, run: str, attrs: Mapping[str, Any]) -> None:
         """Merge ``attrs`` into the embedding's attrs (e.g. ``slides_done``, ``complete``)."""
-        self._cluster_group(run)["embedding"].attrs.update(_jsonable(dict(attrs)))
+        self._cluster_group(run)["embedding"].update_attributes(_jsonable(dict(attrs)))
 
     def write_embedding(self, run: str, slide_id: str, xy: np.ndarray) -> None:
         """Store one slide's map coordinates ``xy`` (rows, cols, 2) float32, NaN where no tile."""
@@ -1031,7 +1031,7 @@ class FeatureStore:
             del root[name]  # type: ignore[index]
         group = root.create_group(name)  # type: ignore[union-attr]
         group.create_group("slides")
-        group.attrs.update({**_jsonable(dict(attrs)), "created": _now()})
+        group.update_attributes({**_jsonable(dict(attrs)), "created": _now()})
         return PredictionMaps(self, group, name)
 
     def prediction_names(self) -> list[str]:

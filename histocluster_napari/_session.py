@@ -161,7 +161,11 @@ class ClusterJob:
     def coverage(self, slide: Path, encoders: EncoderIds = ENCODER_IDS) -> Coverage:
         """What the job's store holds of ``slide`` with this encoder and tiling."""
         return FeatureStore.coverage(
-            self.store_path(), slide, encoders.get(self.encoder), self.tiling
+            self.store_path(),
+            slide,
+            encoders.get(self.encoder),
+            self.tiling,
+            slide_mpp=self.slide_mpp,
         )
 
 
