@@ -45,6 +45,7 @@ from engine.mosaic import cluster_colors, exemplar_mosaic, label_overlay
 from engine.progress import Progress, Throttle, no_progress
 from engine.slide import SlideCache
 from engine.store import FeatureStore
+from engine.tile_ref import TileRef
 
 __all__ = [
     "ALGORITHM",
@@ -151,16 +152,11 @@ class ClusterConfig:
         return d
 
 
-@dataclass
-class Exemplar:
+@dataclass(frozen=True, slots=True)
+class Exemplar(TileRef):
     """A tile near a centroid: where it is and its distance (in the clustering's feature space)."""
 
     cluster: int
-    slide_id: str
-    row: int
-    col: int
-    l0_x: int
-    l0_y: int
     distance: float
 
 
@@ -305,7 +301,7 @@ def run_clustering(
             if si < 0:
                 continue
             ox, oy = (int(v) for v in done.origins(slides[si])[r, col])
-            row.append(Exemplar(c, slides[si], r, col, ox, oy, float(done.best_d[c, j])))
+            row.append(Exemplar(slides[si], r, col, ox, oy, c, float(done.best_d[c, j])))
         exemplars.append(row)
 
     counts_json = {s: [int(v) for v in counts[s]] for s in slides}

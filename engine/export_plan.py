@@ -17,6 +17,7 @@ from engine.export_choice import TileChoice
 from engine.kmeans import l2_normalize
 from engine.progress import Progress, no_progress
 from engine.store import FeatureStore
+from engine.tile_ref import TileRef
 from engine.tiling import Tiling
 
 __all__ = [
@@ -28,9 +29,10 @@ __all__ = [
 ]
 
 
-@dataclass(slots=True)
-class PlannedTile:
-    """One file to write: ``path`` relative to DIR ('/'-separated), its class, tile and region.
+@dataclass(frozen=True, slots=True)
+class PlannedTile(TileRef):
+    """One file to write: the tile, ``path`` relative to DIR ('/'-separated), its class, cluster
+    and level-0 region size.
 
     ``distance`` to the tile's cluster centroid and ``prob`` of its class: NaN when unknown.
     """
@@ -38,11 +40,6 @@ class PlannedTile:
     path: str
     cls: str
     cluster: int
-    slide_id: str
-    row: int
-    col: int
-    l0_x: int
-    l0_y: int
     l0_w: int
     l0_h: int
     distance: float
@@ -192,14 +189,14 @@ def plan_export(
                 x0, y0, x1, y1 = (int(v) for v in boxes[i])
                 tiles.append(
                     PlannedTile(
-                        f"{klass.name}/{sid}_{x0}_{y0}.{ext}",
-                        klass.name,
-                        int(c),
                         sid,
                         int(rows[i]),
                         int(cols[i]),
                         x0,
                         y0,
+                        f"{klass.name}/{sid}_{x0}_{y0}.{ext}",
+                        klass.name,
+                        int(c),
                         x1 - x0,
                         y1 - y0,
                         float(dist[i]),

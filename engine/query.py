@@ -22,19 +22,15 @@ from engine.files import atomic_write_json
 from engine.kmeans import l2_normalize
 from engine.progress import Progress, Throttle, no_progress
 from engine.store import FeatureStore
+from engine.tile_ref import TileRef
 
 __all__ = ["Hit", "QueryConfig", "QueryResult", "main", "run", "similar_tiles", "tile_vector"]
 
 
-@dataclass(frozen=True)
-class Hit:
+@dataclass(frozen=True, slots=True)
+class Hit(TileRef):
     """A tile and its cosine similarity to the query."""
 
-    slide_id: str
-    row: int
-    col: int
-    l0_x: int
-    l0_y: int
     similarity: float
 
 
