@@ -655,17 +655,9 @@ example:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: the summary on stdout; exit status as ``engine.cli`` says."""
-    return cli.main(
-        ClusterConfig,
-        run,
-        argv,
-        prog="python -m engine.cluster",
-        description=_DESCRIPTION,
-        epilog=_EPILOG,
-        report=report,
-        report_stream="stdout",
-        interrupted_hint="the interrupted run is not listed; run the same command again",
-    )
+    return cli.main(ClusterConfig, run, argv, description=_DESCRIPTION, epilog=_EPILOG,
+                    report=report, report_stream="stdout",
+                    interrupted_hint="the interrupted run is not listed; run the same command again")  # fmt: skip
 
 
 if __name__ == "__main__":
