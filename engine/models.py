@@ -66,7 +66,7 @@ __all__ = [
     "save_encoder",
 ]
 
-ARCHS: dict[str, tuple[Callable[[str], ResNet], int]] = {
+ARCHS: dict[str, tuple[Callable[..., ResNet], int]] = {
     "resnet18": (resnet, 512),
     "resnet34": (resnet, 512),
     "resnet50": (resnet, 2048),
@@ -105,10 +105,13 @@ def feature_dim(arch: str) -> int:
     return ARCHS[_check_arch(arch)][1]
 
 
-def build_backbone(arch: str) -> ResNet:
+def build_backbone(arch: str, *, init_weights: bool = True) -> ResNet:
     """torchvision's ResNet with ``weights=None`` and ``fc = Identity`` (built by
-    :mod:`engine.resnet`, same keys and seeded weights): (B,3,H,W) -> (B, feature_dim)."""
-    model = ARCHS[_check_arch(arch)][0](arch)
+    :mod:`engine.resnet`, same keys and seeded weights): (B,3,H,W) -> (B, feature_dim).
+
+    ``init_weights=False``: no re-initialisation, for a meta-device network whose weights are
+    all loaded next."""
+    model = ARCHS[_check_arch(arch)][0](arch, init_weights=init_weights)
     model.fc = nn.Identity()
     return model
 
@@ -380,7 +383,7 @@ def save_encoder(
         backbone = backbone.backbone
     state = {k: v for k, v in strip_wrappers(backbone.state_dict()).items() if not _is_fc(k)}
     with torch.device("meta"):
-        reference = build_backbone(arch).state_dict()
+        reference = build_backbone(arch, init_weights=False).state_dict()
     problems = fit_problems(state, reference)
     if problems:
         raise ValueError(f"backbone does not fit {arch}: {problems}")
@@ -570,7 +573,7 @@ def _load_fitting(state: dict[str, Any], origin: str, arch: str) -> ResNet:
     the checkpoint lacks is 0, as in a freshly built network.
     """
     with torch.device("meta"):
-        backbone = build_backbone(arch)
+        backbone = build_backbone(arch, init_weights=False)
     reference = backbone.state_dict()
     problems = fit_problems(state, reference)
     if problems:

@@ -88,7 +88,12 @@ class ResNet(nn.Module):
     """torchvision's ``ResNet`` (groups 1, width 64, no dilation): (B,3,H,W) -> (B, num_classes)."""
 
     def __init__(
-        self, block: type[BasicBlock | Bottleneck], layers: list[int], num_classes: int = 1000
+        self,
+        block: type[BasicBlock | Bottleneck],
+        layers: list[int],
+        num_classes: int = 1000,
+        *,
+        init_weights: bool = True,
     ) -> None:
         super().__init__()
         self.inplanes = 64
@@ -102,7 +107,7 @@ class ResNet(nn.Module):
         self.layer4 = self._make_layer(block, 512, layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc: nn.Module = nn.Linear(512 * block.expansion, num_classes)
-        for m in self.modules():
+        for m in self.modules() if init_weights else ():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
@@ -137,7 +142,12 @@ ARCH_LAYOUTS: dict[str, tuple[type[BasicBlock | Bottleneck], list[int]]] = {
 }
 
 
-def resnet(arch: str) -> ResNet:
-    """torchvision's ``resnet18/34/50/101(weights=None)`` (randomly initialised, 1000-class fc)."""
+def resnet(arch: str, *, init_weights: bool = True) -> ResNet:
+    """torchvision's ``resnet18/34/50/101(weights=None)`` (randomly initialised, 1000-class fc).
+
+    ``init_weights=False`` skips torchvision's re-initialisation of the convolutions and batch
+    norms, for a network built on the meta device whose weights are all loaded next (on meta,
+    ``normal_`` goes through a decomposition that imports ``torch._dynamo``: ~1.5 s).
+    """
     block, layers = ARCH_LAYOUTS[arch]
-    return ResNet(block, layers)
+    return ResNet(block, layers, init_weights=init_weights)

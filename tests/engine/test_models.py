@@ -126,10 +126,18 @@ def test_backbone_is_torchvisions_network(arch: str) -> None:
         assert torch.equal(ours.eval()(x), theirs.eval()(x))
 
 
-def test_extraction_imports_no_torchvision() -> None:
-    """torchvision's import costs ~2 s of start-up (its ops import torch._dynamo); extraction
-    builds its ResNets without it."""
-    code = "import sys, engine.extract; print(sorted({'torchvision', 'torch._dynamo'} & set(sys.modules)))"
+def test_extraction_imports_no_torchvision(tmp_path: Path) -> None:
+    """torchvision's import costs ~2 s of start-up (its ops import torch._dynamo): extraction
+    builds its ResNets without it, and loading a checkpoint (onto the meta device) does not
+    import torch._dynamo either."""
+    code = (
+        "import sys, engine.extract\n"
+        "from engine.models import build_backbone, load_encoder, save_encoder\n"
+        f"path = save_encoder({str(tmp_path / 'e.pt')!r}, build_backbone('resnet18'), 'resnet18', "
+        "(0.5,) * 3, (0.5,) * 3, 224, {})\n"
+        "load_encoder(path)\n"
+        "print(sorted({'torchvision', 'torch._dynamo'} & set(sys.modules)))"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
