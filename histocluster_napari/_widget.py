@@ -163,7 +163,7 @@ class HistoClusterWidget(Container):
         self._progress_timer = QTimer()
         self._progress_timer.setSingleShot(True)
         self._progress_timer.timeout.connect(self._apply_progress)
-        _warm_up_labels()
+        _warm_up()
         self._gallery_bridge = _GalleryBridge()
         self._gallery_bridge.event.connect(self._on_gallery_event)
         self._gallery_generation = 0
@@ -329,8 +329,35 @@ class HistoClusterWidget(Container):
         for event in (viewer.layers.events.inserted, viewer.layers.events.removed):
             event.connect(self._on_layers_changed)
         self._viewer_hooks = _ViewerHooks(self, viewer)
+        self._rect_layers: dict[str, Shapes] = {}
+        self._prepare_layers()
         self._on_layers_changed()
         self._update_store_hint()
+
+    def _prepare_layers(self) -> None:
+        """Make, once, the (hidden) layers the widget draws in: the cohort's slide, the
+        clusters, the gallery tile outline and the similar tiles.
+
+        napari builds a layer's visuals and controls when it is added (hundreds of ms on the
+        GUI thread, every time); here that happens once, at plugin start, and the work that
+        follows (open a folder, cluster, click a gallery tile) only swaps the layers' data.
+        """
+        viewer, um = self._viewer, ("um", "um")
+        blank = [np.zeros((2, 2, 3), np.uint8), np.zeros((1, 1, 3), np.uint8)]
+        self._cohort_layer = viewer.add_image(
+            blank, multiscale=True, rgb=True, contrast_limits=(0, 255), units=um,
+            name="HistoCluster slide", visible=False,
+        )  # fmt: skip
+        viewer.layers.move(viewer.layers.index(self._cohort_layer), 0)
+        self._labels_layer = viewer.add_labels(
+            np.zeros((1, 1), np.uint8), name="HistoCluster clusters", opacity=OVERLAY_OPACITY,
+            units=um, visible=False,
+        )  # fmt: skip
+        self._labels_layer.editable = False
+        for kind, name in (("similar", "HistoCluster similar"), ("mark", MARK_LAYER)):
+            self._rect_layers[kind] = viewer.add_shapes(
+                name=name, units=um, visible=False, face_color="transparent"
+            )
 
     # ================================================================== inputs
 
@@ -628,10 +655,10 @@ class HistoClusterWidget(Container):
             return
         if key is not None and not self._slides.is_loaded(key):
             self._slides.request(key)
-            if layer is not None:
+            if layer is not None and layer.name != sid:
                 layer.visible = False  # not the previous slide's pixels under this one's labels
                 layer.name = sid
-            return
+            return  # (the same slide, opened again at the store's um/px, stays shown meanwhile)
         shown = self._slides.get(key) if key is not None else None
         self._shown_key = key
         if shown is None:
@@ -675,10 +702,10 @@ class HistoClusterWidget(Container):
             return
         if self._cohort is None or self._current is None or self._slide_key(self._current) != key:
             return
-        first = self._cohort_layer is None or self._cohort_layer not in self._viewer.layers
         self._swap_image(self._current)
-        if first:
-            self._draw_labels()  # in the image layer's units, now that it exists
+        labels, image = self.clusters_layer, self._image_layer()
+        if labels is not None and image is not None and labels.units != image.units[-2:]:
+            self._draw_labels()  # in the image layer's units
 
     def _on_tiles_arrived(self, pid: int) -> None:
         """Pixels of a slide were read in the background: show them soon if it is the one shown."""
@@ -916,8 +943,7 @@ class HistoClusterWidget(Container):
         self.gallery.clear_tiles(None)
         self.table.setRowCount(0)
         if self._labels_layer is not None and self._labels_layer in self._viewer.layers:
-            self._viewer.layers.remove(self._labels_layer)
-        self._labels_layer = None
+            self._labels_layer.visible = False  # kept, to draw the next run in
 
     def _show_view(self, view: _session.ClusterView) -> None:
         if self._view is not None:
@@ -1021,15 +1047,19 @@ class HistoClusterWidget(Container):
             self._labels_layer = layer
         else:
             translate = (geom.translate[0] + oy, geom.translate[1] + ox)
-            if not np.allclose(layer.scale[-2:], geom.scale):  # each setter redraws: only changes
+            hidden = not layer.visible  # napari keeps a hidden layer's extent on a data change;
+            layer.data = data  # a scale or translate set after it renews the extent
+            if hidden or not np.allclose(layer.scale[-2:], geom.scale):  # each setter redraws
                 layer.scale = geom.scale
             if not np.allclose(layer.translate[-2:], translate):
                 layer.translate = translate
-            layer.data = data
             layer.name = name
-            layer.visible = self.classifier.prediction is None or layer.visible
+            if self.classifier.prediction is None:
+                layer.visible = True
         if image is not None:
-            layer.units = image.units[-2:]
+            if tuple(layer.units) != tuple(image.units[-2:]):
+                layer.units = image.units[-2:]
+            self._keep_above(layer, image)
         layer.metadata = {
             **layer.metadata,
             "histocluster": {"store": str(view.store_path), "run": view.run, "slide_id": sid},
@@ -1037,6 +1067,12 @@ class HistoClusterWidget(Container):
         self._refresh_colors()
         self._update_layer_features()
         self._draw_failed()
+
+    def _keep_above(self, layer: Any, below: Any) -> None:
+        """Move ``layer`` to the top when it lies under ``below`` (a slide opened after it)."""
+        layers = self._viewer.layers
+        if layer in layers and below in layers and layers.index(layer) < layers.index(below):
+            layers.move(layers.index(layer), len(layers))
 
     def _draw_failed(self) -> None:
         """Hatch (red stripes) the shown slide's unreadable tiles; the layer exists once needed."""
@@ -1233,7 +1269,7 @@ class HistoClusterWidget(Container):
         image = self._image_layer()
         name = (image.name if image is not None else self._current) + SIMILAR_SUFFIX
         rects = [self._tile_rect(*tile)] + [self._tile_rect(r, c) for r, c, _ in hits]
-        self._draw_rects(name, rects, ["cyan"] + ["yellow"] * len(hits))
+        self._draw_rects("similar", name, rects, ["cyan"] + ["yellow"] * len(hits))
         self.status.value = (
             f"{len(hits)} tiles most similar to tile {tile} marked (yellow; the query in cyan)."
         )
@@ -1249,34 +1285,31 @@ class HistoClusterWidget(Container):
         xs = np.array([x0, x1]) * mx - 0.5 * mx + ox
         return np.array([[ys[0], xs[0]], [ys[0], xs[1]], [ys[1], xs[1]], [ys[1], xs[0]]])
 
-    def _draw_rects(self, name: str, rects: list[np.ndarray], colors: list[str]) -> Shapes:
+    def _draw_rects(
+        self, kind: str, name: str, rects: list[np.ndarray], colors: list[str]
+    ) -> Shapes:
+        """Outline ``rects`` in the widget's Shapes layer of ``kind`` (renamed ``name``)."""
         geom = self._geometry()
         assert geom is not None
         image = self._image_layer()
         width = 0.08 * geom.tile_l0[0] * geom.mpp[0]
-        if name in self._viewer.layers and isinstance(self._viewer.layers[name], Shapes):
-            # Redrawn in place: removing a layer and adding another while a Labels layer is
-            # drawn can crash vispy on Mesa's llvmpipe (see _swap_image).
-            layer = self._viewer.layers[name]
-            layer.data = []
-            layer.add(
-                rects,
-                shape_type="rectangle",
-                edge_color=colors,
-                face_color="transparent",
-                edge_width=width,
+        layer = self._rect_layers.get(kind)
+        if layer is None or layer not in self._viewer.layers:  # the user deleted it
+            layer = self._rect_layers[kind] = self._viewer.add_shapes(
+                name=name, face_color="transparent", visible=False
             )
-            self._viewer.layers.selection.active = self.clusters_layer or layer
-            return layer
-        layer = self._viewer.add_shapes(
-            rects,
-            shape_type="rectangle",
-            edge_color=colors,
-            face_color="transparent",
+        # Redrawn in place: removing a layer and adding another while a Labels layer is
+        # drawn can crash vispy on Mesa's llvmpipe (see _swap_image).
+        if image is not None and tuple(layer.units) != tuple(image.units[-2:]):
+            layer.units = image.units[-2:]
+        layer.visible = True  # before the data: napari keeps a hidden layer's extent
+        layer.data = []
+        layer.add(
+            rects, shape_type="rectangle", edge_color=colors, face_color="transparent",
             edge_width=width,
-            name=name,
-            units=image.units[-2:] if image is not None else None,
-        )
+        )  # fmt: skip
+        layer.name = name
+        self._keep_above(layer, self.clusters_layer or image)
         self._viewer.layers.selection.active = self.clusters_layer or layer
         return layer
 
@@ -1381,7 +1414,7 @@ class HistoClusterWidget(Container):
         if geom is None:
             return
         rect = self._tile_rect(row, col)
-        self._draw_rects(MARK_LAYER, [rect], ["magenta"])
+        self._draw_rects("mark", MARK_LAYER, [rect], ["magenta"])
         centre = rect.mean(axis=0)
         camera = self.camera
         camera.center = (float(centre[0]), float(centre[1]))
@@ -1506,9 +1539,9 @@ def _number_box(
     return FloatSpinBox(label=label, value=value, min=lo, max=hi, step=step, tooltip=tooltip, **kw)
 
 
-def _warm_up_labels() -> None:
-    """Load napari's compiled label colour mapping (numba) in the background, once, so the first
-    clusters layer does not wait for it on the GUI thread."""
+def _warm_up() -> None:
+    """Load napari's compiled label colour mapping and shape triangulation (numba) in the
+    background, once, so the first clusters and outlines do not wait for them on the GUI thread."""
     global _WARMING
     if _WARMING is not None:
         return
@@ -1516,6 +1549,8 @@ def _warm_up_labels() -> None:
     def warm() -> None:
         try:
             labels_colormap(cluster_colors(2))._map_without_cache(np.zeros((2, 2), np.uint16))
+            square = np.array([[0.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
+            Shapes([square], shape_type="rectangle", edge_width=0.1)  # not added to a viewer
         except Exception:  # only a head start; napari does it again when needed
             pass
 

@@ -29,7 +29,7 @@ def test_demo_help_documents_every_flag() -> None:
 def test_demo_docks_the_widget_on_the_sample_slide(make_napari_viewer, sample_slide: Path) -> None:
     viewer = make_napari_viewer()
     viewer, widget = open_demo(DemoConfig(slide=sample_slide, k=5), viewer)
-    assert [layer.name for layer in viewer.layers] == ["sample_slide"]
+    assert [layer.name for layer in viewer.layers if layer.visible] == ["sample_slide"]
     assert widget.slide.value is viewer.layers["sample_slide"]
     assert widget.k.value == 5 and widget.cluster_button.enabled
     assert "HistoCluster (histocluster)" in viewer.window.dock_widgets
