@@ -8,7 +8,8 @@ The slide is ``CMU-1-Small-Region.svs`` (2220 x 2967 px of real H&E) repeated 40
 with mirrored repeats (every other copy flipped, so neighbours meet edge to edge), giving
 88,800 x 71,208 px at level 0, declared 0.25 um/px (a 40x scan) in the TIFF resolution tags
 (40,000 px/cm) and in the ImageDescription (``MPP = 0.25``). ``--scale`` shrinks both sides
-(the same repeats, cut short) for quick runs and tests. Levels: /1 /4 /16 /64 in successive
+(the same repeats, cut short) for quick runs and tests, or grows them (more repeats; 2 gives
+4x the area). Levels: /1 /4 /16 /64 in successive
 pages (``subfiletype`` 1 for the reduced ones), JPEG tiles of ``--tile`` px, so OpenSlide
 opens it as ``generic-tiff`` and ``engine.slide.open_slide`` reads mpp 0.25.
 
@@ -104,8 +105,8 @@ def make_40x_slide(
     ``photometric``: "ycbcr" (JPEG in YCbCr with 2x2 chroma subsampling, as most scanners and
     converters write) or "rgb" (JPEG storing RGB, as Aperio does).
     """
-    if not 0 < scale <= 1:
-        raise ValueError(f"--scale must be in (0, 1], got {scale}")
+    if not scale > 0:
+        raise ValueError(f"--scale must be positive, got {scale}")
     if tile % 16:
         raise ValueError(f"--tile must be a multiple of 16, got {tile}")
     out = Path(out_dir) / slide_name(scale, tile, quality, photometric)
@@ -159,7 +160,9 @@ def make_40x_slide(
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     p.add_argument("out_dir")
-    p.add_argument("--scale", type=float, default=1.0, help="fraction of each side (default 1)")
+    p.add_argument(
+        "--scale", type=float, default=1.0, help="factor of each side (default 1; 2 = 4x the area)"
+    )
     p.add_argument("--tile", type=int, default=256, help="JPEG tile size in px (256 or 240)")
     p.add_argument("--quality", type=int, default=70, help="JPEG quality (default 70)")
     p.add_argument("--photometric", choices=("ycbcr", "rgb"), default="ycbcr")
