@@ -315,6 +315,8 @@ class DeviceTileDecoder:
 
     def __init__(self, device: torch.device | str) -> None:
         self.device = torch.device(device)
+        self.gather = self.device.type != "cpu"
+        """Regions cut by one gather (GPU) or by slices (CPU: fewer, larger copies)."""
         self.notes: list[str] = []
         self._cpu_levels: set[tuple[str, int]] = set()
         self._checked: set[tuple[str, int]] = set()
@@ -411,29 +413,64 @@ class DeviceTileDecoder:
         out = torch.full((b, 3, px, px), _WHITE, dtype=torch.uint8, device=dev)
         if b == 0:
             return out
-        white = torch.full((3, th, tw), _WHITE, dtype=torch.uint8, device=dev)
-        sources = torch.stack([white if t is None else t.to(dev) for t in decoded] + [white])
+        white = torch.full((th, tw, 3), _WHITE, dtype=torch.uint8, device=dev)
+        hwc = [white if t is None else t.to(dev).permute(1, 2, 0) for t in decoded]
+        sources = torch.stack(hwc + [white])  # (K + 1, th, tw, 3): pixels as rows of 3 bytes
         for k, (vw, vh) in enumerate(batch.valid.tolist()):  # edge padding: outside the level
             if vw < tw:
-                sources[k, :, :, max(vw, 0) :] = _WHITE
+                sources[k, :, max(vw, 0) :] = _WHITE
             if vh < th:
-                sources[k, :, max(vh, 0) :, :] = _WHITE
-        cells_d, region, box = cells.to(dev), batch.region.to(dev), batch.box.to(dev)
+                sources[k, max(vh, 0) :] = _WHITE
+        region, box = batch.region.to(dev), batch.box.to(dev)
         hr, wr = int(batch.region[:, 3].max()), int(batch.region[:, 2].max())
         limit = _CHUNK_PX["cpu" if dev.type == "cpu" else "other"]
         chunk = max(1, limit // (hr * wr))
+        crops = self._gathered if self.gather else self._sliced
         for s in range(0, b, chunk):
             e = min(b, s + chunk)
-            ys = (region[s:e, 1:2] + torch.arange(hr, device=dev)).clamp_(max=ny * th - 1)
-            xs = (region[s:e, 0:1] + torch.arange(wr, device=dev)).clamp_(max=nx * tw - 1)
-            ys, xs = ys[:, :, None], xs[:, None, :]
-            at = ((ys // th) * nx + xs // tw).flatten(1)  # (c, hr * wr) cell of each pixel
-            cell = cells_d[s:e].flatten(1).gather(1, at).view(e - s, hr, wr)
-            crop = sources[cell, :, ys % th, xs % tw].permute(0, 3, 1, 2).contiguous()
+            crop = crops(sources, cells[s:e], batch.region[s:e], hr, wr)
             out[s:e] = resize_regions(crop, region[s:e, 2:], box[s:e], px)
         if bool(failed.any()):
             out[failed.to(dev)] = _WHITE
         return out
+
+    @staticmethod
+    def _gathered(
+        sources: torch.Tensor, cells: torch.Tensor, region: torch.Tensor, hr: int, wr: int
+    ) -> torch.Tensor:
+        """(c, 3, hr, wr) uint8 regions of (K + 1, th, tw, 3) ``sources`` in one gather (a few
+        kernels whatever the batch: the way on a GPU)."""
+        c, ny, nx = cells.shape
+        th, tw, dev = sources.shape[1], sources.shape[2], sources.device
+        cells, region = cells.to(dev), region.to(dev)
+        ys = (region[:, 1:2] + torch.arange(hr, device=dev)).clamp_(max=ny * th - 1)[:, :, None]
+        xs = (region[:, 0:1] + torch.arange(wr, device=dev)).clamp_(max=nx * tw - 1)[:, None, :]
+        at = ((ys // th) * nx + xs // tw).flatten(1)  # (c, hr * wr) cell of each pixel
+        cell = cells.flatten(1).gather(1, at).view(c, hr, wr)
+        at = (cell * th + ys % th) * tw + xs % tw  # (c, hr, wr) pixel of the sources
+        crop = sources.view(-1, 3)[at.flatten()].view(c, hr, wr, 3)
+        return crop.permute(0, 3, 1, 2).contiguous()
+
+    @staticmethod
+    def _sliced(
+        sources: torch.Tensor, cells: torch.Tensor, region: torch.Tensor, hr: int, wr: int
+    ) -> torch.Tensor:
+        """The same regions, copied cell by cell (a few copies per tile: faster on a CPU)."""
+        c, ny, nx = cells.shape
+        th, tw = sources.shape[1], sources.shape[2]
+        crop = torch.full((c, hr, wr, 3), _WHITE, dtype=torch.uint8, device=sources.device)
+        index = cells.tolist()
+        for b, (x0, y0, _, _) in enumerate(region.tolist()):
+            for cy in range(y0 // th, min(ny, (y0 + hr - 1) // th + 1)):
+                for cx in range(x0 // tw, min(nx, (x0 + wr - 1) // tw + 1)):
+                    ax0, ay0 = max(x0, cx * tw), max(y0, cy * th)
+                    ax1, ay1 = min(x0 + wr, (cx + 1) * tw), min(y0 + hr, (cy + 1) * th)
+                    crop[b, ay0 - y0 : ay1 - y0, ax0 - x0 : ax1 - x0] = sources[
+                        index[b][cy][cx],
+                        ay0 - cy * th : ay1 - cy * th,
+                        ax0 - cx * tw : ax1 - cx * tw,
+                    ]
+        return crop.permute(0, 3, 1, 2).contiguous()
 
 
 def resize_regions(

@@ -245,3 +245,14 @@ def test_sources_pickle_and_refuse_what_they_cannot_serve(cmu_svs: Path, shared_
     assert JpegSources.open(png, mpp=0.5) is None
     empty = decode_on_device(JpegSources.open(cmu_svs).plan(np.zeros((0, 2)), 1.0, TILE_PX), "cpu")
     assert empty.tiles.shape == (0, TILE_PX, TILE_PX, 3)
+
+
+def test_the_gpu_gather_cuts_the_same_regions_as_the_cpu_slices(pyramidal_tiff: Path) -> None:
+    """``gather`` is what a GPU runs; checked here on the CPU against the sliced copies."""
+    origins = origins_of(pyramidal_tiff, 1.0, 6) + np.array([1, 3])
+    with JpegSources.open(pyramidal_tiff) as src:
+        batch = src.plan(np.vstack([origins, [(-300, -200)]]), 1.0, TILE_PX)
+    sliced, gathered = DeviceTileDecoder("cpu"), DeviceTileDecoder("cpu")
+    gathered.gather = True
+    assert not sliced.gather
+    assert torch.equal(sliced(batch).tiles, gathered(batch).tiles)
