@@ -126,6 +126,9 @@ class HistoClusterWidget(Container):
         self._cancel = threading.Event()
         self._stage = ""
         self._view: _session.ClusterView | None = None
+        self._painted: _session.ClusterView | None = None  # shown, its run still being written
+        self._before_paint: _session.ClusterView | None = None  # shown before it (error: back)
+        self._save_deferred = False
         self._cohort: list[Path] | None = None  # None: the slide layer picked under 'slide'
         self._current: str | None = None  # slide id shown
         self._cohort_layer: Image | None = None
@@ -737,10 +740,12 @@ class HistoClusterWidget(Container):
             self._fail(str(e))
             return None
 
-    def _start_encoding(self, func: Any, job: _session.ClusterJob, *args: Any, on_done: Any) -> Any:
+    def _start_encoding(
+        self, func: Any, job: _session.ClusterJob, *args: Any, on_done: Any, paint: bool = False
+    ) -> Any:
         """``_start`` for work that may encode the job's slides: with a progress bar per slide."""
         self._slide_progress = SlideProgress(job.store_path(), job.slides)
-        return self._start(func, job, *args, on_done=on_done)
+        return self._start(func, job, *args, on_done=on_done, paint=paint)
 
     def run_cluster(self, _value: Any = None) -> Any:
         """Extract features when missing, then K-means over every slide, in a worker."""
@@ -752,7 +757,9 @@ class HistoClusterWidget(Container):
         where = self._view.store_path if self._view is not None else None
         what = job.slides[0].name if len(job.slides) == 1 else f"{len(job.slides)} slides"
         self.status.value = f"Clustering {what} (k={job.k})…"
-        return self._start_encoding(_session.cluster, job, previous, where, on_done=self._show_view)
+        return self._start_encoding(
+            _session.cluster, job, previous, where, on_done=self._show_run, paint=True
+        )
 
     def extract_all(self) -> Any:
         """Encode the missing tiles of every slide (no clustering), in a worker."""
@@ -789,7 +796,7 @@ class HistoClusterWidget(Container):
         self.save_curation()
         k = int(self.k.value)
         self.status.value = f"Re-clustering from stored features (k={k})…"
-        self._start(_session.recluster, view, k, on_done=self._show_view)
+        self._start(_session.recluster, view, k, on_done=self._show_run, paint=True)
 
     def cancel(self, _value: Any = None) -> None:
         """Ask the running worker to stop at its next progress report."""
@@ -797,19 +804,24 @@ class HistoClusterWidget(Container):
             self._cancel.set()
             self.status.value = "Cancelling…"
 
-    def _start(self, func: Any, *args: Any, on_done: Any) -> Any:
+    def _start(self, func: Any, *args: Any, on_done: Any, paint: bool = False) -> Any:
         """Run ``func(*args, progress=...)`` in a worker thread; ``on_done(result)`` in the GUI.
 
         Progress, result and error all travel through one queued signal, so they arrive in the
-        order they were sent.
+        order they were sent. ``paint``: ``func`` also takes ``on_view=`` (the session's cluster
+        functions), whose view is painted at once while the worker writes its run
+        (``_paint_view``).
         """
         self._cancel.clear()
         self._on_done = on_done
         bridge, report = self._bridge, self._report
+        kwargs: dict[str, Any] = {"progress": report}
+        if paint:
+            kwargs["on_view"] = lambda view: bridge.event.emit(("view", view))
 
         def job() -> None:
             try:
-                result = func(*args, progress=report)
+                result = func(*args, **kwargs)
             except BaseException as e:  # delivered to the GUI thread, shown there
                 bridge.event.emit(("error", e))
             else:
@@ -857,6 +869,9 @@ class HistoClusterWidget(Container):
                 self._progress_timer.start(PROGRESS_INTERVAL_MS)
                 self._apply_progress()
             return
+        if kind == "view":
+            self._paint_view(event[1])
+            return
         self._apply_progress()  # the last counts, once
         self._worker = None
         self._slide_progress = None
@@ -865,10 +880,43 @@ class HistoClusterWidget(Container):
         self.slide_list.clear_progress()
         self._stage = ""
         self._set_busy(False)
+        painted, before = self._painted, self._before_paint
+        self._painted = self._before_paint = None
         if kind == "done":
             self._on_done(event[1])
         else:
+            if painted is not None and self._view is painted:  # its run was not written
+                if before is not None:
+                    self._show_view(before)
+                else:
+                    painted.curation.disconnect(self._on_curation_change)
+                    self._view = None  # (its curation has no run to be saved beside)
+                    self._forget_view()
+            self._save_deferred = False
             self._on_worker_error(event[1])
+
+    def _paint_view(self, view: _session.ClusterView) -> None:
+        """A new run's view, before its run is written: shown now, the widget still busy.
+
+        Its curation is not saved and the classifier not opened on it until the run is
+        complete in the store (``_show_run``); when the write fails, the view shown before
+        comes back.
+        """
+        self._apply_progress()  # the counts before it, now: not drawn over its status later
+        self._progress_timer.stop()
+        if self._painted is None:
+            self._before_paint = self._view
+        self._painted = view
+        self._show_view(view, complete=False)
+
+    def _show_run(self, view: _session.ClusterView) -> None:
+        """A cluster run is complete in the store: show it (finish it when already painted)."""
+        if view is not self._view:
+            self._show_view(view)
+            return
+        self.classifier.open_saved(view)
+        if self._save_deferred:
+            self.save_curation()  # the edits made while the run was written
 
     def _apply_progress(self) -> None:
         latest, self._latest_progress = self._latest_progress, None
@@ -893,6 +941,7 @@ class HistoClusterWidget(Container):
 
     def _set_busy(self, busy: bool) -> None:
         self.cluster_button.enabled = not busy
+        self.k.enabled = not busy
         self.extract_button.enabled = not busy
         self.cancel_button.enabled = busy
         self.export_button.enabled = not busy
@@ -945,7 +994,9 @@ class HistoClusterWidget(Container):
         if self._labels_layer is not None and self._labels_layer in self._viewer.layers:
             self._labels_layer.visible = False  # kept, to draw the next run in
 
-    def _show_view(self, view: _session.ClusterView) -> None:
+    def _show_view(self, view: _session.ClusterView, complete: bool = True) -> None:
+        """Show a cluster run: table, labels, status. ``complete=False``: its run is not in the
+        store yet (painted first): the classifier is opened on it later (``_show_run``)."""
         if self._view is not None:
             self._view.curation.disconnect(self._on_curation_change)
         self._view = view
@@ -972,7 +1023,8 @@ class HistoClusterWidget(Container):
             self.k.changed.connect(self._on_k_changed)
         self.correction_class.reset_choices()
         self.map_panel.lasso_class.reset_choices()
-        self.classifier.open_saved(view)
+        if complete:
+            self.classifier.open_saved(view)
         self.show_slide(self._current)
         self._refresh_slide_list()
         self.gallery.clear_tiles(None)
@@ -1187,6 +1239,10 @@ class HistoClusterWidget(Container):
         self._save_timer.stop()
         if self._view is None:
             return
+        if self._painted is not None and self._view is self._painted:
+            self._save_deferred = True  # its run is being written: saved when it is complete
+            return
+        self._save_deferred = False
         try:
             _session.save_curation(self._view)
         except (HistoclusterError, OSError) as e:
