@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -273,6 +274,16 @@ class JpegSources(AbstractContextManager):
         return f"JpegSources({str(self.path)!r}, jpeg levels={sorted(self._levels)})"
 
 
+def _decode_jpeg(streams: Any, device: torch.device | str) -> Any:
+    """``torchvision.io.decode_jpeg`` to RGB: (3, h, w) uint8 on ``device`` per stream (a list
+    for a list). torchvision 0.29 warns that its decoders move to TorchCodec: silenced here."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
+        return decode_jpeg(streams, mode=ImageReadMode.RGB, device=device)
+
+
 def _tile_message(path: str | Path, index: int, level: int, e: BaseException) -> str:
     return (
         f"{path}: JPEG tile {index} of level {level} cannot be decoded ({one_line(e)}) — "
@@ -341,8 +352,6 @@ class DeviceTileDecoder:
     ) -> tuple[list[torch.Tensor | None], list[str]]:
         """Each stream decoded to (3, h, w) uint8 on the device (None where it failed), and the
         one-line error of each ("" where it was decoded)."""
-        from torchvision.io import ImageReadMode, decode_jpeg
-
         key = (batch.path, batch.level)
         device = torch.device("cpu") if key in self._cpu_levels else self.device
         errors = list(batch.errors)
@@ -351,12 +360,12 @@ class DeviceTileDecoder:
         if not todo:
             return out, errors
         try:
-            got = decode_jpeg([streams[k] for k in todo], mode=ImageReadMode.RGB, device=device)
+            got = _decode_jpeg([streams[k] for k in todo], device)
         except Exception:  # one bad stream fails the batched call: retry stream by stream
             got = []
             for k in todo:
                 try:
-                    got.append(decode_jpeg(streams[k], mode=ImageReadMode.RGB, device=device))
+                    got.append(_decode_jpeg(streams[k], device))
                 except Exception as e:
                     got.append(e)
         ids = batch.ids.tolist()
@@ -377,14 +386,12 @@ class DeviceTileDecoder:
         self, batch: SourceBatch, streams: list[torch.Tensor], out: list[torch.Tensor | None]
     ) -> None:
         """Compare the device decode of the first good stream of a level with the CPU's."""
-        from torchvision.io import ImageReadMode, decode_jpeg
-
         k = next((k for k, img in enumerate(out) if img is not None), None)
         if k is None:
             return
         key = (batch.path, batch.level)
         self._checked.add(key)
-        ref = decode_jpeg(streams[k], mode=ImageReadMode.RGB).float()
+        ref = _decode_jpeg(streams[k], "cpu").float()
         mse = float(((out[k].float().cpu() - ref) ** 2).mean())  # type: ignore[union-attr]
         if mse > 255.0**2 / 10 ** (_COLOUR_PSNR / 10):
             self._cpu_levels.add(key)
@@ -395,7 +402,7 @@ class DeviceTileDecoder:
             )
             for j, img in enumerate(out):
                 if img is not None:
-                    out[j] = decode_jpeg(streams[j], mode=ImageReadMode.RGB).to(self.device)
+                    out[j] = _decode_jpeg(streams[j], "cpu").to(self.device)
 
     # --- assembly: gather, crop and resize on the device -----------------------------------
 

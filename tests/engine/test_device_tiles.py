@@ -10,7 +10,9 @@ where a GPU is present.
 
 from __future__ import annotations
 
+import copy
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -138,7 +140,8 @@ def test_features_match_the_openslide_path(
 ) -> None:
     encode = resnet18
     if device != "cpu":
-        encode = TileEncoder(resnet18.encoder, torch.device(device), "fp32", False)
+        model = copy.deepcopy(resnet18.encoder)  # .to() moves a module in place
+        encode = TileEncoder(model, torch.device(device), "fp32", False)
     ref, got, _ = both(cmu_svs, 1.0, origins_of(cmu_svs, 1.0, 10), device)
     cos = torch.nn.functional.cosine_similarity(
         encode(torch.from_numpy(ref)), encode(torch.from_numpy(got))
@@ -256,3 +259,15 @@ def test_the_gpu_gather_cuts_the_same_regions_as_the_cpu_slices(pyramidal_tiff: 
     gathered.gather = True
     assert not sliced.gather
     assert torch.equal(sliced(batch).tiles, gathered(batch).tiles)
+
+
+def test_40x_ycbcr_slide_at_half_its_scale(cmu_svs: Path, tmp_path: Path) -> None:
+    """The benchmark's generated 40x slide (YCbCr JPEG, 256 px tiles), small: 0.25 -> 0.5."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from make_40x_slide import make_40x_slide
+
+    slide = make_40x_slide(tmp_path, scale=0.03, photometric="ycbcr", source=cmu_svs)
+    origins = origins_of(slide, 0.5, 10)
+    ref, got, failed = both(slide, 0.5, np.vstack([origins, origins[:3] + 1]), "cpu")
+    assert not failed.any()
+    assert_close(ref, got)
