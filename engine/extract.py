@@ -55,6 +55,7 @@ import torch.distributed as dist
 
 from engine import cli
 from engine.cli import option
+from engine.device_tiles import DeviceTileDecoder, SourceBatches, item_tiles
 from engine.distributed import DistInfo, barrier, init_distributed
 from engine.encode import PRECISIONS, TileEncoder
 from engine.encoder_id import EncoderId
@@ -130,7 +131,9 @@ class ExtractConfig:
         choices=READERS,
         help="how tiles are read: jpeg decodes a JPEG-tiled TIFF's (SVS, pyramidal TIFF) own tiles at "
         "1/2, 1/4 or 1/8 scale when the tiles are that much smaller than a stored level; openslide "
-        "always reads through OpenSlide and resizes; auto = jpeg where it fits, else openslide. "
+        "always reads through OpenSlide and resizes; device: workers read the JPEG tiles' bytes and "
+        "the encoder's device (CUDA) decodes, crops and resizes them (other slides as auto); "
+        "auto = jpeg where it fits, else openslide. "
         "Features are bit-identical across resume and torchrun for a given reader",
     )
     slide_mpp: str | None = option(
@@ -198,6 +201,8 @@ class ExtractSummary:
     precision: str = "fp32"
     device: str = "cpu"
     world_size: int = 1
+    warnings: list[str] = field(default_factory=list)
+    """Said once, not failures (e.g. a slide level whose device decode fell back to the CPU)."""
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -648,11 +653,13 @@ def run(
         # gather and summarise
         for sid, msg in encoded.slide_errors.items():
             failures[path_of[sid]] = msg
-        parts = _gather((encoded.tiles, encode_s, failures, encoded.tile_errors), info)
+        parts = _gather(
+            (encoded.tiles, encode_s, failures, encoded.tile_errors, encoded.notes), info
+        )
         barrier()
         all_failures: dict[str, str] = {}
         tile_errors: dict[str, str] = {}
-        for _, _, f, t in parts:
+        for _, _, f, t, _ in parts:
             all_failures.update(f)
             for sid, msg in t.items():
                 tile_errors.setdefault(sid, msg)
@@ -674,6 +681,7 @@ def run(
             precision=tile_encoder.precision,
             device=str(device),
             world_size=info.world_size,
+            warnings=sorted({note for p in parts for note in p[4]}),
         )
         if info.is_main:
             atomic_write_json(cfg.summary_path(), asdict(summary))
@@ -793,6 +801,7 @@ class _Encoded:
     tiles: int = 0
     slide_errors: dict[str, str] = field(default_factory=dict)  # {slide id: error}
     tile_errors: dict[str, str] = field(default_factory=dict)  # {slide id: first tile error}
+    notes: list[str] = field(default_factory=list)  # the device decoder's fallbacks
 
 
 def _encode(
@@ -809,8 +818,9 @@ def _encode(
     result = _Encoded()
     failed = result.slide_errors
     seen = 0  # tiles encoded or found unreadable
+    decoder = DeviceTileDecoder(device) if cfg.reader == "device" else None
     batches = read_batches(
-        TileBatches(plan),
+        TileBatches(plan) if decoder is None else SourceBatches(plan),  # type: ignore[arg-type]
         workers,
         pin_memory=device.type == "cuda",
         timeout_s=cfg.reader_timeout_s,
@@ -854,6 +864,8 @@ def _encode(
                     failed[sid] = item["error"]
                     writer.flush(sid)  # what was encoded is valid
                     continue
+                if decoder is not None:  # the bytes decoded on the device
+                    item = item_tiles(item, decoder)
                 if item["tile_error"]:
                     result.tile_errors.setdefault(sid, item["tile_error"])
                 feats = tile_encoder(item["tiles"])  # unreadable tiles are white: same batch shape
@@ -872,6 +884,7 @@ def _encode(
     finally:
         writer.flush()
         batches.close()
+    result.notes = decoder.notes if decoder is not None else []
     return result
 
 

@@ -34,7 +34,7 @@ __all__ = [
     "read_batches",
 ]
 
-READERS = ("auto", "jpeg", "openslide")
+READERS = ("auto", "jpeg", "openslide", "device")
 """How tiles are read: see :class:`TileSources`."""
 
 _OPEN_SLIDES_PER_WORKER = 4
@@ -59,7 +59,9 @@ class TileSources:
     """Open slides (a :class:`SlideCache`) and, where the job's reader allows, a
     :class:`~engine.jpeg_tiles.JpegTileReader` that decodes a JPEG-tiled TIFF's own tiles at
     reduced size. ``auto`` uses the JPEG reader where it fits the tile scale, else OpenSlide;
-    ``jpeg`` insists (a slide it cannot serve fails); ``openslide`` never uses it.
+    ``jpeg`` insists (a slide it cannot serve fails); ``openslide`` never uses it; ``device``
+    (bytes decoded on the encoder's device, :mod:`engine.device_tiles`) reads here as ``auto``
+    the slides that path does not serve.
     Picklable: a worker process starts empty.
     """
 

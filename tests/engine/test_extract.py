@@ -139,6 +139,27 @@ def test_second_run_encodes_nothing(
     _assert_same_store(reference, out)
 
 
+def test_device_reader_matches_the_cpu_readers(
+    reference: Path, cmu_svs: Path, tiny_encoder: Path, tmp_path: Path
+) -> None:
+    """``--reader device``: workers read the slide's JPEG bytes, the encoder's device (the CPU
+    here, CUDA on a GPU node) decodes, crops and resizes them; every selected tile is encoded,
+    features within cosine 0.99 of the OpenSlide path, and a second run encodes nothing."""
+    out = tmp_path / "device.zarr"
+    args = [("device" if a == "openslide" else a) for a in _args([cmu_svs], out, tiny_encoder)]
+    assert "device" in args and main(args) == 0
+    ref, got = _arrays(reference), _arrays(out)
+    np.testing.assert_array_equal(got["done"], ref["done"])
+    a = ref["features"][ref["done"]].astype(np.float32)
+    b = got["features"][got["done"]].astype(np.float32)
+    cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert len(a) == 565 and cosine.min() >= 0.99, cosine.min()
+    summary = json.loads(out.with_name("device.zarr.summary.json").read_text())
+    assert summary["tiles"] == 565 and summary["failures"] == [] and summary["warnings"] == []
+    assert main(args) == 0
+    assert json.loads(out.with_name("device.zarr.summary.json").read_text())["tiles"] == 0
+
+
 def test_resume_after_sigkill_equals_uninterrupted_run(
     reference: Path, cmu_svs: Path, tiny_encoder: Path, tmp_path: Path
 ) -> None:
