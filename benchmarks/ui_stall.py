@@ -2,7 +2,7 @@
 
 Run under a display (Xvfb)::
 
-    QT_QPA_PLATFORM=xcb xvfb-run -a .venv/bin/python benchmarks/ui_stall.py
+    QT_QPA_PLATFORM=xcb xvfb-run -a .venv/bin/python benchmarks/ui_stall.py [--profile] [--cprofile]
 
 A cohort of ``--slides`` slides (links to the shared CMU-1-Small-Region.svs and the project's
 sample slide under distinct names) is opened in a real napari viewer with the HistoCluster
@@ -11,17 +11,28 @@ Extract all, Cluster, name a cluster, correct tiles, switch slides, change k, op
 gallery, click a gallery tile, export. A 10 ms ``QTimer`` records when the event loop runs;
 the longest interval between two of its ticks is the longest stall (the goal: under 100 ms).
 
-Per action it prints the longest stall, the widget's stage then running, and (``--profile``,
-on by default) where the GUI thread was: a watchdog thread samples the GUI thread's stack
-whenever it has not ticked for ``--sample-after-ms``, and the most frequent frames of our code
-(``histocluster_napari``, ``engine``) and of napari/vispy are listed.
+Per action it prints the longest stall, the widget's stage then running, the GUI thread's CPU
+within it, the process CPU and the load average. Two opt-in ways to see where the time goes:
+
+- ``--cprofile``: the GUI thread runs under ``cProfile`` during each action (every slot the
+  event loop calls: worker events, slide shown, slide list rows, pixels arrived, napari's
+  draws); per action the top functions of ours, napari, vispy, superqt and magicgui by
+  cumulative time are listed. Exact call counts, but it slows the GUI thread down.
+- ``--profile``: a watchdog thread samples the GUI thread's stack (``sys._current_frames()``)
+  whenever it has not ticked for ``--sample-after-ms``, and the most frequent frames of our
+  code (``histocluster_napari``, ``engine``) and of napari/vispy are listed. Off by default:
+  walking the GUI thread's frames from another thread has crashed CPython twice (a segfault
+  inside napari's notification toast), so the default run does not do it.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import cProfile
+import io
 import os
+import pstats
 import sys
 import tempfile
 import threading
@@ -67,6 +78,7 @@ class StallMeter:
         self.load: dict[str, float] = {}  # 1-minute load average when the action ended
         self._cpu0 = time.process_time()
         self.order: list[str] = []
+        self.profiles: dict[str, cProfile.Profile] = {}  # --cprofile: the GUI thread per action
         self.samples: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.stacks: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self.episodes: dict[tuple[str, float], collections.Counter] = collections.defaultdict(
@@ -178,24 +190,39 @@ def drive(args: argparse.Namespace, tmp: Path) -> StallMeter:
     viewer.window.add_dock_widget(widget, name="HistoCluster")
     pump(0)
     print(
-        f"  plugin start (widget created and docked, once): {1000 * (time.perf_counter() - t0):.0f} "
+        f"  plugin start: widget created and docked in {1000 * (time.perf_counter() - t0):.0f} "
         f"ms, GUI-thread CPU {1000 * (time.thread_time() - c0):.0f} ms",
         flush=True,
     )
+    if hasattr(widget, "layers_ready"):  # its layers made in later event-loop passes
+        wait_until(lambda: widget.layers_ready, 120, "the widget's layers")
+        passes = ", ".join(f"{name} {1000 * sec:.0f}" for name, sec in widget.start_passes)
+        print(
+            f"  plugin start: layers ready after {1000 * (time.perf_counter() - t0):.0f} ms, "
+            f"GUI-thread CPU {1000 * (time.thread_time() - c0):.0f} ms; passes (ms): {passes}; "
+            f"load {os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
     widget.encoder.value = args.encoder
     widget.tile_px.value, widget.target_mpp.value = args.tile_px, args.mpp
     widget.k.value = args.k
     widget.store.value = str(tmp / "cohort.zarr")
     pump(500)
-    meter = StallMeter(widget, args.sample_after_ms, not args.no_profile)
+    meter = StallMeter(widget, args.sample_after_ms, args.profile and not args.no_profile)
     idle = lambda: not widget.busy  # noqa: E731
 
     def act(name: str, func, until=idle, settle_ms: int = 500) -> None:
         meter.start(name)
         t0 = time.perf_counter()
+        prof = cProfile.Profile() if args.cprofile else None
+        if prof is not None:
+            prof.enable()  # this (the GUI) thread only: the slots the event loop runs
         func()
         wait_until(until, what=name)
         pump(settle_ms)
+        if prof is not None:
+            prof.disable()
+            meter.profiles[name] = prof
         print(f"  {name}: {time.perf_counter() - t0:.1f} s", flush=True)
 
     rows_filled = lambda: widget.slide_list.rowCount() == len(slides)  # noqa: E731
@@ -274,6 +301,14 @@ def report(meter: StallMeter, load_before: tuple, load_after: tuple, top: int) -
     )
     print("load average before: {:.2f} {:.2f} {:.2f}".format(*load_before))
     print("load average after:  {:.2f} {:.2f} {:.2f}".format(*load_after))
+    for action, prof in meter.profiles.items():
+        out = io.StringIO()
+        stats = pstats.Stats(prof, stream=out).sort_stats("cumulative")
+        stats.print_stats(r"histocluster_napari|napari/|vispy|superqt|magicgui", top)
+        lines = [ln for ln in out.getvalue().splitlines() if ln.strip()]
+        body = lines[next(i for i, ln in enumerate(lines) if "ncalls" in ln) :]
+        print(f"\nGUI thread under cProfile, {action} (top {top} by cumulative time):")
+        print("\n".join("  " + ln for ln in body))
     if not meter.samples:
         return
     print("\nwhere the GUI thread was while stalled (stack samples every 5 ms):")
@@ -301,7 +336,17 @@ def main() -> int:
     parser.add_argument("--mpp", type=float, default=4.0, help="tile um/px (coarse: few tiles)")
     parser.add_argument("--k", type=int, default=6)
     parser.add_argument("--sample-after-ms", type=float, default=40.0)
-    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample the GUI thread's stack while it stalls (has crashed inside napari twice)",
+    )
+    parser.add_argument(
+        "--no-profile", action="store_true", help="(the default; kept for old command lines)"
+    )
+    parser.add_argument(
+        "--cprofile", action="store_true", help="cProfile the widget's GUI-thread slots"
+    )
     parser.add_argument("--top", type=int, default=6)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ui_stall-") as tmp:

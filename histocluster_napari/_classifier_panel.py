@@ -161,7 +161,7 @@ class ClassifierPanel(Container):
         self._reviewing = False
         self.review_class.reset_choices()
         for layer in (self.labels_layer, self.confidence_layer):
-            if layer is not None and layer in self._w._viewer.layers:
+            if layer is not None and layer in self._w._viewer.layers and layer.visible:
                 layer.visible = False
 
     # ------------------------------------------------------------------ layers
@@ -225,7 +225,7 @@ class ClassifierPanel(Container):
 
     def forget_layers(self) -> None:
         for layer in (self.labels_layer, self.confidence_layer):
-            if layer is not None and layer in self._w._viewer.layers:
+            if layer is not None and layer in self._w._viewer.layers and layer.visible:
                 layer.visible = False
 
     # ------------------------------------------------------------------ review

@@ -114,14 +114,14 @@ def labels_colormap(colors: np.ndarray, visible: Collection[int] | None = None) 
 
 
 def curated_label_image(labels: np.ndarray, curation: Curation, slide_id: str) -> np.ndarray:
-    """(rows, cols) uint16 label image of a slide with its per-tile overrides drawn in.
+    """(rows, cols) uint8 (uint16 for k > 253) label image of a slide, per-tile overrides drawn in.
 
     ``cluster + 1`` for each tile (0 outside tissue); a tile moved to a class takes the value of
     the first cluster of that name (``k + 2`` when the class names no cluster); an excluded tile
     is ``k + 1``.
     """
-    out = label_image(labels)
     k = curation.k
+    out = label_image(labels, k)
     first = {}
     for c, name in enumerate(curation.names):
         if name is not None:
@@ -134,9 +134,17 @@ def curated_label_image(labels: np.ndarray, curation: Curation, slide_id: str) -
     return out
 
 
-def label_image(labels: np.ndarray) -> np.ndarray:
-    """(rows, cols) cluster ids with -1 outside tissue -> (rows, cols) uint16 ``id + 1``, 0 outside."""
-    return (np.asarray(labels).astype(np.int32) + 1).clip(0).astype(np.uint16)
+def label_image(labels: np.ndarray, k: int | None = None) -> np.ndarray:
+    """(rows, cols) cluster ids with -1 outside tissue -> (rows, cols) ``id + 1``, 0 outside.
+
+    uint8 when the run's ``k`` (default: the largest id + 1) and the two correction values fit,
+    else uint16: napari builds a labels layer's colour texture over every value of the data's
+    dtype, in Python, for each new colormap (256 values for uint8, 65,536 for uint16: about
+    0.4 s on the GUI thread).
+    """
+    ids = (np.asarray(labels).astype(np.int32) + 1).clip(0)
+    top = int(k) if k is not None else int(ids.max(initial=0))
+    return ids.astype(np.uint8 if top + 2 <= 255 else np.uint16)
 
 
 HATCH_SUB = 8

@@ -36,7 +36,7 @@ def clusters_layer_data(
         "colormap": labels_colormap(cluster_colors(k)),
         "metadata": {"histocluster": metadata or {}},
     }
-    return label_image(labels), kwargs, "labels"
+    return label_image(labels, k), kwargs, "labels"
 
 
 def store_reader(path: Path) -> Callable[[], list[LayerData]] | None:

@@ -21,6 +21,7 @@ from histocluster_napari import _triton_guard  # noqa: F401
 # isort: split
 
 import threading
+import time
 import traceback
 import weakref
 from collections import deque
@@ -91,8 +92,9 @@ PROGRESS_INTERVAL_MS = 150
 """Progress bars are redrawn at most this often (each redraw repaints the window)."""
 TILES_INTERVAL_MS = 100
 """Slide pixels read in the background are shown at most this often (each is a new texture)."""
-"""Progress bars are redrawn at most this often (each redraw repaints the window)."""
 SAVE_DELAY_MS = 300
+FIRST_DRAW_MS = 150
+"""Plugin start: how long the unused layers stay shown (transparent) for their first draw."""
 OVERLAY_OPACITY = 0.6
 KEYS = {"Shift-F": "find similar", "Shift-M": "move", "Shift-X": "exclude", "Shift-U": "restore"}
 """Viewer keys: tile under the cursor -> similar tiles / to the correction class / excluded / back."""
@@ -166,7 +168,6 @@ class HistoClusterWidget(Container):
         self._progress_timer = QTimer()
         self._progress_timer.setSingleShot(True)
         self._progress_timer.timeout.connect(self._apply_progress)
-        _warm_up()
         self._gallery_bridge = _GalleryBridge()
         self._gallery_bridge.event.connect(self._on_gallery_event)
         self._gallery_generation = 0
@@ -333,34 +334,129 @@ class HistoClusterWidget(Container):
             event.connect(self._on_layers_changed)
         self._viewer_hooks = _ViewerHooks(self, viewer)
         self._rect_layers: dict[str, Shapes] = {}
-        self._prepare_layers()
+        self._prepare_layers()  # in the next event-loop passes
         self._on_layers_changed()
         self._update_store_hint()
 
     def _prepare_layers(self) -> None:
         """Make, once, the (hidden) layers the widget draws in: the cohort's slide, the
-        clusters, the gallery tile outline and the similar tiles.
+        clusters, the gallery tile outline and the similar tiles, and draw each once.
 
         napari builds a layer's visuals and controls when it is added (hundreds of ms on the
-        GUI thread, every time); here that happens once, at plugin start, and the work that
-        follows (open a folder, cluster, click a gallery tile) only swaps the layers' data.
+        GUI thread, every time), and vispy compiles a layer's shaders when it is first drawn;
+        here both happen once, at plugin start, and the work that follows (open a folder,
+        cluster, click a gallery tile) only swaps the layers' data. Each step runs in its own
+        event-loop pass after the widget is made, so the dock shows at once and the viewer
+        stays responsive between steps; ``start_passes`` records (step, seconds) of each.
+        A layer needed before its step is made there and then (``_swap_image``,
+        ``_draw_labels``, ``_draw_rects``); its step then does nothing.
         """
-        viewer, um = self._viewer, ("um", "um")
+        self.start_passes: list[tuple[str, float]] = []
+        self._warming: dict[int, tuple[Any, float]] = {}  # shown for the first draw: opacity
+        steps: list[tuple[str, Any]] = [  # called with the widget (the timers hold it weakly)
+            ("units", lambda _w: _load_units()),
+            ("slide layer", HistoClusterWidget._make_slide_layer),
+            ("clusters layer", HistoClusterWidget._make_clusters_layer),
+            ("similar tiles layer", lambda w: w._make_rect_layer("similar")),
+            ("gallery tile layer", lambda w: w._make_rect_layer("mark")),
+            ("first draw", HistoClusterWidget._draw_layers_once),
+        ]
+        self._n_start_passes = len(steps) + 1  # and hiding them after that draw
+        ref = weakref.ref(self)
+
+        def run(i: int) -> None:
+            widget = ref()
+            if widget is None:
+                return
+            try:
+                widget.native.objectName()
+                t0 = time.perf_counter()
+                name, step = steps[i]
+                step(widget)
+            except RuntimeError:  # the widget or the viewer was closed meanwhile
+                return
+            widget.start_passes.append((name, time.perf_counter() - t0))
+            del widget
+            if i + 1 < len(steps):
+                QTimer.singleShot(0, lambda: run(i + 1))
+
+        QTimer.singleShot(0, lambda: run(0))
+
+    def _use_layer(self, layer: Any) -> None:
+        """``layer`` is drawn in now: no longer shown only for its first draw."""
+        warming = self._warming.pop(id(layer), None)
+        if warming is not None:
+            layer.opacity = warming[1]
+
+    @property
+    def layers_ready(self) -> bool:
+        """True once every step of ``_prepare_layers`` has run."""
+        return len(self.start_passes) >= self._n_start_passes
+
+    def _make_slide_layer(self) -> None:
+        if self._cohort_layer is not None:
+            return
         blank = [np.zeros((2, 2, 3), np.uint8), np.zeros((1, 1, 3), np.uint8)]
-        self._cohort_layer = viewer.add_image(
-            blank, multiscale=True, rgb=True, contrast_limits=(0, 255), units=um,
+        self._cohort_layer = self._viewer.add_image(
+            blank, multiscale=True, rgb=True, contrast_limits=(0, 255), units=("um", "um"),
             name="HistoCluster slide", visible=False,
         )  # fmt: skip
-        viewer.layers.move(viewer.layers.index(self._cohort_layer), 0)
-        self._labels_layer = viewer.add_labels(
+        self._viewer.layers.move(self._viewer.layers.index(self._cohort_layer), 0)
+
+    def _make_clusters_layer(self) -> None:
+        if self._labels_layer is not None:
+            return
+        self._labels_layer = self._viewer.add_labels(
             np.zeros((1, 1), np.uint8), name="HistoCluster clusters", opacity=OVERLAY_OPACITY,
-            units=um, visible=False,
+            units=("um", "um"), visible=False,
         )  # fmt: skip
         self._labels_layer.editable = False
-        for kind, name in (("similar", "HistoCluster similar"), ("mark", MARK_LAYER)):
-            self._rect_layers[kind] = viewer.add_shapes(
-                name=name, units=um, visible=False, face_color="transparent"
-            )
+
+    def _make_rect_layer(self, kind: str) -> None:
+        if kind in self._rect_layers:
+            return
+        name = MARK_LAYER if kind == "mark" else "HistoCluster similar"
+        self._rect_layers[kind] = self._viewer.add_shapes(
+            name=name, units=("um", "um"), visible=False, face_color="transparent"
+        )
+
+    def _draw_layers_once(self) -> None:
+        """Show the still unused layers for one frame, fully transparent (their shaders are
+        compiled by that draw), then hide them again."""
+        layers = []
+        if self._cohort is None and self._cohort_layer is not None:
+            layers.append(self._cohort_layer)
+        if self._view is None and self._labels_layer is not None:
+            layers.append(self._labels_layer)
+        square = np.array([[0.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
+        for layer in self._rect_layers.values():
+            if not layer.visible and len(layer.data) == 0:
+                layer.add([square], shape_type="rectangle", edge_width=0.1)
+                layers.append(layer)
+        for layer in layers:
+            if not layer.visible:
+                self._warming[id(layer)] = (layer, layer.opacity)
+                layer.opacity = 0.0
+                layer.visible = True
+        ref = weakref.ref(self)
+
+        def hide() -> None:
+            widget = ref()
+            if widget is None:
+                return
+            t0 = time.perf_counter()
+            try:
+                for layer, opacity in list(widget._warming.values()):
+                    layer.visible = False
+                    if isinstance(layer, Shapes):
+                        layer.data = []
+                    layer.opacity = opacity
+            except RuntimeError:  # the viewer was closed meanwhile
+                return
+            widget._warming.clear()
+            widget.start_passes.append(("hide after the first draw", time.perf_counter() - t0))
+
+        QTimer.singleShot(FIRST_DRAW_MS, hide)
 
     # ================================================================== inputs
 
@@ -677,14 +773,17 @@ class HistoClusterWidget(Container):
         data, kwargs, _ = slide_layer_data(
             shown.slide, mpp_known=shown.mpp_known, name=sid, pyramid=shown.pyramid
         )
+        if layer is not None:
+            self._use_layer(layer)
         if layer is None:
             self._cohort_layer = layer = self._viewer.add_image(data, **kwargs)
             self._viewer.layers.move(self._viewer.layers.index(layer), 0)
         else:
             layer.visible = False  # sliced once, at the new camera, when shown again
             layer.data = data
-            layer.scale = kwargs["scale"]
-            layer.units = kwargs["units"]
+            layer.scale = kwargs["scale"]  # (also renews the hidden layer's extent)
+            if tuple(layer.units[-2:]) != tuple(kwargs["units"]):  # each re-computes the dims
+                layer.units = kwargs["units"]
             layer.metadata = kwargs["metadata"]
             layer.name = sid
         self._shown_key = key
@@ -992,7 +1091,7 @@ class HistoClusterWidget(Container):
         self.gallery.clear_tiles(None)
         self.table.setRowCount(0)
         if self._labels_layer is not None and self._labels_layer in self._viewer.layers:
-            self._labels_layer.visible = False  # kept, to draw the next run in
+            _hide(self._labels_layer)  # kept, to draw the next run in
 
     def _show_view(self, view: _session.ClusterView, complete: bool = True) -> None:
         """Show a cluster run: table, labels, status. ``complete=False``: its run is not in the
@@ -1078,7 +1177,7 @@ class HistoClusterWidget(Container):
         view, sid, geom = self._view, self._current, self._geometry()
         if view is None or sid is None or geom is None:
             if self._labels_layer is not None and self._labels_layer in self._viewer.layers:
-                self._labels_layer.visible = False
+                _hide(self._labels_layer)
             self._draw_failed()
             return
         data = curated_label_image(view.labels[sid], view.curation, sid)
@@ -1086,6 +1185,8 @@ class HistoClusterWidget(Container):
         name = (image.name if image is not None else sid) + CLUSTERS_SUFFIX
         oy, ox = self._offset()
         layer = self._labels_layer
+        if layer is not None:
+            self._use_layer(layer)
         if layer is None or layer not in self._viewer.layers:
             layer = self._viewer.add_labels(
                 data,
@@ -1106,8 +1207,8 @@ class HistoClusterWidget(Container):
             if not np.allclose(layer.translate[-2:], translate):
                 layer.translate = translate
             layer.name = name
-            if self.classifier.prediction is None:
-                layer.visible = True
+            if self.classifier.prediction is None and not layer.visible:
+                layer.visible = True  # (setting it when shown re-slices the layer)
         if image is not None:
             if tuple(layer.units) != tuple(image.units[-2:]):
                 layer.units = image.units[-2:]
@@ -1135,7 +1236,7 @@ class HistoClusterWidget(Container):
             layer = self._failed_layer = None
         if failed is None or geom is None or not failed.any():
             if layer is not None:
-                layer.visible = False
+                _hide(layer)
             return
         image = self._image_layer()
         name = (image.name if image is not None else sid) + UNREADABLE_SUFFIX
@@ -1354,6 +1455,7 @@ class HistoClusterWidget(Container):
             layer = self._rect_layers[kind] = self._viewer.add_shapes(
                 name=name, face_color="transparent", visible=False
             )
+        self._use_layer(layer)
         # Redrawn in place: removing a layer and adding another while a Labels layer is
         # drawn can crash vispy on Mesa's llvmpipe (see _swap_image).
         if image is not None and tuple(layer.units) != tuple(image.units[-2:]):
@@ -1583,6 +1685,12 @@ class _ViewerHooks:
         return on_key
 
 
+def _hide(layer: Any) -> None:
+    """Hide a layer (setting ``visible`` emits napari's events even when it does not change)."""
+    if layer.visible:
+        layer.visible = False
+
+
 def _html(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
@@ -1595,6 +1703,18 @@ def _number_box(
     return FloatSpinBox(label=label, value=value, min=lo, max=hi, step=step, tooltip=tooltip, **kw)
 
 
+def _load_units() -> None:
+    """Load napari's unit registry (pint: ~0.5 s, once per process), on the GUI thread, before
+    any layer is made (here or in ``_warm_up``'s thread: two threads loading it race)."""
+    try:
+        from napari.utils._units import get_unit_registry
+
+        get_unit_registry().Unit("um")
+    except (ImportError, AttributeError):  # a napari without it: its first layer loads it
+        pass
+    _warm_up()
+
+
 def _warm_up() -> None:
     """Load napari's compiled label colour mapping and shape triangulation (numba) in the
     background, once, so the first clusters and outlines do not wait for them on the GUI thread."""
@@ -1604,7 +1724,8 @@ def _warm_up() -> None:
 
     def warm() -> None:
         try:
-            labels_colormap(cluster_colors(2))._map_without_cache(np.zeros((2, 2), np.uint16))
+            # the colour texture of the widget's uint8 label images (numba typed dict compiled)
+            labels_colormap(cluster_colors(2))._get_mapping_from_cache(np.dtype(np.uint8))
             square = np.array([[0.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
             Shapes([square], shape_type="rectangle", edge_width=0.1)  # not added to a viewer
         except Exception:  # only a head start; napari does it again when needed

@@ -35,8 +35,9 @@ def cohort_widget(make_napari_viewer, folder: Path, store: Path, **settings):
 
 
 def shown(qtbot, widget) -> None:
-    """Wait until the slide chosen is on the canvas (slides are opened in the background)."""
-    qtbot.waitUntil(lambda: not widget.slide_loading, timeout=TIMEOUT_MS)
+    """Wait until the slide chosen is on the canvas (slides are opened in the background) and
+    the widget's layers are made (at plugin start, each drawn once, transparent, then hidden)."""
+    qtbot.waitUntil(lambda: not widget.slide_loading and widget.layers_ready, timeout=TIMEOUT_MS)
 
 
 def visible(viewer) -> list:
@@ -65,6 +66,7 @@ def clustered_cohort(make_napari_viewer, qtbot, cohort_dir, cohort_store, tmp_pa
     shutil.copytree(cohort_store, store)
     viewer, widget = cohort_widget(make_napari_viewer, cohort_dir, store)
     qtbot.waitUntil(lambda: widget.view is not None and not widget.busy, timeout=TIMEOUT_MS)
+    shown(qtbot, widget)
     return viewer, widget, store
 
 
