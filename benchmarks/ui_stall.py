@@ -23,6 +23,12 @@ within it, the process CPU and the load average. Two opt-in ways to see where th
   code (``histocluster_napari``, ``engine``) and of napari/vispy are listed. Off by default:
   walking the GUI thread's frames from another thread has crashed CPython twice (a segfault
   inside napari's notification toast), so the default run does not do it.
+
+``--recluster-tiles 100000`` measures instead what a k change costs in the widget on a store of
+that many tiles (built as ``benchmarks/recluster.py`` builds it, clustered once, opened with
+``open_store``): per k change, seconds from the re-cluster's start (after the k box's
+``RECLUSTER_DELAY_MS`` debounce) to the repaint handled on the GUI thread and to the run
+written, and the longest GUI-thread stall meanwhile.
 """
 
 from __future__ import annotations
@@ -274,6 +280,79 @@ def drive(args: argparse.Namespace, tmp: Path) -> StallMeter:
     return meter
 
 
+def recluster_in_widget(args: argparse.Namespace, tmp: Path) -> None:
+    """k changes in the widget on a store of ``--recluster-tiles`` tiles: seconds from the
+    re-cluster's start (the k spin box's delay over) to the repaint handled on the GUI thread,
+    and to the run written; the longest GUI stall of each change."""
+    import importlib.util
+
+    import napari
+
+    from histocluster_napari import _session
+    from histocluster_napari._widget import HistoClusterWidget
+
+    spec = importlib.util.spec_from_file_location(
+        "recluster_bench", REPO / "benchmarks" / "recluster.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    t0 = time.perf_counter()
+    path, ids = bench.build_store(tmp, args.recluster_tiles, 512, 16)
+    _session.cluster_store(path, ids, args.k)  # the run the widget opens
+    n = sum(int(_open_store(path).slide(s).selected.sum()) for s in ids)
+    print(f"store of {n} tiles over {len(ids)} slides built in {time.perf_counter() - t0:.0f} s")
+    viewer = napari.Viewer(show=True)
+    widget = HistoClusterWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="HistoCluster")
+    wait_until(lambda: widget.layers_ready, 120, "the widget's layers")
+    widget.open_store(path)
+    wait_until(lambda: widget.view is not None and not widget.busy, what="the store's run")
+    pump(1000)
+    meter = StallMeter(widget, args.sample_after_ms, False)
+    marks: dict[str, float] = {}
+    recluster, paint = widget._recluster, widget._paint_view
+
+    def started() -> None:
+        marks["start"] = time.perf_counter()
+        recluster()
+
+    def painted(view) -> None:
+        paint(view)
+        marks["paint"] = time.perf_counter()
+
+    widget._recluster_timer.timeout.disconnect()
+    widget._recluster_timer.timeout.connect(started)
+    widget._paint_view = painted
+    print(
+        f"{'k':>4} {'repaint s':>10} {'written s':>10} {'stall ms':>9} {'gui cpu':>8} {'load':>5}"
+    )
+    for k in [args.k + 2, args.k + 4, args.k + 1, args.k + 3]:
+        marks.clear()
+        name = f"k={k}"
+        meter.start(name)
+        widget.k.value = k
+        wait_until(
+            lambda k=k: not widget.busy and widget.view.k == k and "start" in marks, what=name
+        )
+        done = time.perf_counter()
+        pump(300)
+        meter.end()
+        ms, _ = meter.worst[name]
+        print(
+            f"{k:>4} {marks['paint'] - marks['start']:>10.2f} {done - marks['start']:>10.2f} "
+            f"{ms:>6.0f} ms {meter.worst_cpu.get(name, 0.0):>5.0f} ms {os.getloadavg()[0]:>5.2f}",
+            flush=True,
+        )
+    meter.stop()
+    viewer.close()
+
+
+def _open_store(path: Path):
+    from engine.store import FeatureStore
+
+    return FeatureStore.open(path)
+
+
 def report(meter: StallMeter, load_before: tuple, load_after: tuple, top: int) -> None:
     print()
     print(
@@ -348,9 +427,18 @@ def main() -> int:
         "--cprofile", action="store_true", help="cProfile the widget's GUI-thread slots"
     )
     parser.add_argument("--top", type=int, default=6)
+    parser.add_argument(
+        "--recluster-tiles",
+        type=int,
+        default=0,
+        help="instead: time k changes in the widget on a store of this many tiles (100000)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ui_stall-") as tmp:
         os.environ["HISTOCLUSTER_CACHE"] = str(Path(tmp) / "cache")
+        if args.recluster_tiles:
+            recluster_in_widget(args, Path(tmp))
+            return 0
         load_before = os.getloadavg()
         print(f"{args.slides} slides, tile {args.tile_px} px at {args.mpp} um/px, k={args.k}")
         meter = drive(args, Path(tmp))

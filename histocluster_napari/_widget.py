@@ -1221,6 +1221,11 @@ class HistoClusterWidget(Container):
         self._update_layer_features()
         self._draw_failed()
 
+    def _activate(self, layer: Any) -> None:
+        """Make ``layer`` the active one (napari re-emits and redraws even when it already is)."""
+        if self._viewer.layers.selection.active is not layer:
+            self._viewer.layers.selection.active = layer
+
     def _keep_above(self, layer: Any, below: Any) -> None:
         """Move ``layer`` to the top when it lies under ``below`` (a slide opened after it)."""
         layers = self._viewer.layers
@@ -1261,7 +1266,7 @@ class HistoClusterWidget(Container):
             layer.name = name
             layer.visible = True
         if self.clusters_layer is not None:
-            self._viewer.layers.selection.active = self.clusters_layer
+            self._activate(self.clusters_layer)
 
     @property
     def failed_layer(self) -> Labels | None:
@@ -1460,7 +1465,8 @@ class HistoClusterWidget(Container):
         # drawn can crash vispy on Mesa's llvmpipe (see _swap_image).
         if image is not None and tuple(layer.units) != tuple(image.units[-2:]):
             layer.units = image.units[-2:]
-        layer.visible = True  # before the data: napari keeps a hidden layer's extent
+        if not layer.visible:
+            layer.visible = True  # before the data: napari keeps a hidden layer's extent
         layer.data = []
         layer.add(
             rects, shape_type="rectangle", edge_color=colors, face_color="transparent",
@@ -1468,7 +1474,7 @@ class HistoClusterWidget(Container):
         )  # fmt: skip
         layer.name = name
         self._keep_above(layer, self.clusters_layer or image)
-        self._viewer.layers.selection.active = self.clusters_layer or layer
+        self._activate(self.clusters_layer or layer)
         return layer
 
     # ================================================================== gallery
