@@ -1573,23 +1573,30 @@ class HistoClusterWidget(Container):
             if self._cohort is None:
                 self._fail(f"{sid}: open its slide to see this tile")
                 return
+            if sid in self._view.geometry:  # the slide shown at the tile at once, not fitted first
+                self._current = sid
+                self._pending_camera = self._tile_camera(self._tile_rect(row, col))
             self.show_slide(sid)
         geom = self._geometry()
         if geom is None:
             return
         rect = self._tile_rect(row, col)
         self._draw_rects("mark", MARK_LAYER, [rect], ["magenta"])
-        centre = rect.mean(axis=0)
+        centre, zoom = self._tile_camera(rect)
         camera = self.camera
-        camera.center = (float(centre[0]), float(centre[1]))
-        side = float(np.ptp(rect[:, 0]))
-        canvas = getattr(self._viewer, "_canvas_size", None) or (600, 600)
-        camera.zoom = min(canvas) / (4.0 * side)  # the tile spans a quarter of the canvas
+        camera.center, camera.zoom = centre, zoom  # (no event when already there)
         if self.slide_loading:  # kept when the slide's pixels arrive
-            self._pending_camera = ((float(centre[0]), float(centre[1])), float(camera.zoom))
+            self._pending_camera = (centre, zoom)
         self._query_tile = (row, col)
         cluster = int(self._view.labels[sid][row, col])
         self.status.value = f"{sid}, tile ({row}, {col}): cluster {cluster}"
+
+    def _tile_camera(self, rect: np.ndarray) -> tuple[tuple[float, float], float]:
+        """(centre, zoom) of the camera on a tile's outline ``rect`` (4, 2): a quarter of the canvas."""
+        centre = rect.mean(axis=0)
+        side = float(np.ptp(rect[:, 0]))
+        canvas = getattr(self._viewer, "_canvas_size", None) or (600, 600)
+        return (float(centre[0]), float(centre[1])), min(canvas) / (4.0 * side)
 
     # ================================================================== export
 
