@@ -77,6 +77,20 @@ def reference(cmu_svs: Path, tiny_encoder: Path, tmp_path_factory: pytest.TempPa
     return out
 
 
+@pytest.fixture(scope="module")
+def jpeg_reference(
+    cmu_svs: Path, tiny_encoder: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """The same extraction read by --reader jpeg (reduced-size decoding of the slide's tiles)."""
+    out = tmp_path_factory.mktemp("jpeg_reference") / "features.zarr"
+    assert main(_args([cmu_svs], out, tiny_encoder, "--reader", "jpeg")) == 0
+    return out
+
+
+def _reference_of(reader: str, request: pytest.FixtureRequest) -> Path:
+    return request.getfixturevalue("reference" if reader == "openslide" else "jpeg_reference")
+
+
 def _arrays(path: Path, sid: str = "CMU-1-Small-Region") -> dict[str, np.ndarray]:
     sf = FeatureStore.open(path).slide(sid)
     return {
@@ -160,22 +174,36 @@ def test_device_reader_matches_the_cpu_readers(
     assert json.loads(out.with_name("device.zarr.summary.json").read_text())["tiles"] == 0
 
 
+@pytest.mark.parametrize("reader", ["openslide", "jpeg"])
 def test_resume_after_sigkill_equals_uninterrupted_run(
-    reference: Path, cmu_svs: Path, tiny_encoder: Path, tmp_path: Path
+    reader: str,
+    request: pytest.FixtureRequest,
+    cmu_svs: Path,
+    tiny_encoder: Path,
+    tmp_path: Path,
 ) -> None:
+    reference = _reference_of(reader, request)
     out = tmp_path / "features.zarr"
-    # flush after every batch so the kill lands in the middle of a chunk
+    # Flush after every batch, and 50 ms per batch (in the progress callback: the features are
+    # untouched), so the kill lands in the middle of a chunk however fast the reader or busy the CPU.
     script = (
+        "import time\n"
         "from engine.extract import ExtractConfig, run\n"
         f"run(ExtractConfig(slides=[{str(cmu_svs)!r}], out={str(out)!r}, encoder={str(tiny_encoder)!r}, "
-        f"tile_px={TILE_PX}, mpp={MPP}, batch_size=8, workers=1, quiet=True, flush_every_s=0.0, precision='fp32', reader='openslide'))\n"
+        f"tile_px={TILE_PX}, mpp={MPP}, batch_size=8, workers=1, quiet=True, flush_every_s=0.0, precision='fp32', reader={reader!r}),\n"
+        "    progress=lambda stage, done, total: time.sleep(0.05 if stage == 'encode' else 0))\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", script], env=_env(), cwd=REPO)
     done_path = out / "slides" / "CMU-1-Small-Region" / "done" / "c"
     deadline = time.monotonic() + 120
     try:
-        while not done_path.exists() and proc.poll() is None and time.monotonic() < deadline:
+        # the first chunk of ``done`` written (a file, not just its folder), then 20 ms: the
+        # kill lands in the next batch's 50 ms, after the first flush and long before the end
+        while proc.poll() is None and time.monotonic() < deadline:
+            if done_path.is_dir() and any(p.is_file() for p in done_path.rglob("*")):
+                break
             time.sleep(0.005)
+        time.sleep(0.02)
         assert proc.poll() is None, "the run finished before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
     finally:
@@ -189,18 +217,25 @@ def test_resume_after_sigkill_equals_uninterrupted_run(
     first = done[:CHUNK, :CHUNK]
     assert 0 < (first & sf.selected[:CHUNK, :CHUNK]).sum() < sf.selected[:CHUNK, :CHUNK].sum()
 
-    assert main(_args([cmu_svs], out, tiny_encoder)) == 0
+    assert main(_args([cmu_svs], out, tiny_encoder, "--reader", reader)) == 0
     summary = json.loads(out.with_name("features.zarr.summary.json").read_text())
     assert summary["tiles_already_done"] == done.sum() and summary["tiles"] == 565 - done.sum()
     _assert_same_store(reference, out)
 
 
+@pytest.mark.parametrize("reader", ["openslide", "jpeg"])
 def test_two_gloo_processes_split_tiles_and_equal_single_process(
-    reference: Path, cmu_svs: Path, tiny_encoder: Path, tmp_path: Path
+    reader: str,
+    request: pytest.FixtureRequest,
+    cmu_svs: Path,
+    tiny_encoder: Path,
+    tmp_path: Path,
 ) -> None:
+    reference = _reference_of(reader, request)
     out = tmp_path / "features.zarr"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "engine.extract", *_args([cmu_svs], out, tiny_encoder, "--device", "cpu")]  # fmt: skip
+           "-m", "engine.extract",
+           *_args([cmu_svs], out, tiny_encoder, "--device", "cpu", "--reader", reader)]  # fmt: skip
     proc = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(out.with_name("features.zarr.summary.json").read_text())
