@@ -204,6 +204,8 @@ def test_reopening_the_store_restores_the_curation_and_export_equals_the_cli(
     wait_idle(qtbot, widget2)
     assert widget2.view.run == run and widget2.curation == saved
     assert widget2.table.names()[0] == "ink" and widget2.table.selected() == [0, 2]
+    # the widget's layers are drawn once, transparent, at plugin start: wait for those passes
+    qtbot.waitUntil(lambda: widget2.layers_ready, timeout=TIMEOUT_MS)
     shown = [layer.__class__.__name__ for layer in viewer2.layers if layer.visible]
     assert shown == ["Image", "Labels"]
 
