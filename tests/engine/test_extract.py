@@ -87,8 +87,11 @@ def jpeg_reference(
     return out
 
 
-def _reference_of(reader: str, request: pytest.FixtureRequest) -> Path:
-    return request.getfixturevalue("reference" if reader == "openslide" else "jpeg_reference")
+@pytest.fixture(params=["openslide", "jpeg"])
+def reader_reference(request: pytest.FixtureRequest) -> tuple[str, Path]:
+    """Each reader with its own uninterrupted single-process run (the figure to equal)."""
+    name = "reference" if request.param == "openslide" else "jpeg_reference"
+    return request.param, request.getfixturevalue(name)
 
 
 def _arrays(path: Path, sid: str = "CMU-1-Small-Region") -> dict[str, np.ndarray]:
@@ -174,15 +177,10 @@ def test_device_reader_matches_the_cpu_readers(
     assert json.loads(out.with_name("device.zarr.summary.json").read_text())["tiles"] == 0
 
 
-@pytest.mark.parametrize("reader", ["openslide", "jpeg"])
 def test_resume_after_sigkill_equals_uninterrupted_run(
-    reader: str,
-    request: pytest.FixtureRequest,
-    cmu_svs: Path,
-    tiny_encoder: Path,
-    tmp_path: Path,
+    reader_reference: tuple[str, Path], cmu_svs: Path, tiny_encoder: Path, tmp_path: Path
 ) -> None:
-    reference = _reference_of(reader, request)
+    reader, reference = reader_reference
     out = tmp_path / "features.zarr"
     # Flush after every batch, and 50 ms per batch (in the progress callback: the features are
     # untouched), so the kill lands in the middle of a chunk however fast the reader or busy the CPU.
@@ -223,15 +221,10 @@ def test_resume_after_sigkill_equals_uninterrupted_run(
     _assert_same_store(reference, out)
 
 
-@pytest.mark.parametrize("reader", ["openslide", "jpeg"])
 def test_two_gloo_processes_split_tiles_and_equal_single_process(
-    reader: str,
-    request: pytest.FixtureRequest,
-    cmu_svs: Path,
-    tiny_encoder: Path,
-    tmp_path: Path,
+    reader_reference: tuple[str, Path], cmu_svs: Path, tiny_encoder: Path, tmp_path: Path
 ) -> None:
-    reference = _reference_of(reader, request)
+    reader, reference = reader_reference
     out = tmp_path / "features.zarr"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "engine.extract",
