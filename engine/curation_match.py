@@ -45,7 +45,7 @@ from typing import NamedTuple
 import numpy as np
 
 from engine.curation import Curation, TileKey
-from engine.store import FeatureStore
+from engine.store import ClusterRun, FeatureStore
 
 __all__ = [
     "MIN_COSINE",
@@ -135,18 +135,22 @@ def carry_over(
     old_store: FeatureStore | None = None,
     min_share: float = MIN_SHARE,
     min_cosine: float = MIN_COSINE,
+    old_data: ClusterRun | None = None,
+    new_data: ClusterRun | None = None,
 ) -> CarryOver:
     """The curation ``old`` (of run ``old.run`` in ``old_store``, default ``store``) carried onto ``new_run``.
 
     See the module docstring for the rules and thresholds. The old curation is not changed and
     nothing is saved: the caller saves the result (``result.curation.save(store)``) and shows
-    ``result.report``.
+    ``result.report``. ``old_data`` / ``new_data``: the runs' centroids and labels when the
+    caller holds them in memory (the new run possibly not written yet); read from the stores
+    otherwise.
     """
     if not 0.0 < min_share <= 1.0:
         raise ValueError(f"min_share must lie in (0, 1], got {min_share}")
     old_store = store if old_store is None else old_store
-    old_run = old_store.read_cluster_run(old.run)
-    new_data = store.read_cluster_run(new_run)
+    old_run = old_store.read_cluster_run(old.run) if old_data is None else old_data
+    new_data = store.read_cluster_run(new_run) if new_data is None else new_data
     k_old, k_new = len(old_run.centroids), len(new_data.centroids)
     if k_old != old.k:
         raise ValueError(f"the curation has k={old.k} but run {old.run!r} has k={k_old}")

@@ -443,24 +443,6 @@ def cluster_store(
     return view
 
 
-class _RunsInMemory:
-    """``store`` as ``carry_over`` reads it, with some runs' centroids and labels in memory
-    (the new run, not written yet, and the previous one the caller holds)."""
-
-    def __init__(self, store: FeatureStore, runs: dict[str, ClusterRun]) -> None:
-        self._store, self._runs = store, runs
-
-    def __getattr__(self, name: str):
-        return getattr(self._store, name)
-
-    def read_cluster_run(self, run: str, slide_ids: Sequence[str] | None = None) -> ClusterRun:
-        data = self._runs.get(run)
-        if data is None:
-            return self._store.read_cluster_run(run, slide_ids)
-        ids = sorted(data.labels) if slide_ids is None else list(slide_ids)
-        return ClusterRun(dict(data.attrs), data.centroids, {s: data.labels[s] for s in ids})
-
-
 def _carried(
     store: FeatureStore,
     result: engine_cluster.ClusterResult,
@@ -473,13 +455,16 @@ def _carried(
     if previous is None:
         return Curation(result.run, k), []
     same = previous_store is None or Path(previous_store).resolve() == Path(store.path).resolve()
-    runs = {result.run: ClusterRun({}, result.centroids, result.labels)}
-    if previous_run is not None and same:
-        runs[previous.run] = previous_run
-    new_store = _RunsInMemory(store, runs)
-    old_store = new_store if same else FeatureStore.open(previous_store)  # type: ignore[arg-type]
+    old_store = store if same else FeatureStore.open(previous_store)  # type: ignore[arg-type]
     try:
-        moved = carry_over(previous, new_store, result.run, old_store=old_store)  # type: ignore[arg-type]
+        moved = carry_over(
+            previous,
+            store,
+            result.run,
+            old_store=old_store,
+            old_data=previous_run if same else None,
+            new_data=ClusterRun({}, result.centroids, result.labels),
+        )
     except (HistoclusterError, KeyError, ValueError) as e:
         return Curation(result.run, k), [f"names of run {previous.run!r} not carried over: {e}"]
     return moved.curation, list(moved.report)
