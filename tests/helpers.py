@@ -6,7 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import tifffile
+import torch
 from PIL import Image
+
+from engine.models import IMAGENET_MEAN, IMAGENET_STD, build_backbone, save_encoder
 
 
 def decode_svs_level0(path: Path) -> np.ndarray:
@@ -41,3 +44,13 @@ def write_pyramidal_tiff(source: Path, out: Path, levels: int = 3, tile: int = 2
             img = np.asarray(
                 Image.fromarray(img).resize((w // 2, h // 2), Image.Resampling.BILINEAR)
             )
+
+
+def write_seeded_resnet18(path: Path, input_px: int, config: dict | None = None) -> Path:
+    """A ResNet-18 with seed-0 random weights saved as ``engine.pretrain`` saves an encoder
+    (``input_px`` its tile side): a real checkpoint for plumbing tests."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        backbone = build_backbone("resnet18")
+    save_encoder(path, backbone, "resnet18", IMAGENET_MEAN, IMAGENET_STD, input_px, config or {})
+    return path

@@ -26,13 +26,13 @@ from engine import cli
 from engine.encode import TileEncoder
 from engine.errors import HistoclusterError, StoreError
 from engine.extract import ExtractConfig, build_parser, chunk_batches, main, parse_slide_mpp, run
-from engine.models import IMAGENET_MEAN, IMAGENET_STD, build_backbone, load_encoder, save_encoder
+from engine.models import load_encoder
 from engine.progress import Cancelled
 from engine.slide import open_slide
 from engine.store import CHUNK, FeatureStore
 from engine.store_lock import StoreLock
 from engine.tiling import TileGrid
-from tests.helpers import decode_svs_level0
+from tests.helpers import decode_svs_level0, write_seeded_resnet18
 
 REPO = Path(__file__).resolve().parents[2]
 TILE_PX, MPP, BATCH = 16, 2.0, 64
@@ -45,12 +45,9 @@ def _env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ResNet-18 checkpoint (engine.pretrain format) with 16 px input: fast plumbing."""
-    path = tmp_path_factory.mktemp("encoder") / "tiny.pt"
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        backbone = build_backbone("resnet18")
-    save_encoder(path, backbone, "resnet18", IMAGENET_MEAN, IMAGENET_STD, TILE_PX, {"test": True})
-    return path
+    return write_seeded_resnet18(
+        tmp_path_factory.mktemp("encoder") / "tiny.pt", TILE_PX, {"test": True}
+    )
 
 
 def _args(slides: list[Path], out: Path, encoder: Path, *extra: str) -> list[str]:

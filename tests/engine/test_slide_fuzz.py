@@ -13,11 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from engine.extract import main as extract_main
-from engine.models import IMAGENET_MEAN, IMAGENET_STD, build_backbone, save_encoder
 from engine.store import FeatureStore
+from tests.helpers import write_seeded_resnet18
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "sample_data" / "sample_slide.tiff"
@@ -28,12 +27,7 @@ pytestmark = pytest.mark.skipif(not SAMPLE.exists(), reason="sample_data/sample_
 
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("enc") / "tiny.pt"
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        backbone = build_backbone("resnet18")
-    save_encoder(path, backbone, "resnet18", IMAGENET_MEAN, IMAGENET_STD, 16, {})
-    return path
+    return write_seeded_resnet18(tmp_path_factory.mktemp("enc") / "tiny.pt", 16)
 
 
 def damage(src: Path, dest: Path, rng: np.random.Generator) -> str:
