@@ -42,7 +42,7 @@ from torch.utils.data import Dataset
 
 from engine.errors import one_line
 from engine.jpeg_tiles import TIFF_VENDORS, _Level, _read_levels
-from engine.slide import MppLike, OpenSlideSlide, Slide, open_slide
+from engine.slide import MppLike, OpenSlideSlide, Slide, best_level, open_slide, read_size
 from engine.tile_reader import BatchPlan, SlideJob, TileBatches
 
 __all__ = [
@@ -148,17 +148,12 @@ class JpegSources(AbstractContextManager):
 
     def level_for(self, target_mpp: float) -> int:
         """``Slide.best_level_for_mpp``: the coarsest level at or finer than ``target_mpp``."""
-        best = 0
-        for i, ds in enumerate(self.level_downsamples):
-            if max(self.mpp[0] * ds, self.mpp[1] * ds) <= target_mpp * 1.001:
-                best = i
-        return best
+        return best_level(self.mpp, self.level_downsamples, target_mpp)
 
     def read_size(self, level: int, target_mpp: float, tile_px: int) -> tuple[int, int]:
         """``Slide.read_size_at_mpp``: (w, h) level pixels under one output tile."""
         ds = self.level_downsamples[level]
-        mx, my = self.mpp[0] * ds, self.mpp[1] * ds
-        return max(1, round(tile_px * target_mpp / mx)), max(1, round(tile_px * target_mpp / my))
+        return read_size((self.mpp[0] * ds, self.mpp[1] * ds), target_mpp, tile_px)
 
     def fits(self, target_mpp: float) -> bool:
         """Whether tiles at ``target_mpp`` come from a JPEG level (any scale: full-size decode)."""

@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from engine.errors import SlideError, one_line
-from engine.slide import MppLike, OpenSlideSlide, Slide, open_slide
+from engine.slide import MppLike, OpenSlideSlide, Slide, best_level, open_slide, read_size
 
 __all__ = ["FACTORS", "JpegTileReader", "ReducedRead", "decoder_name"]
 
@@ -322,14 +322,10 @@ class JpegTileReader:
         return self._plans[key]
 
     def _plan(self, target_mpp: float, tile_px: int) -> ReducedRead | None:
-        level = 0  # Slide.best_level_for_mpp
-        for i in range(len(self.level_dimensions)):
-            if max(self.level_mpp(i)) <= target_mpp * 1.001:
-                level = i
+        level = best_level(self.mpp, self.level_downsamples, target_mpp)
         if level not in self._levels:
             return None
-        mx, my = self.level_mpp(level)
-        size = (max(1, round(tile_px * target_mpp / mx)), max(1, round(tile_px * target_mpp / my)))
+        size = read_size(self.level_mpp(level), target_mpp, tile_px)
         ratio = min(size) / tile_px
         lv = self._levels[level]
         for f in FACTORS:

@@ -14,7 +14,7 @@ import os
 import re
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -116,6 +116,23 @@ def _as_mpp_pair(mpp: MppLike, path: Path) -> tuple[float, float] | None:
     return pair  # type: ignore[return-value]
 
 
+def best_level(mpp: tuple[float, float], downsamples: Sequence[float], target_mpp: float) -> int:
+    """The coarsest level whose resolution is at or finer than ``target_mpp`` (level 0 if
+    none), for a slide of level-0 ``mpp`` and level ``downsamples``: the one rule every tile
+    reader follows (OpenSlide, the reduced JPEG decode, the device decode)."""
+    best = 0
+    for level, ds in enumerate(downsamples):
+        if max(mpp[0] * ds, mpp[1] * ds) <= target_mpp * 1.001:
+            best = level
+    return best
+
+
+def read_size(level_mpp: tuple[float, float], target_mpp: float, tile_px: int) -> tuple[int, int]:
+    """(w, h) pixels of a level at ``level_mpp`` that cover ``tile_px`` pixels at ``target_mpp``."""
+    mx, my = level_mpp
+    return max(1, round(tile_px * target_mpp / mx)), max(1, round(tile_px * target_mpp / my))
+
+
 class Slide(ABC):
     """A multi-resolution RGB image with physical pixel size. Use as a context manager."""
 
@@ -159,16 +176,11 @@ class Slide(ABC):
 
     def best_level_for_mpp(self, target_mpp: float) -> int:
         """The coarsest level whose resolution is at or finer than ``target_mpp`` (level 0 if none)."""
-        best = 0
-        for level in range(self.level_count):
-            if max(self.level_mpp(level)) <= target_mpp * 1.001:
-                best = level
-        return best
+        return best_level(self.mpp, self.level_downsamples, target_mpp)
 
     def read_size_at_mpp(self, level: int, target_mpp: float, tile_px: int) -> tuple[int, int]:
         """(w, h) pixels to read at ``level`` to cover ``tile_px`` pixels at ``target_mpp``."""
-        mx, my = self.level_mpp(level)
-        return max(1, round(tile_px * target_mpp / mx)), max(1, round(tile_px * target_mpp / my))
+        return read_size(self.level_mpp(level), target_mpp, tile_px)
 
     def read_tile_at_mpp(
         self, l0_xy: tuple[int, int], target_mpp: float, tile_px: int
