@@ -5,12 +5,11 @@ Shared by extraction, pretraining and the benchmarks, so every path measures and
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
 from engine.errors import HistoclusterError
 from engine.models import Encoder
+from engine.precisions import PRECISIONS, Precision
 
 __all__ = [
     "PRECISIONS",
@@ -21,8 +20,6 @@ __all__ = [
     "resolve_precision",
 ]
 
-Precision = Literal["fp32", "bf16", "fp16"]
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -10,8 +10,10 @@ How it works:
   the selected tiles of a chunk, in row-major order, are cut into batches of ``--batch-size``
   (a batch never spans chunks, and a given tile always lands in the same batch, so a resumed or
   multi-process run computes bit-identical features).
-- Start-up: the encoder loads in a thread while the first slides' tissue masks are computed
-  (both release the GIL for most of their work); nothing on the way imports torchvision.
+- Start-up: ``import engine.extract`` does not import torch. torch is imported, and the encoder
+  loaded, in a thread (:mod:`engine.extract_encode`, the torch half) while the first slides'
+  tissue masks are computed; nothing on the way imports torchvision. The plan
+  (:mod:`engine.extract_plan`) and the chunk writer (:mod:`engine.chunk_writer`) are torch-free.
 - DataLoader worker processes open each slide once and read + decode tiles; the main process
   normalises them and runs the encoder (:class:`~engine.encode.TileEncoder`: channels_last;
   bf16 autocast on CPUs with native bf16 and fp16/bf16 on CUDA when ``--precision auto``;
@@ -38,6 +40,7 @@ encoded is written.
 from __future__ import annotations
 
 import csv
+import importlib
 import math
 import os
 import sys
@@ -47,31 +50,32 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
-import torch.distributed as dist
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from engine import cli
+from engine.chunk_writer import ChunkWriter
 from engine.cli import option
-from engine.device_tiles import DeviceTileDecoder, SourceBatches, item_tiles
-from engine.distributed import DistInfo, barrier, init_distributed
-from engine.encode import PRECISIONS, TileEncoder
 from engine.encoder_id import EncoderId
 from engine.errors import HistoclusterError, one_line
+from engine.extract_plan import Plan, chunk_batches, make_plan
 from engine.files import atomic_write_json
-from engine.models import default_encoder_spec, load_encoder
+from engine.precisions import PRECISIONS
 from engine.progress import Progress, no_progress
+from engine.sample_data import default_encoder_spec
 from engine.slide import SLIDE_SUFFIXES, find_slides, open_slide, slide_id
-from engine.store import Block, FeatureStore, SlideFeatures
+from engine.slide_job import READERS
+from engine.store import FeatureStore
 from engine.store_lock import StoreLock
-from engine.tile_reader import READERS, SlideJob, TileBatches, read_batches
 from engine.tiling import TileGrid, Tiling
 from engine.tissue import TISSUE_METHODS
 
+if TYPE_CHECKING:
+    from engine.distributed import DistInfo
+
 __all__ = [
     "DEVICES",
+    "ChunkWriter",
     "ExtractConfig",
     "ExtractSummary",
     "auto_workers",
@@ -80,6 +84,7 @@ __all__ = [
     "main",
     "make_plan",
     "parse_slide_mpp",
+    "Plan",
     "run",
 ]
 
@@ -297,229 +302,7 @@ def _mpp_for(path: Path, slide_mpp: dict[str, float] | float | None) -> float | 
     return slide_mpp
 
 
-# ----------------------------------------------------------------------------- the plan
-
-
-@dataclass
-class Plan:
-    """This rank's batches. Batch i holds tiles ``rows/cols[start[i]:stop[i]]`` of chunk ``chunk[i]``."""
-
-    jobs: list[SlideJob]
-    rows: np.ndarray  # (tiles,) int32 tile rows, grouped by batch
-    cols: np.ndarray  # (tiles,) int32
-    slide: np.ndarray  # (batches,) int32 index into jobs
-    chunk: np.ndarray  # (batches, 2) int32 (chunk row, chunk col)
-    start: np.ndarray  # (batches,) int64
-    stop: np.ndarray  # (batches,) int64
-    last: np.ndarray  # (batches,) bool: the last batch of its chunk
-    already_done: int = 0
-    already_failed: int = 0  # unreadable tiles recorded earlier and not retried
-
-    @property
-    def n_tiles(self) -> int:
-        return len(self.rows)
-
-    def __len__(self) -> int:
-        return len(self.start)
-
-
-def chunk_batches(selected: np.ndarray, done: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """Batches of one chunk: its selected tiles in row-major order, cut every ``batch_size``,
-    then the done ones dropped (empty batches too). Returns flat indices into the chunk.
-
-    The cut does not depend on what is done, so a tile is always encoded with the same companions.
-    """
-    flat = np.flatnonzero(selected)
-    pending = ~done.ravel()
-    out = []
-    for s in range(0, len(flat), batch_size):
-        group = flat[s : s + batch_size]
-        group = group[pending[group]]
-        if len(group):
-            out.append(group)
-    return out
-
-
-def make_plan(
-    store: FeatureStore,
-    slide_ids: Sequence[str],
-    batch_size: int,
-    rank: int = 0,
-    world_size: int = 1,
-    retry_failed: bool = False,
-    reader: str = "openslide",
-) -> Plan:
-    """Split the pending chunks of ``slide_ids`` over ranks (balanced by tiles, deterministic)
-    and cut this rank's chunks into batches. Tiles recorded as unreadable are left out unless
-    ``retry_failed`` (they keep their place in the batch cut either way)."""
-    chunks: list[tuple[int, Block, list[np.ndarray]]] = []
-    jobs: list[SlideJob] = []
-    already_done = already_failed = 0
-    tiling = store.tiling
-    for sid in slide_ids:
-        sf = store.slide(sid)
-        selected = sf.selected
-        done = sf.done
-        already_done += int((selected & done).sum())
-        skip = done
-        if not retry_failed:
-            failed = sf.failed
-            already_failed += int(failed.sum())
-            skip = done | failed
-        origins = sf.origins
-        attrs = sf.attrs
-        jobs.append(
-            SlideJob(
-                sid,
-                attrs["source_path"],
-                (float(attrs["mpp"][0]), float(attrs["mpp"][1])),
-                tiling.target_mpp,
-                tiling.tile_px,
-                origins[0, :, 0].copy(),
-                origins[:, 0, 1].copy(),
-                reader,
-            )
-        )
-        for block in sf.blocks():
-            sl = (slice(block.r0, block.r1), slice(block.c0, block.c1))
-            batches = chunk_batches(selected[sl], skip[sl], batch_size)
-            if batches:
-                chunks.append((len(jobs) - 1, block, batches))
-    load = np.zeros(world_size, dtype=np.int64)
-    mine: list[tuple[int, Block, list[np.ndarray]]] = []
-    for item in chunks:
-        target = int(np.argmin(load))  # ties -> lowest rank, identical on every rank
-        load[target] += sum(len(b) for b in item[2])
-        if target == rank:
-            mine.append(item)
-    rows, cols, slide, chunk, start, stop, last = [], [], [], [], [], [], []
-    pos = 0
-    for job_i, block, batches in mine:
-        w = block.c1 - block.c0
-        for bi, b in enumerate(batches):
-            rows.append(block.r0 + b // w)
-            cols.append(block.c0 + b % w)
-            slide.append(job_i)
-            chunk.append(block.index)
-            start.append(pos)
-            pos += len(b)
-            stop.append(pos)
-            last.append(bi == len(batches) - 1)
-    cat = (
-        (lambda xs: np.concatenate(xs).astype(np.int32))
-        if rows
-        else (lambda xs: np.zeros(0, np.int32))
-    )
-    return Plan(
-        jobs,
-        cat(rows),
-        cat(cols),
-        np.asarray(slide, dtype=np.int32),
-        np.asarray(chunk, dtype=np.int32).reshape(-1, 2),
-        np.asarray(start, dtype=np.int64),
-        np.asarray(stop, dtype=np.int64),
-        np.asarray(last, dtype=bool),
-        already_done,
-        already_failed,
-    )
-
-
-# ----------------------------------------------------------------------------- writing
-
-
-@dataclass
-class _OpenChunk:
-    """A chunk being filled: its features (h, w, dim), done and failed (h, w) buffers."""
-
-    sf: SlideFeatures
-    block: Block
-    features: np.ndarray
-    done: np.ndarray
-    failed: np.ndarray
-    failed_changed: bool
-    since: float
-
-    def write(self) -> None:
-        """Features, then done flags, then (if any changed) the unreadable-tile flags."""
-        self.sf.write_block(self.block, self.features, self.done)
-        if self.failed_changed:
-            self.sf.write_failed_block(self.block, self.failed)
-            self.failed_changed = False
-        self.since = time.monotonic()
-
-
-class ChunkWriter:
-    """Collects a chunk's features and writes it whole: features first, then done flags, then
-    the flags of its unreadable tiles.
-
-    A chunk is written when its last batch arrives, and also every ``flush_every_s`` seconds
-    while it is in progress (so a slow chunk loses little when killed).
-    """
-
-    def __init__(self, store: FeatureStore, flush_every_s: float) -> None:
-        self.store = store
-        self.flush_every_s = flush_every_s
-        self._open: dict[tuple[str, int, int], _OpenChunk] = {}
-
-    def add(
-        self,
-        slide_id: str,
-        chunk: tuple[int, int],
-        rows: np.ndarray,
-        cols: np.ndarray,
-        feats: np.ndarray,
-        last: bool,
-        failed: np.ndarray | None = None,
-    ) -> None:
-        """Place ``feats`` (B, dim) of tiles ``rows``, ``cols`` (B,) into their chunk's buffer;
-        tiles where ``failed`` (B,) bool is true are recorded as unreadable instead."""
-        key = (slide_id, int(chunk[0]), int(chunk[1]))
-        c = self._open.get(key)
-        if c is None:
-            sf = self.store.slide(slide_id)
-            block = sf.block_at(*chunk)
-            f, d = sf.read_block(block)
-            fl = sf.read_failed_block(block)
-            c = self._open[key] = _OpenChunk(
-                sf, block, f.copy(), d.copy(), fl.copy(), False, time.monotonic()
-            )
-        r, k = rows - c.block.r0, cols - c.block.c0
-        ok = np.ones(len(rows), bool) if failed is None else ~failed
-        c.features[r[ok], k[ok]] = feats[ok].astype(np.float16)
-        c.done[r[ok], k[ok]] = True
-        new_failed = ~ok
-        if c.failed[r, k].any() or new_failed.any():
-            c.failed[r, k] = new_failed
-            c.failed_changed = True
-        if last:
-            c.write()
-            del self._open[key]
-        elif time.monotonic() - c.since >= self.flush_every_s:
-            c.write()
-
-    def flush(self, slide_id: str | None = None) -> None:
-        """Write every open chunk (of one slide, or all)."""
-        for key in [k for k in self._open if slide_id is None or k[0] == slide_id]:
-            self._open.pop(key).write()
-
-
 # ----------------------------------------------------------------------------- the run
-
-
-def _gather(obj: Any, info: DistInfo) -> list[Any]:
-    if not info.distributed:
-        return [obj]
-    out: list[Any] = [None] * info.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _broadcast(obj: Any, info: DistInfo) -> Any:
-    if not info.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _tile_slide(path: Path, tiling: Tiling, slide_mpp: Any) -> TileGrid | str:
@@ -577,7 +360,7 @@ def _open_store(
             error = str(e)
         except OSError as e:
             error = cli.describe_os_error(e)
-    error = _broadcast(error, info)
+    error = _torch_half().broadcast(error, info)
     if error:
         raise HistoclusterError(error)
     return lock
@@ -596,31 +379,30 @@ def run(
     """
     t0 = time.perf_counter()
     _validate(cfg)
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise HistoclusterError(
-            f"--device {cfg.device}: no CUDA device is available — use --device cpu or auto"
-        )
-    info = info or init_distributed(cfg.device)
-    device = info.device
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
-    if info.distributed and device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    workers = auto_workers(local_world) if cfg.workers is None else cfg.workers
+    if info is None and _launched_world_size() > 1:  # torchrun: the ranks split the slides
+        info = _torch_half().join_distributed(cfg.device)
+    rank, world_size = (info.rank, info.world_size) if info is not None else (0, 1)
     paths = expand_inputs(cfg.slides)
     slide_mpp = parse_slide_mpp(cfg.slide_mpp)
     out = Path(cfg.out)
     tiling = cfg.tiling
-    mine = [p for i, p in enumerate(paths) if i % info.world_size == info.rank]
+    mine = [p for i, p in enumerate(paths) if i % world_size == rank]
     progress("tissue", 0, len(mine))
-    # The encoder loads in a thread while this one computes the first tissue masks (both
-    # release the GIL for most of their work: start-up keeps two cores busy instead of one).
-    loading = _Background(lambda: _load_tile_encoder(cfg, device))
+    # torch imports and the encoder loads in a thread while this one computes the first tissue
+    # masks (OpenSlide, Pillow and numpy release the GIL for most of their work).
+    given = info
+    loading = _Background(lambda: _torch_half().start(cfg, given))
     early: dict[Path, TileGrid | str] = {}
     for path in mine[:_EARLY_SLIDES]:
         if loading.done():
             break
         early[path] = _tile_slide(path, tiling, slide_mpp)
-    tile_encoder = loading.result()
+    half = _torch_half()
+    encoding = loading.result()
+    info, tile_encoder = encoding.info, encoding.tile_encoder
+    device = info.device
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+    workers = auto_workers(local_world) if cfg.workers is None else cfg.workers
     encoder = tile_encoder.encoder
     with _naming_os_errors(out), ExitStack() as held:
         lock = _open_store(out, encoder.identity(), tiling, cfg.overwrite, info)
@@ -647,16 +429,16 @@ def run(
         path_of = {slide_id(p): str(p) for p in paths}
 
         t_enc = time.perf_counter()
-        encoded = _encode(plan, store, tile_encoder, workers, cfg, progress)
+        encoded = half.encode_plan(plan, store, tile_encoder, workers, cfg, progress)
         encode_s = time.perf_counter() - t_enc
 
         # gather and summarise
         for sid, msg in encoded.slide_errors.items():
             failures[path_of[sid]] = msg
-        parts = _gather(
+        parts = half.gather(
             (encoded.tiles, encode_s, failures, encoded.tile_errors, encoded.notes), info
         )
-        barrier()
+        half.barrier()
         all_failures: dict[str, str] = {}
         tile_errors: dict[str, str] = {}
         for _, _, f, t, _ in parts:
@@ -688,13 +470,20 @@ def run(
     return summary
 
 
-def _load_tile_encoder(cfg: ExtractConfig, device: torch.device) -> TileEncoder:
-    """``cfg.encoder`` on ``device`` at ``cfg.precision`` (run in a thread: CUDA's current
-    device is per thread, so it is set here too)."""
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    encoder = load_encoder(cfg.encoder, trust_checkpoint=cfg.trust_checkpoint)
-    return TileEncoder(encoder, device, cfg.precision, cfg.channels_last)
+def _torch_half() -> ModuleType:
+    """:mod:`engine.extract_encode`, imported on first use. It imports torch (about 2 s on a 2-core
+    CPU), so it is imported where that overlaps other work: in the encoder-loading thread. The
+    one function-local import of an engine module, on purpose: ``import engine.extract`` (and
+    ``--help``) stays torch-free."""
+    return importlib.import_module("engine.extract_encode")
+
+
+def _launched_world_size() -> int:
+    """The number of processes a launcher (torchrun) started, from its ``WORLD_SIZE``."""
+    try:
+        return int(os.environ.get("WORLD_SIZE") or 1)
+    except ValueError:
+        return 1  # init_distributed names the bad value
 
 
 _EARLY_SLIDES = 2
@@ -788,104 +577,10 @@ def _prepare_slides(
         if error is not None:
             failures[str(path)] = error
         progress("tissue", n, len(mine))
-    for part in _gather(failures, info):
+    for part in _torch_half().gather(failures, info):
         failures.update(part)
-    barrier()
+    _torch_half().barrier()
     return failures
-
-
-@dataclass
-class _Encoded:
-    """What this rank's encoding did: tiles encoded, slides that failed, unreadable tiles."""
-
-    tiles: int = 0
-    slide_errors: dict[str, str] = field(default_factory=dict)  # {slide id: error}
-    tile_errors: dict[str, str] = field(default_factory=dict)  # {slide id: first tile error}
-    notes: list[str] = field(default_factory=list)  # the device decoder's fallbacks
-
-
-def _encode(
-    plan: Plan,
-    store: FeatureStore,
-    tile_encoder: TileEncoder,
-    workers: int,
-    cfg: ExtractConfig,
-    progress: Progress,
-) -> _Encoded:
-    """Read, encode and write every batch of ``plan``."""
-    device = tile_encoder.device
-    writer = ChunkWriter(store, cfg.flush_every_s)
-    result = _Encoded()
-    failed = result.slide_errors
-    seen = 0  # tiles encoded or found unreadable
-    decoder = DeviceTileDecoder(device) if cfg.reader == "device" else None
-    batches = read_batches(
-        TileBatches(plan) if decoder is None else SourceBatches(plan),  # type: ignore[arg-type]
-        workers,
-        pin_memory=device.type == "cuda",
-        timeout_s=cfg.reader_timeout_s,
-    )
-    pending: tuple[int, torch.Tensor, torch.Tensor, Any] | None = None
-
-    def finish(i: int, feats: torch.Tensor, unreadable: torch.Tensor, event: Any) -> None:
-        nonlocal seen
-        if event is not None:
-            event.synchronize()
-        sid = plan.jobs[int(plan.slide[i])].slide_id
-        if sid in failed:
-            return
-        rows = plan.rows[plan.start[i] : plan.stop[i]]
-        cols = plan.cols[plan.start[i] : plan.stop[i]]
-        bad = unreadable.numpy()
-        values = feats.numpy()
-        if not np.isfinite(values[~bad]).all():  # never write NaN / inf into a store
-            raise HistoclusterError(
-                f"{cfg.encoder}: gives non-finite features (NaN or inf) on {plan.jobs[int(plan.slide[i])].path} "
-                "— the checkpoint is damaged or its training diverged; use another encoder "
-                "(nothing of this batch was written)"
-            )
-        writer.add(sid, tuple(plan.chunk[i]), rows, cols, values, bool(plan.last[i]), bad)
-        result.tiles += int((~bad).sum())
-        seen += len(rows)
-        progress("encode", seen, plan.n_tiles)
-
-    progress("encode", 0, plan.n_tiles)
-    try:
-        with torch.inference_mode():  # the CUDA host copies too
-            for item in batches:
-                i = int(item["index"])
-                sid = plan.jobs[int(plan.slide[i])].slide_id
-                if sid in failed:
-                    continue
-                if item["error"]:
-                    if pending is not None:
-                        finish(*pending)
-                        pending = None
-                    failed[sid] = item["error"]
-                    writer.flush(sid)  # what was encoded is valid
-                    continue
-                if decoder is not None:  # the bytes decoded on the device
-                    item = item_tiles(item, decoder)
-                if item["tile_error"]:
-                    result.tile_errors.setdefault(sid, item["tile_error"])
-                feats = tile_encoder(item["tiles"])  # unreadable tiles are white: same batch shape
-                if device.type == "cuda":
-                    host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
-                    host.copy_(feats, non_blocking=True)
-                    event = torch.cuda.Event()
-                    event.record()
-                    if pending is not None:
-                        finish(*pending)
-                    pending = (i, host, item["failed"], event)
-                else:
-                    finish(i, feats, item["failed"], None)
-            if pending is not None:
-                finish(*pending)
-    finally:
-        writer.flush()
-        batches.close()
-    result.notes = decoder.notes if decoder is not None else []
-    return result
 
 
 def _validate(cfg: ExtractConfig) -> None:

@@ -27,7 +27,6 @@ import json
 import math
 import re
 import sys
-import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -45,7 +44,7 @@ from engine.encoders import entry as registry_entry
 from engine.errors import CheckpointError, HistoclusterError, one_line
 from engine.files import atomic_write, sha256_file
 from engine.resnet import ResNet, resnet
-from engine.sample_data import SAMPLE_ENCODER, sample_encoder_path
+from engine.sample_data import SAMPLE_ENCODER, default_encoder_spec, sample_encoder_path
 
 __all__ = [
     "ARCHS",
@@ -235,24 +234,8 @@ class Encoder(nn.Module):
 
 def named_specs() -> list[str]:
     """Every spec :func:`load_encoder` accepts besides a file path (registry names take ``:PATH``)."""
-    return [f"{a}-{kind}" for kind in ("random", "imagenet") for a in ARCHS] + registry_names()
-
-
-FALLBACK_SPEC = "resnet18-random"
-
-
-def default_encoder_spec() -> str:
-    """The installed sample encoder's path; ``resnet18-random`` with a warning when it is missing."""
-    sample = sample_encoder_path()
-    if sample is not None:
-        return str(sample)
-    warnings.warn(
-        f"the sample encoder ({SAMPLE_ENCODER} of the histocluster_sample_data package) is not "
-        f"installed — using {FALLBACK_SPEC} (random weights); reinstall histocluster or pass --encoder",
-        UserWarning,
-        stacklevel=2,
-    )
-    return FALLBACK_SPEC
+    ours = [f"{a}-{kind}" for kind in ("random", "imagenet") for a in ARCHS]
+    return list(dict.fromkeys(ours + registry_names()))  # resnet18-imagenet is in both
 
 
 def normalisation_problem(

@@ -10,12 +10,15 @@ the file is absent; callers say what is missing.
 from __future__ import annotations
 
 import importlib.resources
+import warnings
 from pathlib import Path
 
 __all__ = [
+    "FALLBACK_SPEC",
     "SAMPLE_ENCODER",
     "SAMPLE_PACKAGE",
     "SAMPLE_SLIDE",
+    "default_encoder_spec",
     "sample_data_dir",
     "sample_encoder_path",
     "sample_file",
@@ -58,3 +61,20 @@ def sample_slide_path() -> Path | None:
 def sample_encoder_path() -> Path | None:
     """The shipped SimCLR ResNet-18 (``sample_encoder.pt``), or None when it is not installed."""
     return sample_file(SAMPLE_ENCODER)
+
+
+FALLBACK_SPEC = "resnet18-random"
+
+
+def default_encoder_spec() -> str:
+    """The installed sample encoder's path; ``resnet18-random`` with a warning when it is missing."""
+    sample = sample_encoder_path()
+    if sample is not None:
+        return str(sample)
+    warnings.warn(
+        f"the sample encoder ({SAMPLE_ENCODER} of the histocluster_sample_data package) is not "
+        f"installed — using {FALLBACK_SPEC} (random weights); reinstall histocluster or pass --encoder",
+        UserWarning,
+        stacklevel=2,
+    )
+    return FALLBACK_SPEC

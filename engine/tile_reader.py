@@ -13,7 +13,6 @@ the main process: shared memory or the file-size limit) end the run with one
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -23,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from engine.errors import HistoclusterError, one_line
 from engine.jpeg_tiles import JpegTileReader
 from engine.slide import Slide, SlideCache
+from engine.slide_job import READERS, SlideJob
 
 __all__ = [
     "READERS",
@@ -34,25 +34,8 @@ __all__ = [
     "read_batches",
 ]
 
-READERS = ("auto", "jpeg", "openslide", "device")
-"""How tiles are read: see :class:`TileSources`."""
-
 _OPEN_SLIDES_PER_WORKER = 4
 _WHITE = 255
-
-
-@dataclass(frozen=True)
-class SlideJob:
-    """What a reader needs to read one slide's tiles: file, mpp used and the grid's origins."""
-
-    slide_id: str
-    path: str
-    mpp: tuple[float, float]
-    target_mpp: float
-    tile_px: int
-    xs: np.ndarray  # (cols,) int64 level-0 x of each grid column
-    ys: np.ndarray  # (rows,) int64 level-0 y of each grid row
-    reader: str = "openslide"  # one of READERS
 
 
 class TileSources:

@@ -16,7 +16,7 @@ import torch
 import torchvision
 from torch import nn
 
-from engine import models, resnet
+from engine import models, resnet, sample_data
 from engine.errors import CheckpointError
 from engine.models import (
     CIGA_MEAN,
@@ -238,6 +238,7 @@ def test_default_encoder_spec_is_the_packaged_sample_encoder() -> None:
 
 def test_default_encoder_spec_warns_naming_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(models, "sample_encoder_path", lambda: None)
+    monkeypatch.setattr(sample_data, "sample_encoder_path", lambda: None)
     with pytest.warns(UserWarning, match="sample_encoder.pt of the histocluster_sample_data"):
         assert default_encoder_spec() == "resnet18-random"
     with pytest.raises(CheckpointError) as err:
