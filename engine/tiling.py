@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from engine.slide import Slide
-from engine.tissue import TissueMethod, tissue_mask
+from engine.tissue import TissueMethod, tissue_mask, tissue_mask_of_strips
 
 # Mask pixels along a tile side when measuring tissue fractions, and bounds of the thumbnail.
 MASK_PX_PER_TILE = 16
@@ -158,18 +158,32 @@ class TileGrid:
         x, y = self.origins[row, col]
         return int(x), int(y)
 
-    @cached_property
-    def thumbnail(self) -> np.ndarray:
-        """(h, w, 3) uint8 thumbnail the tissue mask is computed on (MASK_PX_PER_TILE per tile)."""
+    @property
+    def thumbnail_px(self) -> int:
+        """Longest side of the thumbnail the tissue mask is computed on (MASK_PX_PER_TILE per tile)."""
         w, h = self.slide.dimensions
         tiles_long = max(w / self.stride_l0_xy[0], h / self.stride_l0_xy[1])
         max_px = int(np.clip(tiles_long * MASK_PX_PER_TILE, MIN_THUMBNAIL_PX, MAX_THUMBNAIL_PX))
-        return self.slide.thumbnail(min(max_px, max(w, h)))
+        return min(max_px, max(w, h))
+
+    @cached_property
+    def thumbnail(self) -> np.ndarray:
+        """(h, w, 3) uint8 thumbnail the tissue mask is computed on (MASK_PX_PER_TILE per tile)."""
+        return self.slide.thumbnail(self.thumbnail_px)
 
     @cached_property
     def tissue_mask(self) -> np.ndarray:
-        """(h, w) bool tissue mask at thumbnail scale."""
-        return tissue_mask(self.thumbnail, self.tissue_method)
+        """(h, w) bool tissue mask at thumbnail scale.
+
+        Computed from the thumbnail strip by strip (``Slide.thumbnail_strips``,
+        ``tissue_mask_of_strips``): the same mask as ``tissue_mask(self.thumbnail)``, with memory
+        bounded by the slide's thumbnail level and 2 bytes per mask pixel, not a few copies of the
+        thumbnail at 3-12 bytes per pixel.
+        """
+        if "thumbnail" in self.__dict__:  # already in memory
+            return tissue_mask(self.thumbnail, self.tissue_method)
+        strips = self.slide.thumbnail_strips(self.thumbnail_px)
+        return tissue_mask_of_strips(strips, self.tissue_method)
 
     @cached_property
     def tissue(self) -> np.ndarray:
@@ -231,8 +245,6 @@ def tile_fractions(
     """
     h, w = mask.shape
     sx, sy = w / l0_dimensions[0], h / l0_dimensions[1]
-    integral = np.zeros((h + 1, w + 1), dtype=np.int64)
-    integral[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1)
     x0 = np.round(origins[..., 0] * sx).astype(np.int64)
     y0 = np.round(origins[..., 1] * sy).astype(np.int64)
     x1 = np.round((origins[..., 0] + tile_l0_xy[0]) * sx).astype(np.int64)
@@ -241,5 +253,18 @@ def tile_fractions(
     area = (x1 - x0) * (y1 - y0)
     cx0, cx1 = np.clip(x0, 0, w), np.clip(x1, 0, w)
     cy0, cy1 = np.clip(y0, 0, h), np.clip(y1, 0, h)
-    covered = integral[cy1, cx1] - integral[cy0, cx1] - integral[cy1, cx0] + integral[cy0, cx0]
+    covered = np.zeros(area.shape, np.int64)
+    for i in range(len(covered)):  # one tile row at a time: an integral image of its mask rows only
+        lo, hi = int(cy0[i].min(initial=h)), int(cy1[i].max(initial=0))
+        if hi <= lo:
+            continue
+        integral = np.zeros((hi - lo + 1, w + 1), dtype=np.int64)
+        integral[1:, 1:] = np.cumsum(np.cumsum(mask[lo:hi], axis=0, dtype=np.int64), axis=1)
+        top, bottom, left, right = cy0[i] - lo, cy1[i] - lo, cx0[i], cx1[i]
+        covered[i] = (
+            integral[bottom, right]
+            - integral[top, right]
+            - integral[bottom, left]
+            + integral[top, left]
+        )
     return (covered / area).astype(np.float32)
