@@ -215,7 +215,7 @@ def drive(args: argparse.Namespace, tmp: Path) -> StallMeter:
     widget.store.value = str(tmp / "cohort.zarr")
     pump(500)
     meter = StallMeter(widget, args.sample_after_ms, args.profile and not args.no_profile)
-    idle = lambda: not widget.busy  # noqa: E731
+    idle = lambda: not widget.busy and not getattr(widget, "drawing", False)  # noqa: E731
 
     def act(name: str, func, until=idle, settle_ms: int = 500) -> None:
         meter.start(name)

@@ -41,7 +41,8 @@ from magicgui.widgets import (
     PushButton,
     SpinBox,
 )
-from napari.layers import Image, Labels, Shapes
+from napari.layers import Image, Labels, Points
+from napari.utils.colormaps.standardize_color import transform_color
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QObject, Qt, QTimer, Signal
 from qtpy.QtWidgets import QFileDialog, QSizePolicy
@@ -75,6 +76,7 @@ from histocluster_napari._overlay import (
     hatch_placement,
     labels_colormap,
 )
+from histocluster_napari._redraw import Redraw
 from histocluster_napari._slide_layers import METADATA_KEY, slide_layer_data
 from histocluster_napari._slide_list import SlideList, set_bar
 from histocluster_napari._slide_loader import SlideLoader
@@ -96,6 +98,8 @@ SAVE_DELAY_MS = 300
 FIRST_DRAW_MS = 150
 """Plugin start: how long the unused layers stay shown (transparent) for their first draw."""
 OVERLAY_OPACITY = 0.6
+OUTLINE_WIDTH = 0.08
+"""Width of a tile's outline (similar tiles, the gallery tile), as a share of the tile's side."""
 KEYS = {"Shift-F": "find similar", "Shift-M": "move", "Shift-X": "exclude", "Shift-U": "restore"}
 """Viewer keys: tile under the cursor -> similar tiles / to the correction class / excluded / back."""
 
@@ -162,6 +166,14 @@ class HistoClusterWidget(Container):
         self._slides = SlideLoader(self._tiles)  # slides opened for viewing, in the background
         self._slides.loaded.connect(self._on_slide_loaded)
         self._pending_camera: tuple[tuple[float, float], float] | None = None
+        self._mark: tuple[str, int, int] | None = None  # the gallery tile outlined
+        self._redraw = Redraw(  # the canvas's parts, each drawn in its own event-loop pass
+            [
+                ("image", self._draw_image),
+                ("labels", self._draw_overlays),
+                ("mark", self._draw_mark),
+            ]
+        )
         self._slide_progress: SlideProgress | None = None
         self._latest_progress: tuple[str, int, int] | None = None
         self._latest_slides: dict[str, tuple[int, int]] | None = None
@@ -333,7 +345,7 @@ class HistoClusterWidget(Container):
         for event in (viewer.layers.events.inserted, viewer.layers.events.removed):
             event.connect(self._on_layers_changed)
         self._viewer_hooks = _ViewerHooks(self, viewer)
-        self._rect_layers: dict[str, Shapes] = {}
+        self._rect_layers: dict[str, Points] = {}  # tile outlines: square markers
         self._prepare_layers()  # in the next event-loop passes
         self._on_layers_changed()
         self._update_store_hint()
@@ -349,7 +361,7 @@ class HistoClusterWidget(Container):
         event-loop pass after the widget is made, so the dock shows at once and the viewer
         stays responsive between steps; ``start_passes`` records (step, seconds) of each.
         A layer needed before its step is made there and then (``_swap_image``,
-        ``_draw_labels``, ``_draw_rects``); its step then does nothing.
+        ``_draw_labels``, ``_draw_outlines``); its step then does nothing.
         """
         self.start_passes: list[tuple[str, float]] = []
         self._warming: dict[int, tuple[Any, float]] = {}  # shown for the first draw: opacity
@@ -416,9 +428,7 @@ class HistoClusterWidget(Container):
         if kind in self._rect_layers:
             return
         name = MARK_LAYER if kind == "mark" else "HistoCluster similar"
-        self._rect_layers[kind] = self._viewer.add_shapes(
-            name=name, units=("um", "um"), visible=False, face_color="transparent"
-        )
+        self._rect_layers[kind] = _outline_layer(self._viewer, name, units=("um", "um"))
 
     def _draw_layers_once(self) -> None:
         """Show the still unused layers for one frame, fully transparent (their shaders are
@@ -428,10 +438,9 @@ class HistoClusterWidget(Container):
             layers.append(self._cohort_layer)
         if self._view is None and self._labels_layer is not None:
             layers.append(self._labels_layer)
-        square = np.array([[0.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
         for layer in self._rect_layers.values():
             if not layer.visible and len(layer.data) == 0:
-                layer.add([square], shape_type="rectangle", edge_width=0.1)
+                layer.data = np.zeros((1, 2))
                 layers.append(layer)
         for layer in layers:
             if not layer.visible:
@@ -447,9 +456,9 @@ class HistoClusterWidget(Container):
             t0 = time.perf_counter()
             try:
                 for layer, opacity in list(widget._warming.values()):
+                    if isinstance(layer, Points):  # emptied while shown: napari slices it
+                        layer.data = np.zeros((0, 2))  # (a hidden one keeps its old slice)
                     layer.visible = False
-                    if isinstance(layer, Shapes):
-                        layer.data = []
                     layer.opacity = opacity
             except RuntimeError:  # the viewer was closed meanwhile
                 return
@@ -705,17 +714,34 @@ class HistoClusterWidget(Container):
         return None
 
     def show_slide(self, sid: str) -> None:
-        """Show slide ``sid`` of the cohort: swap the image layer and the labels (never stack)."""
+        """Show slide ``sid`` of the cohort: swap the image layer and the labels (never stack).
+
+        The list and the table follow at once; the canvas in the next event-loop passes, the
+        image first, then the clusters (``_redraw``; ``drawing`` is True until then).
+        """
         self._current = sid
         if self._cohort is not None:
-            self._swap_image(sid)
             self.slide_list.highlight(sid)
-        self._draw_labels()
-        self.classifier.redraw()
+            self._redraw.want("image")
+        self._redraw.want("labels")
         if self._view is not None and sid in self._view.counts:
             self.table.set_slide_counts(self._view.counts[sid])
         else:
             self.table.set_slide_counts(None)
+
+    @property
+    def drawing(self) -> bool:
+        """True while a part of the canvas is still to be redrawn (see ``show_slide``)."""
+        return self._redraw.pending
+
+    def _draw_image(self) -> None:
+        if self._cohort is not None and self._current is not None:
+            self._swap_image(self._current)
+
+    def _draw_overlays(self) -> None:
+        """The shown slide's clusters (corrections, unreadable tiles) and classes predicted."""
+        self._draw_labels()
+        self.classifier.redraw()
 
     def _slide_key(self, sid: str) -> tuple[Path, Any] | None:
         """What the slide loader knows slide ``sid`` by: (file, um/px given or None)."""
@@ -733,6 +759,10 @@ class HistoClusterWidget(Container):
     @property
     def slide_loading(self) -> bool:
         """True while the slide to show is being opened (in the background), until it is shown."""
+        return self._redraw.pending or self._image_behind()
+
+    def _image_behind(self) -> bool:
+        """True while the cohort's image layer does not show the current slide yet."""
         if self._cohort is None or self._current is None:
             return False
         return self._shown_key != self._slide_key(self._current)
@@ -751,6 +781,7 @@ class HistoClusterWidget(Container):
             layer = self._cohort_layer = None
         key = self._slide_key(sid)
         if layer is not None and layer.name == sid and layer.visible and self._shown_key == key:
+            self._apply_pending_camera()
             return
         if key is not None and not self._slides.is_loaded(key):
             self._slides.request(key)
@@ -788,13 +819,18 @@ class HistoClusterWidget(Container):
             layer.name = sid
         self._shown_key = key
         self._shown_pyramid = pyramid_id(shown.pyramid)
-        if self._pending_camera is not None:
-            centre, zoom = self._pending_camera
-            self._pending_camera = None
-            self.camera.center, self.camera.zoom = centre, zoom
-        else:
+        if not self._apply_pending_camera():
             self._viewer.reset_view()
         layer.visible = True
+
+    def _apply_pending_camera(self) -> bool:
+        """Set the camera a gallery click asked for before its slide was shown (if any)."""
+        if self._pending_camera is None:
+            return False
+        (centre, zoom), self._pending_camera = self._pending_camera, None
+        camera = self.camera
+        camera.center, camera.zoom = centre, zoom
+        return True
 
     def _on_slide_loaded(self, key: Any, _shown: Any) -> None:
         """A slide was opened in the background: show it when it is the one wanted."""
@@ -981,6 +1017,7 @@ class HistoClusterWidget(Container):
         self._set_busy(False)
         painted, before = self._painted, self._before_paint
         self._painted = self._before_paint = None
+        self._redraw.flush()  # what the view painted drew, before the worker is reported done
         if kind == "done":
             self._on_done(event[1])
         else:
@@ -1430,8 +1467,8 @@ class HistoClusterWidget(Container):
             return []
         image = self._image_layer()
         name = (image.name if image is not None else self._current) + SIMILAR_SUFFIX
-        rects = [self._tile_rect(*tile)] + [self._tile_rect(r, c) for r, c, _ in hits]
-        self._draw_rects("similar", name, rects, ["cyan"] + ["yellow"] * len(hits))
+        tiles = [tile] + [(r, c) for r, c, _ in hits]
+        self._draw_outlines("similar", name, tiles, ["cyan"] + ["yellow"] * len(hits))
         self.status.value = (
             f"{len(hits)} tiles most similar to tile {tile} marked (yellow; the query in cyan)."
         )
@@ -1447,19 +1484,18 @@ class HistoClusterWidget(Container):
         xs = np.array([x0, x1]) * mx - 0.5 * mx + ox
         return np.array([[ys[0], xs[0]], [ys[0], xs[1]], [ys[1], xs[1]], [ys[1], xs[0]]])
 
-    def _draw_rects(
-        self, kind: str, name: str, rects: list[np.ndarray], colors: list[str]
-    ) -> Shapes:
-        """Outline ``rects`` in the widget's Shapes layer of ``kind`` (renamed ``name``)."""
+    def _draw_outlines(
+        self, kind: str, name: str, tiles: list[tuple[int, int]], colors: list[str]
+    ) -> Points:
+        """Outline the shown slide's ``tiles`` (row, col) in the widget's layer of ``kind``
+        (renamed ``name``): a square marker of the tile's side on each (a Shapes rectangle would
+        be triangulated on the GUI thread at every change)."""
         geom = self._geometry()
         assert geom is not None
         image = self._image_layer()
-        width = 0.08 * geom.tile_l0[0] * geom.mpp[0]
         layer = self._rect_layers.get(kind)
         if layer is None or layer not in self._viewer.layers:  # the user deleted it
-            layer = self._rect_layers[kind] = self._viewer.add_shapes(
-                name=name, face_color="transparent", visible=False
-            )
+            layer = self._rect_layers[kind] = _outline_layer(self._viewer, name)
         self._use_layer(layer)
         # Redrawn in place: removing a layer and adding another while a Labels layer is
         # drawn can crash vispy on Mesa's llvmpipe (see _swap_image).
@@ -1467,12 +1503,17 @@ class HistoClusterWidget(Container):
             layer.units = image.units[-2:]
         if not layer.visible:
             layer.visible = True  # before the data: napari keeps a hidden layer's extent
-        layer.data = []
-        layer.add(
-            rects, shape_type="rectangle", edge_color=colors, face_color="transparent",
-            edge_width=width,
-        )  # fmt: skip
-        layer.name = name
+        rects = np.array([self._tile_rect(r, c) for r, c in tiles]).reshape(-1, 4, 2)
+        centres = rects.mean(axis=1)
+        side = float(np.ptp(rects[0, :, 0])) if len(rects) else 1.0
+        same = len(layer.data) == len(centres)  # napari keeps each point's size and colour
+        layer.data = centres
+        if not same or not np.allclose(layer.size, side):
+            layer.size = side
+        if not same or not np.allclose(layer.border_color, transform_color(colors)):
+            layer.border_color = colors
+        if layer.name != name:
+            layer.name = name
         self._keep_above(layer, self.clusters_layer or image)
         self._activate(self.clusters_layer or layer)
         return layer
@@ -1566,30 +1607,41 @@ class HistoClusterWidget(Container):
         return scene.camera if scene is not None else self._viewer.camera
 
     def jump_to_tile(self, sid: str, row: int, col: int) -> None:
-        """Open slide ``sid`` if needed, centre and zoom on tile (row, col) and outline it."""
+        """Open slide ``sid`` if needed, centre and zoom on tile (row, col) and outline it.
+
+        The slide, its clusters and the outline are drawn in successive event-loop passes
+        (``show_slide``); the camera is set with the slide's image, so it is sliced once, there.
+        """
         if self._view is None:
             return
         if sid != self._current:
             if self._cohort is None:
                 self._fail(f"{sid}: open its slide to see this tile")
                 return
-            if sid in self._view.geometry:  # the slide shown at the tile at once, not fitted first
-                self._current = sid
-                self._pending_camera = self._tile_camera(self._tile_rect(row, col))
+            self._current = sid if sid in self._view.geometry else self._current
             self.show_slide(sid)
         geom = self._geometry()
         if geom is None:
             return
-        rect = self._tile_rect(row, col)
-        self._draw_rects("mark", MARK_LAYER, [rect], ["magenta"])
-        centre, zoom = self._tile_camera(rect)
-        camera = self.camera
-        camera.center, camera.zoom = centre, zoom  # (no event when already there)
-        if self.slide_loading:  # kept when the slide's pixels arrive
-            self._pending_camera = (centre, zoom)
+        centre, zoom = self._tile_camera(self._tile_rect(row, col))
+        if self._redraw.wanted("image") or self._image_behind():
+            self._pending_camera = (centre, zoom)  # set when the slide's pixels are shown
+        else:
+            camera = self.camera
+            camera.center, camera.zoom = centre, zoom  # (no event when already there)
+        self._mark = (sid, row, col)
+        self._redraw.want("mark")
         self._query_tile = (row, col)
         cluster = int(self._view.labels[sid][row, col])
         self.status.value = f"{sid}, tile ({row}, {col}): cluster {cluster}"
+
+    def _draw_mark(self) -> None:
+        """Outline the gallery tile last clicked, when its slide is the one shown."""
+        mark = self._mark
+        if mark is None or self._view is None or mark[0] != self._current:
+            return
+        if self._geometry() is not None:
+            self._draw_outlines("mark", MARK_LAYER, [mark[1:]], ["magenta"])
 
     def _tile_camera(self, rect: np.ndarray) -> tuple[tuple[float, float], float]:
         """(centre, zoom) of the camera on a tile's outline ``rect`` (4, 2): a quarter of the canvas."""
@@ -1698,6 +1750,17 @@ class _ViewerHooks:
         return on_key
 
 
+def _outline_layer(viewer: Any, name: str, **kwargs: Any) -> Points:
+    """A hidden Points layer whose points are drawn as tile outlines (hollow squares)."""
+    layer = viewer.add_points(
+        np.zeros((0, 2)), name=name, symbol="square", face_color="transparent",
+        border_color="magenta", border_width=OUTLINE_WIDTH, border_width_is_relative=True,
+        visible=False, **kwargs,
+    )  # fmt: skip
+    layer.editable = False
+    return layer
+
+
 def _hide(layer: Any) -> None:
     """Hide a layer (setting ``visible`` emits napari's events even when it does not change)."""
     if layer.visible:
@@ -1729,8 +1792,8 @@ def _load_units() -> None:
 
 
 def _warm_up() -> None:
-    """Load napari's compiled label colour mapping and shape triangulation (numba) in the
-    background, once, so the first clusters and outlines do not wait for them on the GUI thread."""
+    """Load napari's compiled label colour mapping (numba) in the background, once, so the first
+    clusters do not wait for it on the GUI thread."""
     global _WARMING
     if _WARMING is not None:
         return
@@ -1739,8 +1802,6 @@ def _warm_up() -> None:
         try:
             # the colour texture of the widget's uint8 label images (numba typed dict compiled)
             labels_colormap(cluster_colors(2))._get_mapping_from_cache(np.dtype(np.uint8))
-            square = np.array([[0.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
-            Shapes([square], shape_type="rectangle", edge_width=0.1)  # not added to a viewer
         except Exception:  # only a head start; napari does it again when needed
             pass
 

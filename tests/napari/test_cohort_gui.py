@@ -144,10 +144,12 @@ def test_gallery_shows_a_cluster_across_slides_and_a_click_jumps_to_the_tile(
     assert viewer.layers[0].name == sid
     labels = viewer.layers[f"{sid} clusters"]
     assert widget.tile_at(tuple(widget.camera.center[-2:])) == (row, col)
-    mark = viewer.layers[MARK_LAYER]
-    ys, xs = mark.data[0][:, 0], mark.data[0][:, 1]
+    mark = viewer.layers[MARK_LAYER]  # a square marker of the tile's side on the tile
+    assert mark.visible and len(mark.data) == 1
     centre = labels.data_to_world((row, col))
-    assert ys.min() < centre[0] < ys.max() and xs.min() < centre[1] < xs.max()
+    side = labels.scale[-1]  # (the grid's scale rounds the tile's level-0 side: ~1e-6)
+    np.testing.assert_allclose(mark.data[0], centre[-2:], atol=1e-3 * side)
+    np.testing.assert_allclose(mark.size, side, rtol=1e-3)
 
 
 def test_a_multi_slide_store_opens_one_slide_in_the_reader(make_napari_viewer, clustered_cohort):

@@ -203,15 +203,15 @@ def test_clicking_tiles_selects_clusters_and_show_selected_only_hides_the_rest(
     widget.n_similar.value = 4
     hits = widget.find_similar()
     assert len(hits) == 4 and all((r, c) != (row, col) for r, c, _ in hits)
-    shapes = viewer.layers[f"{widget.slide.value.name} similar"]
-    assert len(shapes.data) == 5
-    # The query rectangle covers exactly the tile's level-0 pixels (world edges at -0.5 px).
-    ys, xs = shapes.data[0][:, 0], shapes.data[0][:, 1]
+    marks = viewer.layers[f"{widget.slide.value.name} similar"]
+    assert len(marks.data) == 5
+    # The query's outline (a square marker) covers exactly the tile's level-0 pixels (world
+    # edges at -0.5 px): centred on them, their side wide.
     mpp, side = 0.5, 1024
     np.testing.assert_allclose(
-        [ys.min(), xs.min()], [(row * side - 0.5) * mpp, (col * side - 0.5) * mpp]
+        marks.data[0], [(row * side + side / 2 - 0.5) * mpp, (col * side + side / 2 - 0.5) * mpp]
     )
-    np.testing.assert_allclose(ys.max() - ys.min(), side * mpp)
+    np.testing.assert_allclose(marks.size, side * mpp)
 
 
 def test_k_change_reclusters_from_stored_features(
