@@ -48,6 +48,7 @@ from side_by_side import ceiling, middle, plan_of, print_table, read_only, tiles
 
 from engine.encode import TileEncoder, cpu_supports_bf16, resolve_precision
 from engine.extract import ExtractConfig, auto_workers
+from engine.extract_encode import BATCH_MULTIPLE
 from engine.models import default_encoder_spec, load_encoder
 from engine.tile_reader import READERS
 
@@ -118,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_of(cfg, Path(tmp))
     reads = middle(plan, a.read_tiles)
     batches, _ = tiles_in_memory(cfg, a.ceiling_tiles)
-    encoder = TileEncoder(load_encoder(a.encoder), torch.device("cpu"), a.precision)
+    encoder = TileEncoder(
+        load_encoder(a.encoder), torch.device("cpu"), a.precision, batch_multiple=BATCH_MULTIPLE
+    )
     print(
         f"{slide.name}: {plan.n_tiles} tissue tiles of {cfg.tile_px} px at {cfg.mpp} um/px; "
         f"ceiling on {sum(len(b) for b in batches)} tiles, read-only on {reads.n_tiles}",

@@ -38,6 +38,7 @@ from side_by_side import ceiling, end_to_end, interleaved, print_table, tiles_in
 from engine.encode import TileEncoder, cpu_supports_bf16, resolve_precision
 from engine.encoders import REGISTRY
 from engine.extract import ExtractConfig, auto_workers
+from engine.extract_encode import BATCH_MULTIPLE
 from engine.models import load_encoder
 from engine.vit import build_model
 
@@ -100,7 +101,12 @@ def main() -> None:
             for precision in [s.strip() for s in a.precisions.split(",") if s.strip()]:
                 shown = resolve_precision(precision, torch.device(a.device))
                 cfg = dataclasses.replace(base, precision=precision)
-                enc = TileEncoder(load_encoder(spec), torch.device(a.device), precision)
+                enc = TileEncoder(
+                    load_encoder(spec),
+                    torch.device(a.device),
+                    precision,
+                    batch_multiple=BATCH_MULTIPLE,
+                )
                 row = {"setting": f"{name} {shown}" + (" (auto)" if precision == "auto" else "")}
                 row.update(
                     interleaved(partial(ceiling, enc, batches), partial(end_to_end, cfg), a.rounds)

@@ -55,6 +55,10 @@ class TileEncoder:
     """An :class:`Encoder` on a device at a precision: (B,H,W,3) uint8 tiles -> (B, dim) float32.
 
     The same code path serves extraction and the benchmark's encoder-only ceiling.
+    ``batch_multiple`` > 1 pads every batch with black tiles up to a multiple of it (their
+    features are dropped), so the network sees a few batch shapes however the batches are cut:
+    oneDNN's primitives, cuDNN's benchmarked algorithms and the heap's blocks are made once per
+    shape and reused (a chunk's last batch holds 1 to batch_size tiles).
     """
 
     def __init__(
@@ -63,8 +67,10 @@ class TileEncoder:
         device: torch.device,
         precision: str = "auto",
         channels_last: bool = True,
+        batch_multiple: int = 1,
     ) -> None:
         self.device = device
+        self.batch_multiple = max(1, batch_multiple)
         self.precision: Precision = resolve_precision(precision, device)
         self.channels_last = channels_last
         self.encoder = encoder.to(device).eval()
@@ -80,10 +86,14 @@ class TileEncoder:
     @torch.inference_mode()
     def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
         """(B,H,W,3) uint8 (any device) -> (B, dim) float32 on ``self.device``."""
+        n = len(tiles)
+        pad = -n % self.batch_multiple
+        if pad:
+            tiles = torch.cat([tiles, tiles.new_zeros((pad, *tiles.shape[1:]))])
         x = self.encoder.preprocess(tiles.to(self.device, non_blocking=True))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.precision == "fp32":
-            return self.encoder(x).float()
+            return self.encoder(x).float()[:n]
         with torch.autocast(device_type=self.device.type, dtype=_DTYPES[self.precision]):
-            return self.encoder(x).float()
+            return self.encoder(x).float()[:n]

@@ -8,6 +8,7 @@ torch`` (about 2 s on a 2-core CPU) runs while the main thread computes the firs
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,7 @@ from engine.distributed import DistInfo, barrier, init_distributed
 from engine.encode import TileEncoder
 from engine.errors import HistoclusterError
 from engine.extract_plan import Plan
+from engine.heap import retained_heap
 from engine.models import load_encoder
 from engine.progress import Progress
 from engine.store import FeatureStore
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from engine.extract import ExtractConfig
 
 __all__ = [
+    "BATCH_MULTIPLE",
     "Encoded",
     "Encoding",
     "barrier",
@@ -39,6 +42,13 @@ __all__ = [
     "join_distributed",
     "start",
 ]
+
+
+BATCH_MULTIPLE = 16
+"""Batches are encoded padded to a multiple of this: at most 4 shapes for --batch-size 64, so the
+retained heap settles after the first few chunks whatever the slide's size (with 8 shapes a
+large slide met shapes later, and grew the heap, that a smaller one never met). On the
+generated 40x slide 2.9% of the tiles encoded are padding. See :class:`~engine.encode.TileEncoder`."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +80,10 @@ def start(cfg: ExtractConfig, info: DistInfo | None) -> Encoding:
     if info.device.type == "cuda":
         torch.cuda.set_device(info.device)
     encoder = load_encoder(cfg.encoder, trust_checkpoint=cfg.trust_checkpoint)
-    return Encoding(info, TileEncoder(encoder, info.device, cfg.precision, cfg.channels_last))
+    tile_encoder = TileEncoder(
+        encoder, info.device, cfg.precision, cfg.channels_last, batch_multiple=BATCH_MULTIPLE
+    )
+    return Encoding(info, tile_encoder)
 
 
 def gather(obj: Any, info: DistInfo) -> list[Any]:
@@ -109,7 +122,22 @@ def encode_plan(
     cfg: ExtractConfig,
     progress: Progress,
 ) -> Encoded:
-    """Read, encode and write every batch of ``plan`` (in the thread that called it)."""
+    """Read, encode and write every batch of ``plan`` (in the thread that called it). On the
+    CPU the loop runs in a :func:`~engine.heap.retained_heap` (its reader workers, forked inside,
+    too): each batch reuses the previous one's memory instead of page-faulting it in again."""
+    heap = retained_heap() if tile_encoder.device.type == "cpu" else nullcontext()
+    with heap:
+        return _encode_plan(plan, store, tile_encoder, workers, cfg, progress)
+
+
+def _encode_plan(
+    plan: Plan,
+    store: FeatureStore,
+    tile_encoder: TileEncoder,
+    workers: int,
+    cfg: ExtractConfig,
+    progress: Progress,
+) -> Encoded:
     device = tile_encoder.device
     if device.type == "cuda":  # the current device is per thread: the events below use it
         torch.cuda.set_device(device)

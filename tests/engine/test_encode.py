@@ -87,3 +87,21 @@ def test_channels_last_does_not_change_fp32_features(cmu_tiles: torch.Tensor) ->
     a = TileEncoder(encoder, CPU, "fp32", channels_last=False)(cmu_tiles)
     b = TileEncoder(encoder, CPU, "fp32", channels_last=True)(cmu_tiles)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [3, 4])
+def test_batch_multiple_pads_and_drops_the_padding(cmu_tiles: torch.Tensor, n: int) -> None:
+    """A batch padded up to a multiple of 8 gives the same features for its own tiles, only those."""
+    encoder = load_encoder("resnet18-random")
+    plain = TileEncoder(encoder, CPU, "fp32", batch_multiple=1)(cmu_tiles[:n])
+    padded = TileEncoder(encoder, CPU, "fp32", batch_multiple=8)(cmu_tiles[:n])
+    assert padded.shape == plain.shape == (n, 512)
+    torch.testing.assert_close(padded, plain, rtol=1e-4, atol=1e-4)
+    batches: list[int] = []
+    handle = encoder.register_forward_pre_hook(lambda _m, args: batches.append(len(args[0])))
+    try:
+        TileEncoder(encoder, CPU, "fp32", batch_multiple=8)(cmu_tiles[:n])
+        TileEncoder(encoder, CPU, "fp32", batch_multiple=2)(cmu_tiles[:3])
+    finally:
+        handle.remove()
+    assert batches == [8, 4]  # what the network saw
