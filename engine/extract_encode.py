@@ -125,93 +125,83 @@ def encode_plan(
     """Read, encode and write every batch of ``plan`` (in the thread that called it). On the
     CPU the loop runs in a :func:`~engine.heap.retained_heap` (its reader workers, forked inside,
     too): each batch reuses the previous one's memory instead of page-faulting it in again."""
-    heap = retained_heap() if tile_encoder.device.type == "cpu" else nullcontext()
-    with heap:
-        return _encode_plan(plan, store, tile_encoder, workers, cfg, progress)
+    with retained_heap() if tile_encoder.device.type == "cpu" else nullcontext():
+        device = tile_encoder.device
+        if device.type == "cuda":  # the current device is per thread: the events below use it
+            torch.cuda.set_device(device)
+        writer = ChunkWriter(store, cfg.flush_every_s)
+        result = Encoded()
+        failed = result.slide_errors
+        seen = 0  # tiles encoded or found unreadable
+        decoder = DeviceTileDecoder(device) if cfg.reader == "device" else None
+        batches = read_batches(
+            TileBatches(plan) if decoder is None else SourceBatches(plan),  # type: ignore[arg-type]
+            workers,
+            pin_memory=device.type == "cuda",
+            timeout_s=cfg.reader_timeout_s,
+        )
+        pending: tuple[int, torch.Tensor, torch.Tensor, Any] | None = None
 
+        def finish(i: int, feats: torch.Tensor, unreadable: torch.Tensor, event: Any) -> None:
+            nonlocal seen
+            if event is not None:
+                event.synchronize()
+            sid = plan.jobs[int(plan.slide[i])].slide_id
+            if sid in failed:
+                return
+            rows = plan.rows[plan.start[i] : plan.stop[i]]
+            cols = plan.cols[plan.start[i] : plan.stop[i]]
+            bad = unreadable.numpy()
+            values = feats.numpy()
+            if not np.isfinite(values[~bad]).all():  # never write NaN / inf into a store
+                raise HistoclusterError(
+                    f"{cfg.encoder}: gives non-finite features (NaN or inf) on {plan.jobs[int(plan.slide[i])].path} "
+                    "— the checkpoint is damaged or its training diverged; use another encoder "
+                    "(nothing of this batch was written)"
+                )
+            writer.add(sid, tuple(plan.chunk[i]), rows, cols, values, bool(plan.last[i]), bad)
+            result.tiles += int((~bad).sum())
+            seen += len(rows)
+            progress("encode", seen, plan.n_tiles)
 
-def _encode_plan(
-    plan: Plan,
-    store: FeatureStore,
-    tile_encoder: TileEncoder,
-    workers: int,
-    cfg: ExtractConfig,
-    progress: Progress,
-) -> Encoded:
-    device = tile_encoder.device
-    if device.type == "cuda":  # the current device is per thread: the events below use it
-        torch.cuda.set_device(device)
-    writer = ChunkWriter(store, cfg.flush_every_s)
-    result = Encoded()
-    failed = result.slide_errors
-    seen = 0  # tiles encoded or found unreadable
-    decoder = DeviceTileDecoder(device) if cfg.reader == "device" else None
-    batches = read_batches(
-        TileBatches(plan) if decoder is None else SourceBatches(plan),  # type: ignore[arg-type]
-        workers,
-        pin_memory=device.type == "cuda",
-        timeout_s=cfg.reader_timeout_s,
-    )
-    pending: tuple[int, torch.Tensor, torch.Tensor, Any] | None = None
-
-    def finish(i: int, feats: torch.Tensor, unreadable: torch.Tensor, event: Any) -> None:
-        nonlocal seen
-        if event is not None:
-            event.synchronize()
-        sid = plan.jobs[int(plan.slide[i])].slide_id
-        if sid in failed:
-            return
-        rows = plan.rows[plan.start[i] : plan.stop[i]]
-        cols = plan.cols[plan.start[i] : plan.stop[i]]
-        bad = unreadable.numpy()
-        values = feats.numpy()
-        if not np.isfinite(values[~bad]).all():  # never write NaN / inf into a store
-            raise HistoclusterError(
-                f"{cfg.encoder}: gives non-finite features (NaN or inf) on {plan.jobs[int(plan.slide[i])].path} "
-                "— the checkpoint is damaged or its training diverged; use another encoder "
-                "(nothing of this batch was written)"
-            )
-        writer.add(sid, tuple(plan.chunk[i]), rows, cols, values, bool(plan.last[i]), bad)
-        result.tiles += int((~bad).sum())
-        seen += len(rows)
-        progress("encode", seen, plan.n_tiles)
-
-    progress("encode", 0, plan.n_tiles)
-    try:
-        with torch.inference_mode():  # the CUDA host copies too
-            for item in batches:
-                i = int(item["index"])
-                sid = plan.jobs[int(plan.slide[i])].slide_id
-                if sid in failed:
-                    continue
-                if item["error"]:
-                    if pending is not None:
-                        finish(*pending)
-                        pending = None
-                    failed[sid] = item["error"]
-                    writer.flush(sid)  # what was encoded is valid
-                    continue
-                if decoder is not None:  # the bytes decoded on the device
-                    item = item_tiles(item, decoder)
-                if item["tile_error"]:
-                    result.tile_errors.setdefault(sid, item["tile_error"])
-                feats = tile_encoder(item["tiles"])  # unreadable tiles are white: same batch shape
-                if device.type == "cuda":
-                    host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
-                    host.copy_(feats, non_blocking=True)
-                    event = torch.cuda.Event()
-                    event.record()
-                    if pending is not None:
-                        finish(*pending)
-                    pending = (i, host, item["failed"], event)
-                else:
-                    finish(i, feats, item["failed"], None)
-            if pending is not None:
-                finish(*pending)
-    finally:
+        progress("encode", 0, plan.n_tiles)
         try:
-            writer.flush()  # may raise (a full disk): the readers are closed all the same
+            with torch.inference_mode():  # the CUDA host copies too
+                for item in batches:
+                    i = int(item["index"])
+                    sid = plan.jobs[int(plan.slide[i])].slide_id
+                    if sid in failed:
+                        continue
+                    if item["error"]:
+                        if pending is not None:
+                            finish(*pending)
+                            pending = None
+                        failed[sid] = item["error"]
+                        writer.flush(sid)  # what was encoded is valid
+                        continue
+                    if decoder is not None:  # the bytes decoded on the device
+                        item = item_tiles(item, decoder)
+                    if item["tile_error"]:
+                        result.tile_errors.setdefault(sid, item["tile_error"])
+                    feats = tile_encoder(
+                        item["tiles"]
+                    )  # unreadable tiles are white: same batch shape
+                    if device.type == "cuda":
+                        host = torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True)
+                        host.copy_(feats, non_blocking=True)
+                        event = torch.cuda.Event()
+                        event.record()
+                        if pending is not None:
+                            finish(*pending)
+                        pending = (i, host, item["failed"], event)
+                    else:
+                        finish(i, feats, item["failed"], None)
+                if pending is not None:
+                    finish(*pending)
         finally:
-            batches.close()
-    result.notes = decoder.notes if decoder is not None else []
-    return result
+            try:
+                writer.flush()  # may raise (a full disk): the readers are closed all the same
+            finally:
+                batches.close()
+        result.notes = decoder.notes if decoder is not None else []
+        return result
