@@ -20,6 +20,7 @@ from histocluster_napari import _triton_guard  # noqa: F401
 
 # isort: split
 
+import gc
 import threading
 import time
 import traceback
@@ -96,7 +97,9 @@ TILES_INTERVAL_MS = 100
 """Slide pixels read in the background are shown at most this often (each is a new texture)."""
 SAVE_DELAY_MS = 300
 FIRST_DRAW_MS = 150
-"""Plugin start: how long the unused layers stay shown (transparent) for their first draw."""
+"""Plugin start: how long each unused layer stays shown (transparent) for its first draw."""
+START_PASS_GAP_MS = 30
+"""Plugin start: the pause between two steps, so the event loop paints and ticks between."""
 OVERLAY_OPACITY = 0.6
 OUTLINE_WIDTH = 0.08
 """Width of a tile's outline (similar tiles, the gallery tile), as a share of the tile's side."""
@@ -362,36 +365,62 @@ class HistoClusterWidget(Container):
         stays responsive between steps; ``start_passes`` records (step, seconds) of each.
         A layer needed before its step is made there and then (``_swap_image``,
         ``_draw_labels``, ``_draw_outlines``); its step then does nothing.
+
+        The layer steps wait (polling, the GUI thread free) for ``_warm_up``'s thread, which
+        loads what napari's first layers import (1-2 s on the GUI thread otherwise). The last
+        step moves every object alive by then (napari, torch, ~540,000 tracked objects) to
+        the collector's permanent generation (``gc.freeze``): a full collection scanning them
+        took 300-380 ms, holding the GIL, on whichever thread happened to trigger it.
         """
         self.start_passes: list[tuple[str, float]] = []
         self._warming: dict[int, tuple[Any, float]] = {}  # shown for the first draw: opacity
-        steps: list[tuple[str, Any]] = [  # called with the widget (the timers hold it weakly)
-            ("units", lambda _w: _load_units()),
-            ("slide layer", HistoClusterWidget._make_slide_layer),
-            ("clusters layer", HistoClusterWidget._make_clusters_layer),
-            ("similar tiles layer", lambda w: w._make_rect_layer("similar")),
-            ("gallery tile layer", lambda w: w._make_rect_layer("mark")),
-            ("first draw", HistoClusterWidget._draw_layers_once),
+        slide = lambda w: w._cohort_layer if w._cohort is None else None  # noqa: E731
+        clusters = lambda w: w._labels_layer if w._view is None else None  # noqa: E731
+        outline = lambda kind: lambda w: w._unused_rect_layer(kind)  # noqa: E731
+        steps: list[tuple[str, Any, int]] = [  # (name, called with the widget, ms to the next)
+            ("warm-up started", lambda _w: _warm_up(), 0),
+            (WAIT_FOR_WARM_UP, None, 0),  # polled, not run: the GUI thread stays free meanwhile
+            ("slide layer", HistoClusterWidget._make_slide_layer, START_PASS_GAP_MS),
+            ("clusters layer", HistoClusterWidget._make_clusters_layer, START_PASS_GAP_MS),
+            ("similar tiles layer", lambda w: w._make_rect_layer("similar"), START_PASS_GAP_MS),
+            ("gallery tile layer", lambda w: w._make_rect_layer("mark"), START_PASS_GAP_MS),
+            ("first draw: slide", lambda w: w._draw_once(slide(w)), FIRST_DRAW_MS),
+            ("first draw: clusters", lambda w: w._draw_once(clusters(w)), FIRST_DRAW_MS),
+            ("first draw: similar", lambda w: w._draw_once(outline("similar")(w)), FIRST_DRAW_MS),
+            ("first draw: gallery tile", lambda w: w._draw_once(outline("mark")(w)), FIRST_DRAW_MS),
+            ("hide after the first draw", lambda w: w._draw_once(None), 0),
+            ("freeze the start-up objects", lambda _w: gc.freeze(), 0),
         ]
-        self._n_start_passes = len(steps) + 1  # and hiding them after that draw
+        self._n_start_passes = len(steps) - 1  # less the wait
         ref = weakref.ref(self)
 
         def run(i: int) -> None:
             widget = ref()
             if widget is None:
                 return
+            name, step, gap_ms = steps[i]
+            if step is None:  # wait for the warm-up thread, checking every few ms
+                if _warming():
+                    del widget
+                    QTimer.singleShot(WARM_UP_POLL_MS, lambda: run(i))
+                    return
+                widget.warm_up_s = time.perf_counter() - started
+                del widget
+                QTimer.singleShot(0, lambda: run(i + 1))
+                return
             try:
                 widget.native.objectName()
                 t0 = time.perf_counter()
-                name, step = steps[i]
                 step(widget)
             except RuntimeError:  # the widget or the viewer was closed meanwhile
                 return
             widget.start_passes.append((name, time.perf_counter() - t0))
             del widget
-            if i + 1 < len(steps):
-                QTimer.singleShot(0, lambda: run(i + 1))
+            if i + 1 < len(steps):  # a gap: the event loop paints and ticks between passes
+                QTimer.singleShot(gap_ms, lambda: run(i + 1))
 
+        started = time.perf_counter()
+        self.warm_up_s: float | None = None  # wall seconds until the warm-up thread ended
         QTimer.singleShot(0, lambda: run(0))
 
     def _use_layer(self, layer: Any) -> None:
@@ -408,6 +437,7 @@ class HistoClusterWidget(Container):
     def _make_slide_layer(self) -> None:
         if self._cohort_layer is not None:
             return
+        _wait_for_warm_up()
         blank = [np.zeros((2, 2, 3), np.uint8), np.zeros((1, 1, 3), np.uint8)]
         self._cohort_layer = self._viewer.add_image(
             blank, multiscale=True, rgb=True, contrast_limits=(0, 255), units=("um", "um"),
@@ -418,11 +448,10 @@ class HistoClusterWidget(Container):
     def _make_clusters_layer(self) -> None:
         if self._labels_layer is not None:
             return
-        self._labels_layer = self._viewer.add_labels(
-            np.zeros((1, 1), np.uint8), name="HistoCluster clusters", opacity=OVERLAY_OPACITY,
-            units=("um", "um"), visible=False,
+        self._labels_layer = _view_labels(
+            self._viewer, np.zeros((1, 1), np.uint8), name="HistoCluster clusters",
+            opacity=OVERLAY_OPACITY, units=("um", "um"), visible=False,
         )  # fmt: skip
-        self._labels_layer.editable = False
 
     def _make_rect_layer(self, kind: str) -> None:
         if kind in self._rect_layers:
@@ -430,42 +459,27 @@ class HistoClusterWidget(Container):
         name = MARK_LAYER if kind == "mark" else "HistoCluster similar"
         self._rect_layers[kind] = _outline_layer(self._viewer, name, units=("um", "um"))
 
-    def _draw_layers_once(self) -> None:
-        """Show the still unused layers for one frame, fully transparent (their shaders are
-        compiled by that draw), then hide them again."""
-        layers = []
-        if self._cohort is None and self._cohort_layer is not None:
-            layers.append(self._cohort_layer)
-        if self._view is None and self._labels_layer is not None:
-            layers.append(self._labels_layer)
-        for layer in self._rect_layers.values():
-            if not layer.visible and len(layer.data) == 0:
-                layer.data = np.zeros((1, 2))
-                layers.append(layer)
-        for layer in layers:
-            if not layer.visible:
-                self._warming[id(layer)] = (layer, layer.opacity)
-                layer.opacity = 0.0
-                layer.visible = True
-        ref = weakref.ref(self)
+    def _unused_rect_layer(self, kind: str) -> Points | None:
+        layer = self._rect_layers.get(kind)
+        return layer if layer is not None and not layer.visible and len(layer.data) == 0 else None
 
-        def hide() -> None:
-            widget = ref()
-            if widget is None:
-                return
-            t0 = time.perf_counter()
-            try:
-                for layer, opacity in list(widget._warming.values()):
-                    if isinstance(layer, Points):  # emptied while shown: napari slices it
-                        layer.data = np.zeros((0, 2))  # (a hidden one keeps its old slice)
-                    layer.visible = False
-                    layer.opacity = opacity
-            except RuntimeError:  # the viewer was closed meanwhile
-                return
-            widget._warming.clear()
-            widget.start_passes.append(("hide after the first draw", time.perf_counter() - t0))
-
-        QTimer.singleShot(FIRST_DRAW_MS, hide)
+    def _draw_once(self, layer: Any) -> None:
+        """Hide the layers shown for their first draw; show ``layer`` (if not None: still unused)
+        for one frame, fully transparent (vispy compiles its shaders in that draw). One layer a
+        pass: drawing all at once for the first time took 300-400 ms on the GUI thread."""
+        for shown, opacity in list(self._warming.values()):
+            if isinstance(shown, Points):  # emptied while shown: napari slices it
+                shown.data = np.zeros((0, 2))  # (a hidden one keeps its old slice)
+            shown.visible = False
+            shown.opacity = opacity
+        self._warming.clear()
+        if layer is None or layer.visible:
+            return
+        if isinstance(layer, Points):
+            layer.data = np.zeros((1, 2))
+        self._warming[id(layer)] = (layer, layer.opacity)
+        layer.opacity = 0.0
+        layer.visible = True
 
     # ================================================================== inputs
 
@@ -807,6 +821,7 @@ class HistoClusterWidget(Container):
         if layer is not None:
             self._use_layer(layer)
         if layer is None:
+            _wait_for_warm_up()
             self._cohort_layer = layer = self._viewer.add_image(data, **kwargs)
             self._viewer.layers.move(self._viewer.layers.index(layer), 0)
         else:
@@ -1225,7 +1240,8 @@ class HistoClusterWidget(Container):
         if layer is not None:
             self._use_layer(layer)
         if layer is None or layer not in self._viewer.layers:
-            layer = self._viewer.add_labels(
+            layer = _view_labels(
+                self._viewer,
                 data,
                 name=name,
                 opacity=OVERLAY_OPACITY,
@@ -1233,7 +1249,6 @@ class HistoClusterWidget(Container):
                 translate=(geom.translate[0] + oy, geom.translate[1] + ox),
                 units=image.units[-2:] if image is not None else None,
             )
-            layer.editable = False
             self._labels_layer = layer
         else:
             translate = (geom.translate[0] + oy, geom.translate[1] + ox)
@@ -1286,7 +1301,8 @@ class HistoClusterWidget(Container):
         oy, ox = self._offset()
         data = hatch_image(failed)
         if layer is None:
-            layer = self._viewer.add_labels(
+            layer = _view_labels(
+                self._viewer,
                 data,
                 name=name,
                 scale=scale,
@@ -1294,7 +1310,6 @@ class HistoClusterWidget(Container):
                 opacity=0.9,
                 units=image.units[-2:] if image is not None else None,
             )
-            layer.editable = False
             layer.colormap = hatch_colormap()
             self._failed_layer = layer
         else:
@@ -1752,12 +1767,34 @@ class _ViewerHooks:
 
 def _outline_layer(viewer: Any, name: str, **kwargs: Any) -> Points:
     """A hidden Points layer whose points are drawn as tile outlines (hollow squares)."""
+    _wait_for_warm_up()
     layer = viewer.add_points(
         np.zeros((0, 2)), name=name, symbol="square", face_color="transparent",
         border_color="magenta", border_width=OUTLINE_WIDTH, border_width_is_relative=True,
         visible=False, **kwargs,
     )  # fmt: skip
     layer.editable = False
+    return layer
+
+
+#: A Labels layer's overlays used only while painting or drawing a polygon on it.
+LABELS_EDIT_OVERLAYS = ("polygon", "brush_stroke")
+
+
+def _view_labels(viewer: Any, data: np.ndarray, **kwargs: Any) -> Labels:
+    """Add a Labels layer that is only viewed (not editable), without the visuals of its edit
+    overlays: napari builds a visual of each visible overlay when the layer is added (the
+    polygon's and the brush stroke's: ~200 ms of shader parsing on the GUI thread); a layer
+    that cannot be edited never shows them (``Labels`` enables them in its paint and polygon
+    modes only, which a non-editable layer refuses)."""
+    _wait_for_warm_up()
+    layer = Labels(data, **kwargs)
+    layer.editable = False
+    for name in LABELS_EDIT_OVERLAYS:
+        overlay = layer._overlays.get(name)
+        if overlay is not None:
+            overlay.visible = False
+    viewer.add_layer(layer)
     return layer
 
 
@@ -1779,26 +1816,38 @@ def _number_box(
     return FloatSpinBox(label=label, value=value, min=lo, max=hi, step=step, tooltip=tooltip, **kw)
 
 
-def _load_units() -> None:
-    """Load napari's unit registry (pint: ~0.5 s, once per process), on the GUI thread, before
-    any layer is made (here or in ``_warm_up``'s thread: two threads loading it race)."""
-    try:
-        from napari.utils._units import get_unit_registry
-
-        get_unit_registry().Unit("um")
-    except (ImportError, AttributeError):  # a napari without it: its first layer loads it
-        pass
-    _warm_up()
+#: Loaded by the warm-up thread before the widget's first layers: what napari's first Image,
+#: Labels and Points layers import (scipy.ndimage for an image's thumbnail, pandas for a
+#: layer's features, skimage.color for the default label colours: ~1.5 s on the GUI thread).
+WARM_UP_MODULES = ("scipy.ndimage", "pandas", "skimage.color", "napari.components.histogram")
+WAIT_FOR_WARM_UP = "wait for the warm-up thread"
+WARM_UP_POLL_MS = 20
 
 
 def _warm_up() -> None:
-    """Load napari's compiled label colour mapping (numba) in the background, once, so the first
-    clusters do not wait for it on the GUI thread."""
+    """Start, once, the thread that loads in the background what the widget's first layers need:
+    napari's unit registry (pint: ~0.5 s), the modules of ``WARM_UP_MODULES``, and napari's
+    compiled label colour mapping (numba). The widget's start passes wait for it (polling) before
+    they make layers, so it never competes with a pass for the GIL; a layer made earlier waits
+    for it (``_wait_for_warm_up``: two threads building the unit registry at once race)."""
     global _WARMING
     if _WARMING is not None:
         return
 
     def warm() -> None:
+        import importlib
+
+        try:
+            from napari.utils._units import get_unit_registry
+
+            get_unit_registry().Unit("um")
+        except (ImportError, AttributeError):  # a napari without it: its first layer loads it
+            pass
+        for name in WARM_UP_MODULES:
+            try:
+                importlib.import_module(name)
+            except Exception:  # only a head start; napari imports what it needs
+                pass
         try:
             # the colour texture of the widget's uint8 label images (numba typed dict compiled)
             labels_colormap(cluster_colors(2))._get_mapping_from_cache(np.dtype(np.uint8))
@@ -1807,6 +1856,18 @@ def _warm_up() -> None:
 
     _WARMING = threading.Thread(target=warm, name="histocluster-warm-up", daemon=True)
     _WARMING.start()
+
+
+def _warming() -> bool:
+    """True while the warm-up thread runs."""
+    return _WARMING is not None and _WARMING.is_alive()
+
+
+def _wait_for_warm_up() -> None:
+    """Start the warm-up if not yet started and wait for its end (at once when it has ended)."""
+    _warm_up()
+    assert _WARMING is not None
+    _WARMING.join()
 
 
 _WARMING: threading.Thread | None = None
