@@ -18,7 +18,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["retained_heap"]
+__all__ = ["default_heap", "retained_heap"]
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -72,7 +72,20 @@ def retained_heap() -> Iterator[None]:
         yield
     finally:
         with _lock:
-            _depth -= 1
+            _depth = max(0, _depth - 1)  # default_heap() may have reset it
             if _depth == 0:
                 _set(_DEFAULTS)
                 _LIBC.malloc_trim(0)
+
+
+def default_heap() -> None:
+    """glibc's defaults again in this process, whatever it inherited: for a worker forked inside
+    :func:`retained_heap` whose own allocations are small (a tile reader), so that its RSS does
+    not keep its high-water mark."""
+    global _depth
+    if _LIBC is None:
+        return
+    with _lock:
+        _depth = 0
+        _set(_DEFAULTS)
+        _LIBC.malloc_trim(0)

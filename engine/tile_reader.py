@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from engine.errors import HistoclusterError, one_line
+from engine.heap import default_heap
 from engine.jpeg_tiles import JpegTileReader
 from engine.slide import Slide, SlideCache
 from engine.slide_job import READERS, SlideJob
@@ -215,6 +216,7 @@ class TileBatches(Dataset):
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
+    default_heap()  # forked inside extraction's retained heap: a reader keeps glibc's defaults
 
 
 _DATALOADER_FAILURES = ("exited unexpectedly", "killed by signal", "timed out after")

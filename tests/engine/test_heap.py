@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from engine import heap
-from engine.heap import retained_heap
+from engine.heap import default_heap, retained_heap
 
 pytestmark = pytest.mark.skipif(heap._LIBC is None, reason="not glibc: retained_heap does nothing")
 
@@ -33,3 +33,15 @@ def test_a_freed_block_is_reused_inside_and_given_back_after() -> None:
     # Outside, the block is mmapped (and faulted in) again: 16384 faults of 4 KiB pages, or 32
     # of 2 MiB transparent huge pages.
     assert _faults_of_one_block() >= 32
+
+
+def test_default_heap_undoes_an_inherited_retained_heap() -> None:
+    """What a reader worker forked inside the loop's retained heap calls first."""
+    with retained_heap():
+        _faults_of_one_block()
+        assert _faults_of_one_block() <= 8
+        default_heap()
+        assert _faults_of_one_block() >= 32
+    with retained_heap():  # and the policy can be entered again afterwards
+        _faults_of_one_block()
+        assert _faults_of_one_block() <= 8
