@@ -159,6 +159,7 @@ class HistoClusterWidget(Container):
         self._rows_bridge.event.connect(self._show_rows)
         self._shown_key: Any = None
         self._colors_key: Any = None
+        self._colors_deferred = False  # True while a view's table is filled (_show_view)
         self._features_key: Any = None
         self._tiles = TileReader()  # the shown slide's finer pixels, read in a background thread
         self._tiles.arrived.connect(self._on_tiles_arrived)
@@ -174,6 +175,7 @@ class HistoClusterWidget(Container):
             [
                 ("image", self._draw_image),
                 ("labels", self._draw_overlays),
+                ("labels shown", self._draw_labels_shown),
                 ("mark", self._draw_mark),
             ]
         )
@@ -1160,14 +1162,18 @@ class HistoClusterWidget(Container):
                 (s for s, p in view.sources.items() if p == path), view.slide_ids[0]
             )
         cur = view.curation
-        self.table.set_clusters(
-            cluster_colors(view.k),
-            view.totals,
-            view.exemplars,
-            names=cur.names,
-            selected=[c for c in range(view.k) if cur.is_selected(c)],
-            slide_counts=view.counts.get(self._current),
-        )
+        self._colors_deferred = True  # the colour map is set with the labels, in their pass
+        try:  # (set here, the frame drawn after it showed the old labels in the new colours)
+            self.table.set_clusters(
+                cluster_colors(view.k),
+                view.totals,
+                view.exemplars,
+                names=cur.names,
+                selected=[c for c in range(view.k) if cur.is_selected(c)],
+                slide_counts=view.counts.get(self._current),
+            )
+        finally:
+            self._colors_deferred = False
         if view.k != self.k.value:
             self.k.changed.disconnect(self._on_k_changed)
             self.k.value = view.k
@@ -1259,8 +1265,6 @@ class HistoClusterWidget(Container):
             if not np.allclose(layer.translate[-2:], translate):
                 layer.translate = translate
             layer.name = name
-            if self.classifier.prediction is None and not layer.visible:
-                layer.visible = True  # (setting it when shown re-slices the layer)
         if image is not None:
             if tuple(layer.units) != tuple(image.units[-2:]):
                 layer.units = image.units[-2:]
@@ -1270,8 +1274,19 @@ class HistoClusterWidget(Container):
             "histocluster": {"store": str(view.store_path), "run": view.run, "slide_id": sid},
         }
         self._refresh_colors()
-        self._update_layer_features()
         self._draw_failed()
+        self._redraw.want("labels shown")
+
+    def _draw_labels_shown(self) -> None:
+        """Show the clusters layer ``_draw_labels`` filled (in the next pass: showing it re-slices
+        it and renews the viewer's dims, 30-50 ms after the data's own 30-60 ms), and put its
+        class names in its features (for napari's status bar)."""
+        layer = self.clusters_layer
+        if layer is None or self._geometry() is None:
+            return  # forgotten, or a slide without clusters shown, meanwhile
+        if self.classifier.prediction is None and not layer.visible:
+            layer.visible = True  # (setting it when shown re-slices the layer)
+        self._update_layer_features()
 
     def _activate(self, layer: Any) -> None:
         """Make ``layer`` the active one (napari re-emits and redraws even when it already is)."""
@@ -1367,7 +1382,8 @@ class HistoClusterWidget(Container):
             cur, chosen = self._view.curation, set(selected)
             for c in range(min(cur.k, self.table.rowCount())):
                 cur.select(c, c in chosen)
-        self._refresh_colors()
+        if not self._colors_deferred:
+            self._refresh_colors()
 
     def _on_name_edited(self, cluster: int, text: str) -> None:
         if self._view is None:

@@ -58,7 +58,9 @@ def test_a_k_change_repaints_before_the_run_is_written_then_lists_it_with_its_cu
     gate = hold_after_view(widget)
     try:
         widget.k.value = FAST["k"] + 1
-        qtbot.waitUntil(lambda: widget.view is not before, timeout=TIMEOUT_MS)
+        qtbot.waitUntil(
+            lambda: widget.view is not before and not widget.drawing, timeout=TIMEOUT_MS
+        )
         painted = widget.view
         # the overlay and the table show the new clustering while its run is being written
         assert painted.k == FAST["k"] + 1 and widget.table.rowCount() == painted.k
@@ -90,7 +92,9 @@ def test_a_cancel_while_the_run_is_written_leaves_it_whole(
     gate = hold_after_view(widget)
     try:
         widget.k.value = FAST["k"] + 1
-        qtbot.waitUntil(lambda: widget.view is not before, timeout=TIMEOUT_MS)
+        qtbot.waitUntil(
+            lambda: widget.view is not before and not widget.drawing, timeout=TIMEOUT_MS
+        )
         widget.cancel()  # too late: nothing is reported after the repaint
     finally:
         gate.set()
