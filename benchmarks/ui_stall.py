@@ -203,6 +203,9 @@ def drive(args: argparse.Namespace, tmp: Path) -> StallMeter:
     if hasattr(widget, "layers_ready"):  # its layers made in later event-loop passes
         wait_until(lambda: widget.layers_ready, 120, "the widget's layers")
         passes = ", ".join(f"{name} {1000 * sec:.0f}" for name, sec in widget.start_passes)
+        warm = getattr(widget, "warm_up_s", None)  # the passes wait for it, the GUI thread free
+        if warm is not None:
+            passes += f" (background warm-up: {1000 * warm:.0f} ms wall before the layer passes)"
         print(
             f"  plugin start: layers ready after {1000 * (time.perf_counter() - t0):.0f} ms, "
             f"GUI-thread CPU {1000 * (time.thread_time() - c0):.0f} ms; passes (ms): {passes}; "

@@ -98,6 +98,8 @@ TILES_INTERVAL_MS = 100
 SAVE_DELAY_MS = 300
 FIRST_DRAW_MS = 150
 """Plugin start: how long each unused layer stays shown (transparent) for its first draw."""
+WORKER_START_MS = 15
+"""A worker thread starts this long after the click that started it (see ``_start``)."""
 START_PASS_GAP_MS = 30
 """Plugin start: the pause between two steps, so the event loop paints and ticks between."""
 OVERLAY_OPACITY = 0.6
@@ -129,6 +131,7 @@ class HistoClusterWidget(Container):
     """Dock widget: slides, encoder, tiling, k and store in; clusters, curation and export out."""
 
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
+        _freeze_once("loaded")  # what napari, torch and the plugin loaded (see _prepare_layers)
         super().__init__(labels=True)
         self._viewer = viewer
         self._worker: Any = None
@@ -370,9 +373,10 @@ class HistoClusterWidget(Container):
 
         The layer steps wait (polling, the GUI thread free) for ``_warm_up``'s thread, which
         loads what napari's first layers import (1-2 s on the GUI thread otherwise). The last
-        step moves every object alive by then (napari, torch, ~540,000 tracked objects) to
-        the collector's permanent generation (``gc.freeze``): a full collection scanning them
-        took 300-380 ms, holding the GIL, on whichever thread happened to trigger it.
+        step (and the widget's creation before) moves every object alive by then (napari, torch,
+        ~540,000 tracked objects) to the collector's permanent generation (``_freeze_once``): a
+        full collection scanning them took 300-380 ms, holding the GIL, on whichever thread
+        happened to trigger it (a widget's creation: 290-400 ms with one, 80-130 without).
         """
         self.start_passes: list[tuple[str, float]] = []
         self._warming: dict[int, tuple[Any, float]] = {}  # shown for the first draw: opacity
@@ -391,7 +395,7 @@ class HistoClusterWidget(Container):
             ("first draw: similar", lambda w: w._draw_once(outline("similar")(w)), FIRST_DRAW_MS),
             ("first draw: gallery tile", lambda w: w._draw_once(outline("mark")(w)), FIRST_DRAW_MS),
             ("hide after the first draw", lambda w: w._draw_once(None), 0),
-            ("freeze the start-up objects", lambda _w: gc.freeze(), 0),
+            ("freeze the start-up objects", lambda _w: _freeze_once("layers"), 0),
         ]
         self._n_start_passes = len(steps) - 1  # less the wait
         ref = weakref.ref(self)
@@ -410,6 +414,8 @@ class HistoClusterWidget(Container):
                 del widget
                 QTimer.singleShot(0, lambda: run(i + 1))
                 return
+            if not _viewer_open(widget._viewer):
+                return  # closed meanwhile: napari's layer controls are gone
             try:
                 widget.native.objectName()
                 t0 = time.perf_counter()
@@ -982,7 +988,9 @@ class HistoClusterWidget(Container):
         worker = create_worker(job, _start_thread=False, _ignore_errors=True)
         self._worker = worker
         self._set_busy(True)
-        worker.start()
+        # started after the window has painted the busy state: a worker starting at once takes
+        # the GIL turn about with the rest of this slot and the repaint after it (twice as long)
+        QTimer.singleShot(WORKER_START_MS, worker.start)
         return worker
 
     def _report(self, stage: str, done: int, total: int) -> None:
@@ -1842,8 +1850,8 @@ WARM_UP_POLL_MS = 20
 
 def _warm_up() -> None:
     """Start, once, the thread that loads in the background what the widget's first layers need:
-    napari's unit registry (pint: ~0.5 s), the modules of ``WARM_UP_MODULES``, and napari's
-    compiled label colour mapping (numba). The widget's start passes wait for it (polling) before
+    napari's unit registry (pint: ~0.5 s) and the modules of ``WARM_UP_MODULES``; label colours
+    mapped with numpy (``_numpy_label_colours``). The widget's start passes wait for it (polling) before
     they make layers, so it never competes with a pass for the GIL; a layer made earlier waits
     for it (``_wait_for_warm_up``: two threads building the unit registry at once race)."""
     global _WARMING
@@ -1864,14 +1872,44 @@ def _warm_up() -> None:
                 importlib.import_module(name)
             except Exception:  # only a head start; napari imports what it needs
                 pass
-        try:
-            # the colour texture of the widget's uint8 label images (numba typed dict compiled)
-            labels_colormap(cluster_colors(2))._get_mapping_from_cache(np.dtype(np.uint8))
-        except Exception:  # only a head start; napari does it again when needed
-            pass
 
+    _numpy_label_colours()
     _WARMING = threading.Thread(target=warm, name="histocluster-warm-up", daemon=True)
     _WARMING.start()
+
+
+def _viewer_open(viewer: Any) -> bool:
+    """False once the viewer was closed (``Viewer.close`` drops it from the viewers napari keeps
+    track of; a test's viewer fixture closes it while the widget's start passes may still run)."""
+    instances = getattr(type(viewer), "_instances", None)
+    return instances is None or viewer in instances
+
+
+def _freeze_once(when: str) -> None:
+    """``gc.freeze()`` once per process at each point ``when``: the objects alive then (modules,
+    the viewer, the widget's layers) are never scanned by a full collection again. Once only:
+    a second widget (a new viewer in the same process) would freeze the first one's garbage."""
+    if when not in _FROZEN:
+        _FROZEN.add(when)
+        gc.freeze()
+
+
+_FROZEN: set[str] = set()
+
+
+def _numpy_label_colours() -> None:
+    """Map label values to colours with numpy, not numba, unless the user chose a backend.
+
+    napari's default ("fastest available") compiles a numba typed dict for the first label
+    colour map of the process: 1.3 s, holding the GIL up to 240 ms at a time (a freeze even in
+    a background thread). The widget's label images are uint8 (uint16 past 253 clusters), whose
+    colours napari maps once per colour map, over every possible value: 1-2 ms with numpy."""
+    try:
+        from napari.utils.colormap_backend import ColormapBackend, get_backend, set_backend
+    except ImportError:  # an older napari: numba when installed, as before
+        return
+    if get_backend() == ColormapBackend.fastest_available:
+        set_backend(ColormapBackend.pure_python)
 
 
 def _warming() -> bool:
