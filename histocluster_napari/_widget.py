@@ -98,6 +98,9 @@ TILES_INTERVAL_MS = 100
 SAVE_DELAY_MS = 300
 FIRST_DRAW_MS = 150
 """Plugin start: how long each unused layer stays shown (transparent) for its first draw."""
+DOCK_PAINT_MS = 150
+"""Plugin start: the warm-up thread starts this long after the widget is made, once the dock
+is painted (a thread holding the GIL meanwhile stretched that first paint to 240 ms)."""
 WORKER_START_MS = 15
 """A worker thread starts this long after the click that started it (see ``_start``)."""
 START_PASS_GAP_MS = 30
@@ -429,7 +432,7 @@ class HistoClusterWidget(Container):
 
         started = time.perf_counter()
         self.warm_up_s: float | None = None  # wall seconds until the warm-up thread ended
-        QTimer.singleShot(0, lambda: run(0))
+        QTimer.singleShot(DOCK_PAINT_MS, lambda: run(0))  # after the dock is first painted
 
     def _use_layer(self, layer: Any) -> None:
         """``layer`` is drawn in now: no longer shown only for its first draw."""
