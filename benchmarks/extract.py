@@ -41,8 +41,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as engine.extract runs (before torch loads)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from make_40x_slide import make_40x_slide
 from side_by_side import ceiling, middle, plan_of, print_table, read_only, tiles_in_memory
 

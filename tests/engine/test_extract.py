@@ -735,3 +735,24 @@ def test_damaged_features_chunk_is_noticed_and_re_encoded(
     summary = json.loads(out.with_name("features.zarr.summary.json").read_text())
     assert 0 < summary["tiles"] < 565
     _assert_same_store(reference, out)
+
+
+@pytest.mark.parametrize("chosen", [None, "ACTIVE"])
+def test_import_is_torch_free_and_the_torch_half_asks_passive_openmp(chosen: str | None) -> None:
+    """``import engine.extract`` (and ``--help``) does not import torch; its torch half, imported
+    before torch, makes OpenMP threads sleep at barriers unless the user chose a policy."""
+    env = {k: v for k, v in _env().items() if k != "OMP_WAIT_POLICY"}
+    if chosen is not None:
+        env["OMP_WAIT_POLICY"] = chosen
+    script = (
+        "import os, sys\n"
+        "import engine.extract as e\n"
+        "print('torch' in sys.modules)\n"
+        "e._torch_half()\n"
+        "print('torch' in sys.modules, os.environ.get('OMP_WAIT_POLICY'))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["False", f"True {chosen or 'PASSIVE'}"]
