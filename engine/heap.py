@@ -67,6 +67,7 @@ def retained_heap() -> Iterator[None]:
     with _lock:
         _depth += 1
         if _depth == 1:
+            _LIBC.malloc_trim(0)  # what came before (a tissue mask) leaves no free pages behind
             _set({_M_MMAP_MAX: 0, _M_TRIM_THRESHOLD: _NEVER_TRIM})
     try:
         yield
