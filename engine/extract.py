@@ -397,8 +397,8 @@ def run(
         if loading.done():
             break
         early[path] = _tile_slide(path, tiling, slide_mpp)
-    half = _torch_half()
     encoding = loading.result()
+    half = _torch_half()  # imported by the loading thread: here only looked up
     info, tile_encoder = encoding.info, encoding.tile_encoder
     device = info.device
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
