@@ -479,10 +479,11 @@ class HistoClusterWidget(Container):
         for one frame, fully transparent (vispy compiles its shaders in that draw). One layer a
         pass: drawing all at once for the first time took 300-400 ms on the GUI thread."""
         for shown, opacity in list(self._warming.values()):
+            shown.opacity = opacity  # before emptying: a Points layer's opacity redraws its
+            # thumbnail from its last slice, which indexes the old data (IndexError once emptied)
             if isinstance(shown, Points):  # emptied while shown: napari slices it
                 shown.data = np.zeros((0, 2))  # (a hidden one keeps its old slice)
             shown.visible = False
-            shown.opacity = opacity
         self._warming.clear()
         if layer is None or layer.visible:
             return
