@@ -161,6 +161,7 @@ class HistoClusterWidget(Container):
         self._save_timer = QTimer()
         self._save_timer.setSingleShot(True)
         self._save_timer.timeout.connect(self.save_curation)
+        self.native.destroyed.connect(self._on_closed)
         self._rows_bridge = _GalleryBridge()
         self._rows_bridge.event.connect(self._show_rows)
         self._shown_key: Any = None
@@ -1419,6 +1420,23 @@ class HistoClusterWidget(Container):
             self.correction_class.reset_choices()
             self.map_panel.lasso_class.reset_choices()
         self._save_timer.start(SAVE_DELAY_MS)
+
+    def _on_closed(self, *_: Any) -> None:
+        """The dock widget is gone (viewer closed): an edit still waiting for its save is written
+        now, and none of the widget's timers fires after it (they would touch deleted labels)."""
+        pending = self._save_timer.isActive()
+        for timer in (
+            self._save_timer,
+            self._recluster_timer,
+            self._tiles_timer,
+            self._progress_timer,
+        ):
+            timer.stop()
+        if pending and self._view is not None:
+            try:
+                _session.save_curation(self._view)
+            except (HistoclusterError, OSError) as e:  # nowhere left to show it
+                show_error(f"HistoCluster: could not save the curation on closing: {e}")
 
     def save_curation(self) -> None:
         """Write the curation beside its run now (normally done shortly after each edit)."""

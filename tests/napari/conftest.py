@@ -24,6 +24,16 @@ def sample_slide() -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def tmp_path_outlives_the_viewer(tmp_path: Path) -> Path:
+    """Sets tmp_path up before any viewer, so it is torn down after the viewer has closed.
+
+    The suite removes a passed test's tmp_path at its teardown (``tmp_path_retention_policy``);
+    a viewer closed after that would save its curation into a store already deleted.
+    """
+    return tmp_path
+
+
 @pytest.fixture
 def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The widget's default store cache, inside the test's tmp_path."""

@@ -224,3 +224,20 @@ def test_reopening_the_store_restores_the_curation_and_export_equals_the_cli(
     n_crease = int((labels == 2).sum()) + 1
     assert sum(r["class"] == "ink" for r in gui_rows) == n_ink
     assert sum(r["class"] == "crease" for r in gui_rows) == n_crease
+
+
+def test_closing_the_viewer_right_after_an_edit_saves_it(
+    make_napari_viewer, qtbot, sample_slide, isolated_cache, tmp_path
+):
+    """An edit is saved a moment after it is made; closing napari within that moment writes it
+    at once, and no timer of the closed widget fires afterwards."""
+    store = tmp_path / "features.zarr"
+    viewer, _, widget = clustered(make_napari_viewer, qtbot, sample_slide, store=store)
+    run = widget.view.run
+    widget.table.set_name(1, "stroma")
+    assert widget._save_timer.isActive()  # the save is still waiting
+    assert Curation.load(FeatureStore.open(store), run).name_of(1) is None
+    viewer.close()
+    qtbot.wait(10)  # the window's deferred deletion, well before the save's delay
+    assert not widget._save_timer.isActive()
+    assert Curation.load(FeatureStore.open(store), run).name_of(1) == "stroma"
