@@ -59,6 +59,7 @@ from engine.store import FeatureStore
 from engine.tiling import Tiling
 from engine.tissue import TISSUE_METHODS
 from histocluster_napari import _classifier, _map, _session
+from histocluster_napari._background import in_background
 from histocluster_napari._canvas_click import on_click
 from histocluster_napari._classifier_panel import ClassifierPanel
 from histocluster_napari._cluster_table import ClusterTable
@@ -716,7 +717,7 @@ class HistoClusterWidget(Container):
             self._show_rows(cohort_rows(store, slides))
             return
         worker = create_worker(
-            lambda: bridge.event.emit(cohort_rows(store, slides)),
+            in_background(lambda: bridge.event.emit(cohort_rows(store, slides))),
             _start_thread=False,
             _ignore_errors=True,
         )
@@ -990,7 +991,7 @@ class HistoClusterWidget(Container):
             else:
                 bridge.event.emit(("done", result))
 
-        worker = create_worker(job, _start_thread=False, _ignore_errors=True)
+        worker = create_worker(in_background(job), _start_thread=False, _ignore_errors=True)
         self._worker = worker
         self._set_busy(True)
         # started after the window has painted the busy state: a worker starting at once takes
@@ -1609,7 +1610,7 @@ class HistoClusterWidget(Container):
                 bridge.event.emit(("end", gen, None, e))
 
         self._gallery_loading = True
-        worker = create_worker(work, _start_thread=False, _ignore_errors=True)
+        worker = create_worker(in_background(work), _start_thread=False, _ignore_errors=True)
         worker.start()
         return worker
 
@@ -1635,7 +1636,7 @@ class HistoClusterWidget(Container):
                 bridge.event.emit(("end", gen, None, e))
 
         self._gallery_loading = True
-        worker = create_worker(work, _start_thread=False, _ignore_errors=True)
+        worker = create_worker(in_background(work), _start_thread=False, _ignore_errors=True)
         worker.start()
 
     def _on_gallery_event(self, event: tuple) -> None:
@@ -1896,7 +1897,9 @@ def _warm_up() -> None:
                 pass
 
     _numpy_label_colours()
-    _WARMING = threading.Thread(target=warm, name="histocluster-warm-up", daemon=True)
+    _WARMING = threading.Thread(
+        target=in_background(warm), name="histocluster-warm-up", daemon=True
+    )
     _WARMING.start()
 
 

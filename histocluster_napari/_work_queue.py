@@ -7,6 +7,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
+from histocluster_napari._background import lower_this_thread
+
 
 class WorkQueue:
     """``do(key, job) -> result`` then ``deliver(key, result)``, both in the thread, for each
@@ -58,6 +60,7 @@ class WorkQueue:
             self._cond.notify()
 
     def _run(self) -> None:
+        lower_this_thread()  # behind the GUI thread when the cores are contended
         while True:
             with self._cond:
                 while not self._queue and not self._closed:
