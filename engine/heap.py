@@ -13,7 +13,6 @@ Elsewhere (macOS, musl) it does nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,10 +31,14 @@ _depth = 0
 
 
 def _glibc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
+    """The C library already loaded in this process (``dlopen(NULL)``), when it is glibc.
+
+    Not ``ctypes.util.find_library``: it runs ``ldconfig -p`` in a subprocess, a fork of this
+    process at whatever size it has then (and that child's peak RSS is the parent's).
+    """
     try:
-        libc = ctypes.CDLL(name) if name else None
-    except OSError:
+        libc = ctypes.CDLL(None)
+    except (OSError, TypeError):  # TypeError: Windows has no dlopen(NULL)
         return None
     if libc is None or not hasattr(libc, "mallopt") or not hasattr(libc, "malloc_trim"):
         return None
