@@ -80,6 +80,8 @@ class StallMeter:
         self.last_cpu = time.thread_time()
         self.worst: dict[str, tuple[float, str]] = {}
         self.worst_cpu: dict[str, float] = {}  # GUI-thread CPU ms within the longest stall
+        self.worst_at: dict[str, float] = {}  # ms from the action's start to that stall's start
+        self._action_t0 = self.last
         self.cpu: dict[str, float] = {}  # process CPU seconds (all threads) during the action
         self.load: dict[str, float] = {}  # 1-minute load average when the action ended
         self._cpu0 = time.process_time()
@@ -106,6 +108,7 @@ class StallMeter:
         self.end()
         self._cpu0 = time.process_time()
         self.action = action
+        self._action_t0 = time.perf_counter()
         self.order.append(action)
         self.worst.setdefault(action, (0.0, ""))
 
@@ -126,9 +129,11 @@ class StallMeter:
         now, cpu = time.perf_counter(), time.thread_time()
         gap_ms = 1000.0 * (now - self.last)
         cpu_ms = 1000.0 * (cpu - self.last_cpu)
+        started = self.last
         self.last, self.last_cpu = now, cpu
         if gap_ms > self.worst.get(self.action, (0.0, ""))[0]:
             self.worst_cpu[self.action] = cpu_ms
+            self.worst_at[self.action] = 1000.0 * max(0.0, started - self._action_t0)
             stage = (
                 self._stage_before
                 if self._stage_before == self.stage()
@@ -360,19 +365,24 @@ def report(meter: StallMeter, load_before: tuple, load_after: tuple, top: int) -
     print()
     print(
         "longest stall: wall ms between two ticks of the GUI thread's timer; of which GUI-thread "
-        "CPU ms (the rest: waiting for a core, GL in Mesa's threads, I/O); process CPU s of the "
-        "whole action (all threads); 1-min load average at its end."
+        "CPU ms (the rest: waiting for a core, GL in Mesa's threads, I/O); at: when it began, ms "
+        "after the action's start; process CPU s of the whole action (all threads); 1-min load "
+        "average at its end."
     )
-    print(f"{'action':<34} {'stall':>8} {'gui cpu':>8} {'proc cpu':>9} {'load':>5}  stage running")
+    print(
+        f"{'action':<34} {'stall':>8} {'gui cpu':>8} {'at':>8} {'proc cpu':>9} {'load':>5}  "
+        "stage running"
+    )
     worst_all = (0.0, "", "")
     for action in meter.order:
         ms, stage = meter.worst[action]
         flag = "" if ms <= GOAL_MS else "  > goal"
         cpu_ms = meter.worst_cpu.get(action, 0.0)
         proc, load = meter.cpu.get(action, 0.0), meter.load.get(action, 0.0)
+        at = meter.worst_at.get(action, 0.0)
         print(
-            f"{action:<34} {ms:>5.0f} ms {cpu_ms:>5.0f} ms {proc:>7.1f} s {load:>5.2f}  "
-            f"{stage}{flag}"
+            f"{action:<34} {ms:>5.0f} ms {cpu_ms:>5.0f} ms {at:>5.0f} ms {proc:>7.1f} s "
+            f"{load:>5.2f}  {stage}{flag}"
         )
         if ms > worst_all[0]:
             worst_all = (ms, action, stage)

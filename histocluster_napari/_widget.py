@@ -178,10 +178,12 @@ class HistoClusterWidget(Container):
         self._slides = SlideLoader(self._tiles)  # slides opened for viewing, in the background
         self._slides.loaded.connect(self._on_slide_loaded)
         self._pending_camera: tuple[tuple[float, float], float] | None = None
+        self._image_camera_pending = False  # a slide swapped in: its camera set when shown
         self._mark: tuple[str, int, int] | None = None  # the gallery tile outlined
         self._redraw = Redraw(  # the canvas's parts, each drawn in its own event-loop pass
             [
                 ("image", self._draw_image),
+                ("image shown", self._draw_image_shown),
                 ("labels", self._draw_overlays),
                 ("labels shown", self._draw_labels_shown),
                 ("mark", self._draw_mark),
@@ -808,9 +810,12 @@ class HistoClusterWidget(Container):
         if layer is not None and layer not in self._viewer.layers:
             layer = self._cohort_layer = None
         key = self._slide_key(sid)
-        if layer is not None and layer.name == sid and layer.visible and self._shown_key == key:
-            self._apply_pending_camera()
-            return
+        if layer is not None and layer.name == sid and self._shown_key == key:
+            if layer.visible:
+                self._apply_pending_camera()
+                return
+            if self._redraw.wanted("image shown"):
+                return  # swapped in already: shown in the next pass
         if key is not None and not self._slides.is_loaded(key):
             self._slides.request(key)
             if layer is not None and layer.name != sid:
@@ -836,7 +841,7 @@ class HistoClusterWidget(Container):
             self._use_layer(layer)
         if layer is None:
             _wait_for_warm_up()
-            self._cohort_layer = layer = self._viewer.add_image(data, **kwargs)
+            self._cohort_layer = layer = self._viewer.add_image(data, **kwargs, visible=False)
             self._viewer.layers.move(self._viewer.layers.index(layer), 0)
         else:
             layer.visible = False  # sliced once, at the new camera, when shown again
@@ -848,8 +853,20 @@ class HistoClusterWidget(Container):
             layer.name = sid
         self._shown_key = key
         self._shown_pyramid = pyramid_id(shown.pyramid)
-        if not self._apply_pending_camera():
-            self._viewer.reset_view()
+        self._image_camera_pending = True
+        self._redraw.want("image shown")
+
+    def _draw_image_shown(self) -> None:
+        """Show the slide ``_swap_image`` put into the image layer, in a pass of its own (showing
+        re-slices the layer and uploads its textures: 30-40 ms after the data's own), with the
+        camera a gallery click asked for, or the whole slide in view."""
+        layer = self._cohort_layer
+        if layer is None or layer not in self._viewer.layers or layer.name != self._current:
+            return  # forgotten, or another slide wanted meanwhile
+        if self._image_camera_pending:
+            self._image_camera_pending = False
+            if not self._apply_pending_camera():
+                self._viewer.reset_view()
         layer.visible = True
 
     def _apply_pending_camera(self) -> bool:
@@ -1425,14 +1442,17 @@ class HistoClusterWidget(Container):
     def _on_closed(self, *_: Any) -> None:
         """The dock widget is gone (viewer closed): an edit still waiting for its save is written
         now, and none of the widget's timers fires after it (they would touch deleted labels)."""
-        pending = self._save_timer.isActive()
-        for timer in (
-            self._save_timer,
-            self._recluster_timer,
-            self._tiles_timer,
-            self._progress_timer,
-        ):
-            timer.stop()
+        try:
+            pending = self._save_timer.isActive()
+            for timer in (
+                self._save_timer,
+                self._recluster_timer,
+                self._tiles_timer,
+                self._progress_timer,
+            ):
+                timer.stop()
+        except RuntimeError:  # Qt itself is being torn down (interpreter exit): timers gone
+            return
         if pending and self._view is not None:
             try:
                 _session.save_curation(self._view)
