@@ -454,11 +454,11 @@ class HistoClusterWidget(Container):
             return
         _wait_for_warm_up()
         blank = [np.zeros((2, 2, 3), np.uint8), np.zeros((1, 1, 3), np.uint8)]
-        self._cohort_layer = self._viewer.add_image(
+        self._cohort_layer = Image(
             blank, multiscale=True, rgb=True, contrast_limits=(0, 255), units=("um", "um"),
             name="HistoCluster slide", visible=False,
         )  # fmt: skip
-        self._viewer.layers.move(self._viewer.layers.index(self._cohort_layer), 0)
+        self._viewer.layers.insert(0, self._cohort_layer)  # under the rest (no move after)
 
     def _make_clusters_layer(self) -> None:
         if self._labels_layer is not None:
@@ -841,8 +841,8 @@ class HistoClusterWidget(Container):
             self._use_layer(layer)
         if layer is None:
             _wait_for_warm_up()
-            self._cohort_layer = layer = self._viewer.add_image(data, **kwargs, visible=False)
-            self._viewer.layers.move(self._viewer.layers.index(layer), 0)
+            self._cohort_layer = layer = Image(data, **kwargs, visible=False)
+            self._viewer.layers.insert(0, layer)
         else:
             layer.visible = False  # sliced once, at the new camera, when shown again
             layer.data = data
@@ -1886,7 +1886,12 @@ def _number_box(
 #: Loaded by the warm-up thread before the widget's first layers: what napari's first Image,
 #: Labels and Points layers import (scipy.ndimage for an image's thumbnail, pandas for a
 #: layer's features, skimage.color for the default label colours: ~1.5 s on the GUI thread).
-WARM_UP_MODULES = ("scipy.ndimage", "pandas", "skimage.color", "napari.components.histogram")
+WARM_UP_MODULES = (
+    "scipy.ndimage",
+    "pandas",
+    "skimage.color.colorconv",  # (skimage.color alone is a lazy module: napari's label colours load this)
+    "napari.components.histogram",
+)
 WAIT_FOR_WARM_UP = "wait for the warm-up thread"
 WARM_UP_POLL_MS = 20
 
