@@ -29,7 +29,7 @@ marks["imported"] = time.time() - T0
 
 
 class ReaderPeak:
-    """The largest peak RSS (``VmHWM``) of this process's reader workers, sampled every 20 ms.
+    """The largest peak RSS (``VmHWM``) of this process's reader workers, sampled every 100 ms.
 
     Not ``getrusage(RUSAGE_CHILDREN)``: that is the peak of any child, and a short-lived helper
     forked from this process (``ldconfig -p``, run by ``ctypes.util.find_library`` in torch's
@@ -46,7 +46,7 @@ class ReaderPeak:
 
     def _watch(self) -> None:
         me = os.getpid()
-        while not self._stop.wait(0.02):
+        while not self._stop.wait(0.1):
             for task in os.listdir(f"/proc/{me}/task"):
                 try:
                     kids = open(f"/proc/{me}/task/{task}/children").read().split()
