@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import collections
 import cProfile
+import functools
 import io
 import os
 import pstats
@@ -82,6 +83,7 @@ class StallMeter:
         self.worst_cpu: dict[str, float] = {}  # GUI-thread CPU ms within the longest stall
         self.worst_at: dict[str, float] = {}  # ms from the action's start to that stall's start
         self._action_t0 = self.last
+        self.trace: SlotTrace | None = None
         self.cpu: dict[str, float] = {}  # process CPU seconds (all threads) during the action
         self.load: dict[str, float] = {}  # 1-minute load average when the action ended
         self._cpu0 = time.process_time()
@@ -131,6 +133,8 @@ class StallMeter:
         cpu_ms = 1000.0 * (cpu - self.last_cpu)
         started = self.last
         self.last, self.last_cpu = now, cpu
+        if self.trace is not None:
+            self.trace.gap(self.action, started, now)
         if gap_ms > self.worst.get(self.action, (0.0, ""))[0]:
             self.worst_cpu[self.action] = cpu_ms
             self.worst_at[self.action] = 1000.0 * max(0.0, started - self._action_t0)
@@ -169,6 +173,81 @@ class StallMeter:
         self.timer.stop()
 
 
+class SlotTrace:
+    """``--trace``: times the widget's GUI-thread slots (its redraw parts and the slots worker
+    results arrive in) and the garbage collector's passes, and lists those that ran inside each
+    stall over ``min_ms``. Cheap enough to leave the stalls as they are (a perf_counter pair per
+    call), unlike ``--cprofile``."""
+
+    SLOTS = (
+        "_on_event", "_on_slide_loaded", "_show_arrived_tiles", "_show_rows", "_apply_progress",
+        "_on_gallery_event", "_recluster", "save_curation", "jump_to_tile", "show_slide",
+        "open_folder", "extract_all", "run_cluster", "export_selected",
+    )  # fmt: skip
+
+    def __init__(self, widget_class, min_ms: float) -> None:
+        """Wraps the slots on ``widget_class`` before a widget is made (its signals connect the
+        wrapped methods); ``attach`` then wraps that widget's redraw parts."""
+        import gc
+
+        self.calls: list[tuple[float, float, float, str]] = []  # (start, wall s, cpu s, name)
+        self.stalls: dict[str, list[tuple[float, float, list]]] = collections.defaultdict(list)
+        self.min_ms = min_ms
+        for name in self.SLOTS:
+            if hasattr(widget_class, name):
+                setattr(widget_class, name, self._timed(getattr(widget_class, name), name))
+        self._gc_start = (0.0, 0.0)
+        gc.callbacks.append(self._on_gc)
+
+    def attach(self, widget) -> None:
+        parts = widget._redraw._parts
+        for name in list(parts):
+            parts[name] = self._timed(parts[name], f"redraw {name}")
+
+    def _timed(self, func, name: str):
+        calls = self.calls
+
+        @functools.wraps(func)
+        def timed(*args, **kwargs):
+            t0, c0 = time.perf_counter(), time.thread_time()
+            try:
+                return func(*args, **kwargs)
+            finally:
+                calls.append((t0, time.perf_counter() - t0, time.thread_time() - c0, name))
+
+        return timed
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if phase == "start":
+            self._gc_start = (time.perf_counter(), time.thread_time())
+        else:
+            t0, c0 = self._gc_start
+            name = f"gc gen{info['generation']}"
+            self.calls.append((t0, time.perf_counter() - t0, time.thread_time() - c0, name))
+
+    def gap(self, action: str, start: float, end: float) -> None:
+        """A stall from ``start`` to ``end`` (perf_counter seconds) in ``action``."""
+        if 1000.0 * (end - start) < self.min_ms:
+            return
+        inside = [c for c in self.calls if start <= c[0] < end]
+        self.stalls[action].append((start, end, inside))
+
+    def report(self) -> None:
+        print(
+            f"\nstalls over {self.min_ms:.0f} ms and the timed slots inside (start ms, wall ms, cpu ms):"
+        )
+        for action, stalls in self.stalls.items():
+            for start, end, inside in stalls:
+                named = ", ".join(
+                    f"{name} +{1000 * (t0 - start):.0f} {1000 * wall:.0f}/{1000 * cpu:.0f}"
+                    for t0, wall, cpu, name in inside
+                    if wall >= 0.002
+                )
+                print(f"  {action}: {1000 * (end - start):.0f} ms: {named or '(none of them)'}")
+
+
 def pump(ms: int) -> None:
     """Run the Qt event loop for ``ms`` milliseconds."""
     from qtpy.QtCore import QEventLoop, QTimer
@@ -196,6 +275,7 @@ def drive(args: argparse.Namespace, tmp: Path) -> StallMeter:
     slides = make_cohort(folder, args.slides)
     viewer = napari.Viewer(show=True)
     pump(500)
+    trace = SlotTrace(HistoClusterWidget, args.trace_ms) if args.trace else None
     t0, c0 = time.perf_counter(), time.thread_time()
     widget = HistoClusterWidget(viewer)
     viewer.window.add_dock_widget(widget, name="HistoCluster")
@@ -223,6 +303,9 @@ def drive(args: argparse.Namespace, tmp: Path) -> StallMeter:
     widget.store.value = str(tmp / "cohort.zarr")
     pump(500)
     meter = StallMeter(widget, args.sample_after_ms, args.profile and not args.no_profile)
+    if trace is not None:
+        trace.attach(widget)
+        meter.trace = trace
     idle = lambda: not widget.busy and not getattr(widget, "drawing", False)  # noqa: E731
 
     def act(name: str, func, until=idle, settle_ms: int = 500) -> None:
@@ -441,6 +524,10 @@ def main() -> int:
     )
     parser.add_argument("--top", type=int, default=6)
     parser.add_argument(
+        "--trace", action="store_true", help="time the widget's slots and GC passes in each stall"
+    )
+    parser.add_argument("--trace-ms", type=float, default=70.0, help="stalls --trace lists")
+    parser.add_argument(
         "--recluster-tiles",
         type=int,
         default=0,
@@ -456,6 +543,8 @@ def main() -> int:
         print(f"{args.slides} slides, tile {args.tile_px} px at {args.mpp} um/px, k={args.k}")
         meter = drive(args, Path(tmp))
         report(meter, load_before, os.getloadavg(), args.top)
+        if meter.trace is not None:
+            meter.trace.report()
     return 0
 
 
