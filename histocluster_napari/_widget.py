@@ -26,6 +26,8 @@ import time
 import traceback
 import weakref
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -458,21 +460,24 @@ class HistoClusterWidget(Container):
             blank, multiscale=True, rgb=True, contrast_limits=(0, 255), units=("um", "um"),
             name="HistoCluster slide", visible=False,
         )  # fmt: skip
-        self._viewer.layers.insert(0, self._cohort_layer)  # under the rest (no move after)
+        with _not_activated(self._viewer):
+            self._viewer.layers.insert(0, self._cohort_layer)  # under the rest (no move after)
 
     def _make_clusters_layer(self) -> None:
         if self._labels_layer is not None:
             return
-        self._labels_layer = _view_labels(
-            self._viewer, np.zeros((1, 1), np.uint8), name="HistoCluster clusters",
-            opacity=OVERLAY_OPACITY, units=("um", "um"), visible=False,
-        )  # fmt: skip
+        with _not_activated(self._viewer):
+            self._labels_layer = _view_labels(
+                self._viewer, np.zeros((1, 1), np.uint8), name="HistoCluster clusters",
+                opacity=OVERLAY_OPACITY, units=("um", "um"), visible=False,
+            )  # fmt: skip
 
     def _make_rect_layer(self, kind: str) -> None:
         if kind in self._rect_layers:
             return
         name = MARK_LAYER if kind == "mark" else "HistoCluster similar"
-        self._rect_layers[kind] = _outline_layer(self._viewer, name, units=("um", "um"))
+        with _not_activated(self._viewer):
+            self._rect_layers[kind] = _outline_layer(self._viewer, name, units=("um", "um"))
 
     def _unused_rect_layer(self, kind: str) -> Points | None:
         layer = self._rect_layers.get(kind)
@@ -1830,6 +1835,23 @@ class _ViewerHooks:
                 widget.correct_tile_at(tuple(viewer.cursor.position[-2:]), action)
 
         return on_key
+
+
+@contextmanager
+def _not_activated(viewer: Any) -> Iterator[None]:
+    """Layers added inside do not become the active layer: the widget's hidden layers, made at
+    plugin start, leave the user's selection as it was, and napari skips the selection's events
+    (its layer controls switching to the new layer: about a quarter of an add on the GUI thread)."""
+    layers = viewer.layers
+    before = getattr(layers, "_activate_on_insert", None)
+    if before is None:  # a napari without it: added as usual
+        yield
+        return
+    layers._activate_on_insert = False
+    try:
+        yield
+    finally:
+        layers._activate_on_insert = before
 
 
 def _outline_layer(viewer: Any, name: str, **kwargs: Any) -> Points:

@@ -386,3 +386,16 @@ def test_a_click_selects_but_a_drag_pans(make_napari_viewer, qtbot, sample_slide
     assert widget.table.selected() == []
     gesture([])  # a click on the tile: selects its cluster
     assert widget.table.selected() == [int(data[row, col]) - 1]
+
+
+def test_the_widgets_hidden_layers_leave_the_users_selection_alone(
+    make_napari_viewer, qtbot, sample_slide, isolated_cache
+):
+    """The layers made at plugin start (slide, clusters, outlines) are added without becoming
+    the active layer: the slide the user opened stays selected, its controls shown."""
+    viewer, layer, widget = open_with_widget(make_napari_viewer, sample_slide)
+    qtbot.waitUntil(lambda: widget.layers_ready, timeout=TIMEOUT_MS)
+    assert len(viewer.layers) >= 5  # the user's slide and the widget's four
+    assert viewer.layers.selection.active is layer
+    assert set(viewer.layers.selection) == {layer}
+    assert viewer.layers._activate_on_insert  # restored for everyone else's layers
