@@ -8,12 +8,13 @@ is created from the environment torchrun sets (``RANK``, ``WORLD_SIZE``, ``LOCAL
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
+
+from engine.launcher_env import env_int
 
 __all__ = [
     "DistInfo",
@@ -47,16 +48,6 @@ class DistInfo:
         return self.world_size > 1
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        return int(value)
-    except ValueError as e:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from e
-
-
 def resolve_device(device: str | torch.device = "auto", local_rank: int = 0) -> torch.device:
     """``"auto"`` -> ``cuda:<local_rank>`` when CUDA is available, else ``cpu``.
 
@@ -76,9 +67,9 @@ def init_distributed(device: str | torch.device = "auto", timeout_s: float = 180
 
     Returns a :class:`DistInfo`. Safe to call twice: an existing process group is reused.
     """
-    world_size = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
-    local_rank = _env_int("LOCAL_RANK", 0)
+    world_size = env_int("WORLD_SIZE", 1)
+    rank = env_int("RANK", 0)
+    local_rank = env_int("LOCAL_RANK", 0)
     dev = resolve_device(device, local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)

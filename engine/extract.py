@@ -60,6 +60,7 @@ from engine.encoder_id import EncoderId
 from engine.errors import HistoclusterError, one_line
 from engine.extract_plan import Plan, chunk_batches, make_plan
 from engine.files import atomic_write_json
+from engine.launcher_env import launched_world_size
 from engine.precisions import PRECISIONS
 from engine.progress import Progress, no_progress
 from engine.sample_data import default_encoder_spec
@@ -379,7 +380,7 @@ def run(
     """
     t0 = time.perf_counter()
     _validate(cfg)
-    if info is None and _launched_world_size() > 1:  # torchrun: the ranks split the slides
+    if info is None and launched_world_size() > 1:  # torchrun: the ranks split the slides
         info = _torch_half().join_distributed(cfg.device)
     rank, world_size = (info.rank, info.world_size) if info is not None else (0, 1)
     paths = expand_inputs(cfg.slides)
@@ -484,14 +485,6 @@ def _torch_half() -> ModuleType:
     if "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return importlib.import_module("engine.extract_encode")
-
-
-def _launched_world_size() -> int:
-    """The number of processes a launcher (torchrun) started, from its ``WORLD_SIZE``."""
-    try:
-        return int(os.environ.get("WORLD_SIZE") or 1)
-    except ValueError:
-        return 1  # init_distributed names the bad value
 
 
 _EARLY_SLIDES = 2
