@@ -1911,7 +1911,7 @@ def _number_box(
 WARM_UP_MODULES = (
     "scipy.ndimage",
     "pandas",
-    "skimage.color.colorconv",  # (skimage.color alone is a lazy module: napari's label colours load this)
+    "skimage.color.colorconv",  # skimage.color alone is lazy: napari's label colours load this
     "napari.components.histogram",
 )
 WAIT_FOR_WARM_UP = "wait for the warm-up thread"
