@@ -1322,6 +1322,9 @@ class HistoClusterWidget(Container):
             return  # forgotten, or a slide without clusters shown, meanwhile
         if self.classifier.prediction is None and not layer.visible:
             layer.visible = True  # (setting it when shown re-slices the layer)
+        active = self._viewer.layers.selection.active
+        if active is None or not active.visible:  # nothing the user sees is selected: the
+            self._activate(layer)  # clusters' controls (opacity, colours) in napari's panel
         self._update_layer_features()
 
     def _activate(self, layer: Any) -> None:

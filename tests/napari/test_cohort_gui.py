@@ -223,3 +223,20 @@ def _recording(method, seen: list):
         method(counts)
 
     return record
+
+
+def test_a_cohort_shows_the_clusters_layer_selected(
+    make_napari_viewer, qtbot, cohort_store, tmp_path, isolated_cache
+):
+    """Nothing the user sees was selected (the widget's layers are added unselected): once the
+    cohort's clusters are shown, their layer is the active one, its controls in napari's panel."""
+    store = tmp_path / "cohort.zarr"
+    shutil.copytree(cohort_store, store)
+    viewer = make_napari_viewer()
+    widget = HistoClusterWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="HistoCluster")
+    assert widget.open_store(store) is not None
+    wait_idle(qtbot, widget)
+    shown(qtbot, widget)
+    qtbot.waitUntil(lambda: widget.clusters_layer is not None and widget.clusters_layer.visible)
+    qtbot.waitUntil(lambda: viewer.layers.selection.active is widget.clusters_layer)
