@@ -26,7 +26,7 @@ import time
 import traceback
 import weakref
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -1461,14 +1461,12 @@ class HistoClusterWidget(Container):
                 timer.stop()
         except RuntimeError:  # Qt itself is being torn down (interpreter exit): timers gone
             return
-        if pending and self._view is not None:
-            try:
-                _session.save_curation(self._view)
-            except (HistoclusterError, OSError) as e:  # nowhere left to show it
-                show_error(f"HistoCluster: could not save the curation on closing: {e}")
+        if pending:  # the widget's status line is gone: a failure goes to napari's notices
+            self.save_curation(report=lambda m: show_error(f"HistoCluster: {m} (on closing)"))
 
-    def save_curation(self) -> None:
-        """Write the curation beside its run now (normally done shortly after each edit)."""
+    def save_curation(self, report: Callable[[str], None] | None = None) -> None:
+        """Write the curation beside its run now (normally done shortly after each edit); a
+        failure is shown in the status line, or passed to ``report(message)``."""
         self._save_timer.stop()
         if self._view is None:
             return
@@ -1479,7 +1477,7 @@ class HistoClusterWidget(Container):
         try:
             _session.save_curation(self._view)
         except (HistoclusterError, OSError) as e:
-            self._fail(f"could not save the curation: {e}")
+            (report or self._fail)(f"could not save the curation: {e}")
 
     # ================================================================== canvas
 
