@@ -60,7 +60,7 @@ from engine.encoder_id import EncoderId
 from engine.errors import HistoclusterError, one_line
 from engine.extract_plan import Plan, chunk_batches, make_plan
 from engine.files import atomic_write_json
-from engine.launcher_env import launched_world_size
+from engine.launcher_env import env_int, launched_world_size
 from engine.precisions import PRECISIONS
 from engine.progress import Progress, no_progress
 from engine.sample_data import default_encoder_spec
@@ -402,7 +402,7 @@ def run(
     half = _torch_half()  # imported by the loading thread: here only looked up
     info, tile_encoder = encoding.info, encoding.tile_encoder
     device = info.device
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+    local_world = env_int("LOCAL_WORLD_SIZE", info.world_size)
     workers = auto_workers(local_world) if cfg.workers is None else cfg.workers
     encoder = tile_encoder.encoder
     with _naming_os_errors(out), ExitStack() as held:

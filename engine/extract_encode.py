@@ -23,6 +23,7 @@ from engine.encode import TileEncoder
 from engine.errors import HistoclusterError
 from engine.extract_plan import Plan
 from engine.heap import retained_heap
+from engine.launcher_env import env_int
 from engine.models import load_encoder
 from engine.progress import Progress
 from engine.store import FeatureStore
@@ -66,7 +67,7 @@ def join_distributed(device: str) -> DistInfo:
             f"--device {device}: no CUDA device is available — use --device cpu or auto"
         )
     info = init_distributed(device)
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+    local_world = env_int("LOCAL_WORLD_SIZE", info.world_size)
     if info.distributed and info.device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return info
