@@ -122,6 +122,8 @@ class StallMeter:
 
     def stage(self) -> str:
         w = self.widget
+        if w is None:  # being made
+            return "start"
         stage = w._stage or ("busy" if w.busy else "")
         if w.gallery_loading:
             stage = (stage + "+gallery").strip("+")
@@ -276,8 +278,11 @@ def drive(args: argparse.Namespace, tmp: Path) -> StallMeter:
     viewer = napari.Viewer(show=True)
     pump(500)
     trace = SlotTrace(HistoClusterWidget, args.trace_ms) if args.trace else None
+    meter = StallMeter(None, args.sample_after_ms, args.profile and not args.no_profile)
+    meter.start("plugin start")  # the widget made and docked, then its start passes
     t0, c0 = time.perf_counter(), time.thread_time()
     widget = HistoClusterWidget(viewer)
+    meter.widget = widget
     viewer.window.add_dock_widget(widget, name="HistoCluster")
     pump(0)
     print(
@@ -297,12 +302,13 @@ def drive(args: argparse.Namespace, tmp: Path) -> StallMeter:
             f"load {os.getloadavg()[0]:.2f}",
             flush=True,
         )
+    pump(500)
+    meter.start("settings typed in")  # encoder, tiling, k and store set, as a user would
     widget.encoder.value = args.encoder
     widget.tile_px.value, widget.target_mpp.value = args.tile_px, args.mpp
     widget.k.value = args.k
     widget.store.value = str(tmp / "cohort.zarr")
     pump(500)
-    meter = StallMeter(widget, args.sample_after_ms, args.profile and not args.no_profile)
     if trace is not None:
         trace.attach(widget)
         meter.trace = trace

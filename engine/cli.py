@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
-import os
 import sys
 import types
 import typing
@@ -41,6 +40,7 @@ from typing import Any, Literal, TypeVar
 
 from engine.errors import HistoclusterError, one_line
 from engine.files import atomic_write_json
+from engine.launcher_env import env_int
 from engine.progress import Cancelled, Progress
 
 __all__ = [
@@ -260,7 +260,7 @@ def write_config(path: str | Path, cfg: Any, **extra: Any) -> Path:
 
 
 def _is_main_rank() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+    return env_int("RANK", 0) == 0
 
 
 class TerminalProgress:

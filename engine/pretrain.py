@@ -54,6 +54,7 @@ from engine.distributed import (
 from engine.encode import PRECISIONS, Precision, autocast_dtype, resolve_precision
 from engine.errors import HistoclusterError, one_line
 from engine.files import atomic_write, atomic_write_text
+from engine.launcher_env import env_int
 from engine.losses import NTXentLoss
 from engine.models import (
     ARCHS,
@@ -293,7 +294,7 @@ class SimCLR(nn.Module):
 def _device(cfg: PretrainConfig) -> torch.device:
     """The ``--device`` this process would use, or a one-line error when it does not exist here."""
     try:
-        dev = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0") or 0))
+        dev = resolve_device(cfg.device, env_int("LOCAL_RANK", 0))
     except (RuntimeError, ValueError) as e:
         raise HistoclusterError(
             f"--device {cfg.device}: not a device ({one_line(e)}) — use auto, cpu, cuda or cuda:N"
@@ -488,7 +489,7 @@ def _default_workers(device: torch.device, augment_on: str, preloaded: bool) -> 
     if augment_on == "device" and preloaded:
         return 0
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    per_proc = max(1, (cpus or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    per_proc = max(1, (cpus or 1) // max(1, env_int("LOCAL_WORLD_SIZE", 1)))
     if device.type == "cpu":
         return min(2, max(0, per_proc - 1))
     return min(8, per_proc)

@@ -70,6 +70,7 @@ from histocluster_napari._display_pyramid import TileReader, pyramid_id
 from histocluster_napari._encoder_choice import EncoderChoice
 from histocluster_napari._gallery import PAGE, GalleryTile, gallery_order, read_gallery
 from histocluster_napari._gallery_view import GalleryView
+from histocluster_napari._held_controls import HeldControls
 from histocluster_napari._map_panel import MapPanel
 from histocluster_napari._overlay import (
     GridGeometry,
@@ -139,6 +140,7 @@ class HistoClusterWidget(Container):
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         _freeze_once("loaded")  # what napari, torch and the plugin loaded (see _prepare_layers)
         super().__init__(labels=True)
+        self._results_built = 0  # groups of RESULTS made (in the first start passes)
         self._viewer = viewer
         self._worker: Any = None
         self._cancel = threading.Event()
@@ -258,28 +260,6 @@ class HistoClusterWidget(Container):
         self.status = Label(
             label="", value="Open a slide or a folder of slides, then click Cluster."
         )
-        # ---- results
-        self.table = ClusterTable()
-        self.show_selected_only = CheckBox(text="Show selected only")
-        self.find_similar_button = PushButton(
-            text="Find similar (Shift-F)",
-            tooltip="Mark the tiles most similar to the last clicked tile (Shift-F: the tile "
-            "under the cursor).",
-        )
-        self.n_similar = SpinBox(label="similar tiles", value=20, min=1, max=1000)
-        self.correction_class = ComboBox(
-            label="correct to",
-            choices=self._class_choices,
-            nullable=True,
-            tooltip="Shift-M moves the tile under the cursor to this class, Shift-X excludes it, "
-            "Shift-U gives it back to its cluster.",
-        )
-        self.export_dir = FileEdit(label="export to", mode="d", value="")
-        self.export_button = PushButton(text="Export selected")
-        self.gallery = GalleryView()
-        self.classifier = ClassifierPanel(self)
-        self.map_panel = MapPanel(self)
-
         run_box = Container(
             widgets=[
                 Container(
@@ -291,17 +271,6 @@ class HistoClusterWidget(Container):
                 self.status,
             ],
             labels=False,
-        )
-        self._actions = Container(
-            widgets=[
-                self.show_selected_only,
-                self.n_similar,
-                self.find_similar_button,
-                self.correction_class,
-                self.export_dir,
-                self.export_button,
-            ],
-            labels=True,
         )
         open_box = Container(
             layout="horizontal",
@@ -323,12 +292,7 @@ class HistoClusterWidget(Container):
         self.native.layout().addWidget(inputs.native)
         self.native.layout().addWidget(run_box.native)
         self._run_box, self._inputs = run_box, inputs
-        self.native.layout().addWidget(self.table)
-        self.native.layout().addWidget(self._actions.native)
-        self.native.layout().addWidget(self.classifier.native)
-        self.native.layout().addWidget(self.map_panel.native)
-        self.native.layout().addWidget(self.gallery)
-        for box in (self._actions, inputs, open_box):
+        for box in (inputs, open_box):
             box.native.setContentsMargins(0, 0, 0, 0)
         self.store.line_edit.native.setPlaceholderText("(cache, keyed by slide and encoder)")
         self.status.native.setWordWrap(True)
@@ -351,14 +315,6 @@ class HistoClusterWidget(Container):
         self.k.changed.connect(self._on_k_changed)
         for w in (self.slide, *feature_inputs):
             w.changed.connect(self._update_store_hint)
-        self.table.selection_changed.connect(self._on_selection_changed)
-        self.table.name_edited.connect(self._on_name_edited)
-        self.table.cellClicked.connect(lambda row, _col: self.show_gallery(row))
-        self.show_selected_only.changed.connect(lambda _: self._refresh_colors())
-        self.find_similar_button.changed.connect(lambda _: self.find_similar())
-        self.export_button.changed.connect(lambda _: self.export_selected())
-        self.gallery.tile_clicked.connect(self.jump_to_tile)
-        self.gallery.more_wanted.connect(self._gallery_more)
         for event in (viewer.layers.events.inserted, viewer.layers.events.removed):
             event.connect(self._on_layers_changed)
         self._viewer_hooks = _ViewerHooks(self, viewer)
@@ -366,6 +322,91 @@ class HistoClusterWidget(Container):
         self._prepare_layers()  # in the next event-loop passes
         self._on_layers_changed()
         self._update_store_hint()
+
+    #: The widgets below the run box, made in the first start passes (``_build_results``), so
+    #: the dock is made and first painted in two short passes instead of one long one. One
+    #: asked for before its pass is made then, with those above it.
+    RESULTS = (
+        ("table", "show_selected_only", "find_similar_button", "n_similar", "correction_class",
+         "export_dir", "export_button", "_actions", "gallery"),  # the gallery laid out last
+        ("classifier",),
+        ("map_panel",),
+        ("gallery laid out",),
+    )  # fmt: skip
+
+    def __getattr__(self, name: str) -> Any:
+        """A result widget not made yet (``RESULTS``) is made now; else magicgui's lookup."""
+        built = self.__dict__.get("_results_built")
+        if built is not None and any(name in group for group in self.RESULTS[built:]):
+            while self._build_results() and name not in self.__dict__:
+                pass
+            return self.__dict__[name]
+        return super().__getattr__(name)
+
+    def _build_results(self) -> bool:
+        """Make the next group of ``RESULTS`` and add it below the others; False when none is
+        left. Each group is one start pass (the table and actions: ~15 ms, a panel: 5-10 ms, and
+        the dock's paint after it)."""
+        built = self._results_built
+        if built >= len(self.RESULTS):
+            return False
+        self._results_built = built + 1
+        layout = self.native.layout()
+        if built == 0:
+            self._build_table_and_actions(layout)
+        elif built == 1:
+            self.classifier = ClassifierPanel(self)
+            layout.addWidget(self.classifier.native)
+        elif built == 2:
+            self.map_panel = MapPanel(self)
+            layout.addWidget(self.map_panel.native)
+        else:  # made with the table (the classifier panel connects to it), shown below the map
+            layout.addWidget(self.gallery)
+        return True
+
+    def _build_table_and_actions(self, layout: Any) -> None:
+        self.table = ClusterTable()
+        self.show_selected_only = CheckBox(text="Show selected only")
+        self.find_similar_button = PushButton(
+            text="Find similar (Shift-F)",
+            tooltip="Mark the tiles most similar to the last clicked tile (Shift-F: the tile "
+            "under the cursor).",
+        )
+        self.n_similar = SpinBox(label="similar tiles", value=20, min=1, max=1000)
+        self.correction_class = ComboBox(
+            label="correct to",
+            choices=self._class_choices,
+            nullable=True,
+            tooltip="Shift-M moves the tile under the cursor to this class, Shift-X excludes it, "
+            "Shift-U gives it back to its cluster.",
+        )
+        self.export_dir = FileEdit(label="export to", mode="d", value="")
+        self.export_button = PushButton(text="Export selected")
+
+        actions = Container(
+            widgets=[
+                self.show_selected_only,
+                self.n_similar,
+                self.find_similar_button,
+                self.correction_class,
+                self.export_dir,
+                self.export_button,
+            ],
+            labels=True,
+        )
+        actions.native.setContentsMargins(0, 0, 0, 0)
+        self._actions = actions
+        layout.addWidget(self.table)
+        layout.addWidget(actions.native)
+        self.table.selection_changed.connect(self._on_selection_changed)
+        self.table.name_edited.connect(self._on_name_edited)
+        self.table.cellClicked.connect(lambda row, _col: self.show_gallery(row))
+        self.show_selected_only.changed.connect(lambda _: self._refresh_colors())
+        self.find_similar_button.changed.connect(lambda _: self.find_similar())
+        self.export_button.changed.connect(lambda _: self.export_selected())
+        self.gallery = GalleryView()
+        self.gallery.tile_clicked.connect(self.jump_to_tile)
+        self.gallery.more_wanted.connect(self._gallery_more)
 
     def _prepare_layers(self) -> None:
         """Make, once, the (hidden) layers the widget draws in: the cohort's slide, the
@@ -392,13 +433,29 @@ class HistoClusterWidget(Container):
         slide = lambda w: w._cohort_layer if w._cohort is None else None  # noqa: E731
         clusters = lambda w: w._labels_layer if w._view is None else None  # noqa: E731
         outline = lambda kind: lambda w: w._unused_rect_layer(kind)  # noqa: E731
+        controls = HeldControls(self._viewer)
+
+        def held(name: str, make_layer: Any) -> list[tuple[str, Any, int]]:
+            """A layer made in one pass, its controls in the next (see ``HeldControls``)."""
+
+            def make(w: HistoClusterWidget) -> None:
+                with controls.hold():
+                    make_layer(w)
+
+            make_controls = (f"{name}: controls", lambda _w: controls.make(), START_PASS_GAP_MS)
+            return [(name, make, 0), make_controls]
+
         steps: list[tuple[str, Any, int]] = [  # (name, called with the widget, ms to the next)
+            *[
+                (f"dock: {g[0]}", HistoClusterWidget._build_results, START_PASS_GAP_MS)
+                for g in self.RESULTS
+            ],  # the widgets below the run box, a group per pass
             ("warm-up started", lambda _w: _warm_up(), 0),
             (WAIT_FOR_WARM_UP, None, 0),  # polled, not run: the GUI thread stays free meanwhile
-            ("slide layer", HistoClusterWidget._make_slide_layer, START_PASS_GAP_MS),
-            ("clusters layer", HistoClusterWidget._make_clusters_layer, START_PASS_GAP_MS),
-            ("similar tiles layer", lambda w: w._make_rect_layer("similar"), START_PASS_GAP_MS),
-            ("gallery tile layer", lambda w: w._make_rect_layer("mark"), START_PASS_GAP_MS),
+            *held("slide layer", HistoClusterWidget._make_slide_layer),
+            *held("clusters layer", HistoClusterWidget._make_clusters_layer),
+            *held("similar tiles layer", lambda w: w._make_rect_layer("similar")),
+            *held("gallery tile layer", lambda w: w._make_rect_layer("mark")),
             ("first draw: slide", lambda w: w._draw_once(slide(w)), FIRST_DRAW_MS),
             ("first draw: clusters", lambda w: w._draw_once(clusters(w)), FIRST_DRAW_MS),
             ("first draw: similar", lambda w: w._draw_once(outline("similar")(w)), FIRST_DRAW_MS),
