@@ -87,6 +87,7 @@ from histocluster_napari._slide_list import SlideList, set_bar
 from histocluster_napari._slide_loader import SlideLoader
 from histocluster_napari._slide_progress import SlideProgress
 from histocluster_napari._store_layers import CLUSTERS_SUFFIX
+from histocluster_napari._text_glyphs import METRIC_GLYPHS, load_glyphs, text_font
 
 if TYPE_CHECKING:
     import napari
@@ -445,6 +446,7 @@ class HistoClusterWidget(Container):
             make_controls = (f"{name}: controls", lambda _w: controls.make(), START_PASS_GAP_MS)
             return [(name, make, 0), make_controls]
 
+        GAP = START_PASS_GAP_MS  # noqa: N806
         steps: list[tuple[str, Any, int]] = [  # (name, called with the widget, ms to the next)
             *[
                 (f"dock: {g[0]}", HistoClusterWidget._build_results, START_PASS_GAP_MS)
@@ -456,6 +458,8 @@ class HistoClusterWidget(Container):
             *held("clusters layer", HistoClusterWidget._make_clusters_layer),
             *held("similar tiles layer", lambda w: w._make_rect_layer("similar")),
             *held("gallery tile layer", lambda w: w._make_rect_layer("mark")),
+            ("text glyphs 1/2", lambda w: load_glyphs(w._outline_font(), METRIC_GLYPHS[:5]), GAP),
+            ("text glyphs 2/2", lambda w: load_glyphs(w._outline_font(), METRIC_GLYPHS[5:]), GAP),
             ("first draw: slide", lambda w: w._draw_once(slide(w)), FIRST_DRAW_MS),
             ("first draw: clusters", lambda w: w._draw_once(clusters(w)), FIRST_DRAW_MS),
             ("first draw: similar", lambda w: w._draw_once(outline("similar")(w)), FIRST_DRAW_MS),
@@ -535,6 +539,11 @@ class HistoClusterWidget(Container):
         name = MARK_LAYER if kind == "mark" else "HistoCluster similar"
         with _not_activated(self._viewer):
             self._rect_layers[kind] = _outline_layer(self._viewer, name, units=("um", "um"))
+
+    def _outline_font(self) -> Any | None:
+        """The font of an outline layer's (napari's, shared) text visual; see _text_glyphs."""
+        layer = self._rect_layers.get("similar") or self._rect_layers.get("mark")
+        return None if layer is None else text_font(self._viewer, layer)
 
     def _unused_rect_layer(self, kind: str) -> Points | None:
         layer = self._rect_layers.get(kind)
