@@ -325,20 +325,21 @@ class HistoClusterWidget(Container):
         self._update_store_hint()
 
     #: The widgets below the run box, made in the first start passes (``_build_results``), so
-    #: the dock is made and first painted in two short passes instead of one long one. One
+    #: the dock is made and first painted in two short passes instead of one long one. Each
+    #: group: the attributes it makes, and the method that makes them and lays them out. One
     #: asked for before its pass is made then, with those above it.
     RESULTS = (
-        ("table", "show_selected_only", "find_similar_button", "n_similar", "correction_class",
-         "export_dir", "export_button", "_actions", "gallery"),  # the gallery laid out last
-        ("classifier",),
-        ("map_panel",),
-        ("gallery laid out",),
+        (("table", "show_selected_only", "find_similar_button", "n_similar", "correction_class",
+          "export_dir", "export_button", "_actions", "gallery"), "_build_table_and_actions"),
+        (("classifier",), "_build_classifier"),
+        (("map_panel",), "_build_map_panel"),
+        ((), "_lay_out_gallery"),  # made with the table (the classifier panel connects to it)
     )  # fmt: skip
 
     def __getattr__(self, name: str) -> Any:
         """A result widget not made yet (``RESULTS``) is made now; else magicgui's lookup."""
         built = self.__dict__.get("_results_built")
-        if built is not None and any(name in group for group in self.RESULTS[built:]):
+        if built is not None and any(name in names for names, _ in self.RESULTS[built:]):
             while self._build_results() and name not in self.__dict__:
                 pass
             return self.__dict__[name]
@@ -352,18 +353,19 @@ class HistoClusterWidget(Container):
         if built >= len(self.RESULTS):
             return False
         self._results_built = built + 1
-        layout = self.native.layout()
-        if built == 0:
-            self._build_table_and_actions(layout)
-        elif built == 1:
-            self.classifier = ClassifierPanel(self)
-            layout.addWidget(self.classifier.native)
-        elif built == 2:
-            self.map_panel = MapPanel(self)
-            layout.addWidget(self.map_panel.native)
-        else:  # made with the table (the classifier panel connects to it), shown below the map
-            layout.addWidget(self.gallery)
+        getattr(self, self.RESULTS[built][1])(self.native.layout())
         return True
+
+    def _build_classifier(self, layout: Any) -> None:
+        self.classifier = ClassifierPanel(self)
+        layout.addWidget(self.classifier.native)
+
+    def _build_map_panel(self, layout: Any) -> None:
+        self.map_panel = MapPanel(self)
+        layout.addWidget(self.map_panel.native)
+
+    def _lay_out_gallery(self, layout: Any) -> None:
+        layout.addWidget(self.gallery)  # below the map
 
     def _build_table_and_actions(self, layout: Any) -> None:
         self.table = ClusterTable()
@@ -446,11 +448,11 @@ class HistoClusterWidget(Container):
             make_controls = (f"{name}: controls", lambda _w: controls.make(), START_PASS_GAP_MS)
             return [(name, make, 0), make_controls]
 
-        GAP = START_PASS_GAP_MS  # noqa: N806
+        glyphs = lambda chars: lambda w: load_glyphs(w._outline_font(), chars)  # noqa: E731
         steps: list[tuple[str, Any, int]] = [  # (name, called with the widget, ms to the next)
             *[
-                (f"dock: {g[0]}", HistoClusterWidget._build_results, START_PASS_GAP_MS)
-                for g in self.RESULTS
+                (f"dock: {builder}", HistoClusterWidget._build_results, START_PASS_GAP_MS)
+                for _, builder in self.RESULTS
             ],  # the widgets below the run box, a group per pass
             ("warm-up started", lambda _w: _warm_up(), 0),
             (WAIT_FOR_WARM_UP, None, 0),  # polled, not run: the GUI thread stays free meanwhile
@@ -458,8 +460,8 @@ class HistoClusterWidget(Container):
             *held("clusters layer", HistoClusterWidget._make_clusters_layer),
             *held("similar tiles layer", lambda w: w._make_rect_layer("similar")),
             *held("gallery tile layer", lambda w: w._make_rect_layer("mark")),
-            ("text glyphs 1/2", lambda w: load_glyphs(w._outline_font(), METRIC_GLYPHS[:5]), GAP),
-            ("text glyphs 2/2", lambda w: load_glyphs(w._outline_font(), METRIC_GLYPHS[5:]), GAP),
+            ("text glyphs 1/2", glyphs(METRIC_GLYPHS[:5]), START_PASS_GAP_MS),
+            ("text glyphs 2/2", glyphs(METRIC_GLYPHS[5:]), START_PASS_GAP_MS),
             ("first draw: slide", lambda w: w._draw_once(slide(w)), FIRST_DRAW_MS),
             ("first draw: clusters", lambda w: w._draw_once(clusters(w)), FIRST_DRAW_MS),
             ("first draw: similar", lambda w: w._draw_once(outline("similar")(w)), FIRST_DRAW_MS),

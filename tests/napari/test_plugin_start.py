@@ -8,7 +8,7 @@ from qtpy.QtWidgets import QApplication
 
 from histocluster_napari._held_controls import HeldControls
 from histocluster_napari._text_glyphs import METRIC_GLYPHS, text_font
-from histocluster_napari._widget import HistoClusterWidget
+from histocluster_napari._widget import HistoClusterWidget, _not_activated
 from tests.napari.test_widget import TIMEOUT_MS
 
 
@@ -20,10 +20,8 @@ def test_held_controls_are_made_in_the_next_step(make_napari_viewer):
     viewer = make_napari_viewer()
     held = HeldControls(viewer)
     first = viewer.add_points([[0.0, 0.0]], name="first")
-    viewer.layers._activate_on_insert = False  # as the widget inserts its layers
-    with held.hold():
+    with _not_activated(viewer), held.hold():  # as the widget inserts its layers
         layer = viewer.add_points([[1.0, 2.0]], name="held")
-    viewer.layers._activate_on_insert = True
     assert layer not in _controls(viewer).widgets  # napari's insert made none
     assert held.pending == 1
     held.make()
