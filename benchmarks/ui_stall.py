@@ -200,6 +200,26 @@ class SlotTrace:
                 setattr(widget_class, name, self._timed(getattr(widget_class, name), name))
         self._gc_start = (0.0, 0.0)
         gc.callbacks.append(self._on_gc)
+        self.events: list[tuple[float, str]] = []  # (start, "EventType receiver") of every event
+        self._filter = None
+
+    def watch_events(self) -> None:
+        """Note when the event loop begins to deliver each event (an application-wide event
+        filter), so a stall lists the events it spent its time in: an event's time is taken to
+        run until the next event begins (a handler's nested events split it)."""
+        from qtpy.QtCore import QEvent, QObject
+        from qtpy.QtWidgets import QApplication
+
+        events = self.events
+
+        class Note(QObject):
+            def eventFilter(self, obj, event):  # noqa: N802 (Qt's name)
+                kind = QEvent.Type(event.type()).name
+                events.append((time.perf_counter(), f"{kind} {type(obj).__name__}"))
+                return False
+
+        self._filter = Note()
+        QApplication.instance().installEventFilter(self._filter)
 
     def attach(self, widget) -> None:
         parts = widget._redraw._parts
@@ -231,19 +251,29 @@ class SlotTrace:
 
     def gap(self, action: str, start: float, end: float) -> None:
         """A stall from ``start`` to ``end`` (perf_counter seconds) in ``action``."""
-        if 1000.0 * (end - start) < self.min_ms:
-            return
+        if 1000.0 * (end - start) >= self.min_ms:
+            self.stalls[action].append((start, end))
+
+    def _inside(self, start: float, end: float) -> list[tuple[float, float, float, str]]:
+        """The timed calls that began in a stall, then its three longest events."""
         inside = [c for c in self.calls if start <= c[0] < end]
-        self.stalls[action].append((start, end, inside))
+        events = [e for e in self.events if start <= e[0] < end]
+        spans = collections.Counter()
+        for (t0, what), nxt in zip(events, [e[0] for e in events[1:]] + [end], strict=True):
+            spans[what] += nxt - t0
+        return inside + [(0.0, sec, 0.0, f"event {what}") for what, sec in spans.most_common(3)]
 
     def report(self) -> None:
         print(
             f"\nstalls over {self.min_ms:.0f} ms and the timed slots inside (start ms, wall ms, cpu ms):"
         )
         for action, stalls in self.stalls.items():
-            for start, end, inside in stalls:
+            for start, end in stalls:
+                inside = self._inside(start, end)
                 named = ", ".join(
-                    f"{name} +{1000 * (t0 - start):.0f} {1000 * wall:.0f}/{1000 * cpu:.0f}"
+                    f"{name} {1000 * wall:.0f}"
+                    if name.startswith("event ")
+                    else f"{name} +{1000 * (t0 - start):.0f} {1000 * wall:.0f}/{1000 * cpu:.0f}"
                     for t0, wall, cpu, name in inside
                     if wall >= 0.002
                 )
@@ -278,7 +308,10 @@ def drive(args: argparse.Namespace, tmp: Path) -> StallMeter:
     viewer = napari.Viewer(show=True)
     pump(500)
     trace = SlotTrace(HistoClusterWidget, args.trace_ms) if args.trace else None
+    if trace is not None:
+        trace.watch_events()
     meter = StallMeter(None, args.sample_after_ms, args.profile and not args.no_profile)
+    meter.trace = trace
     meter.start("plugin start")  # the widget made and docked, then its start passes
     t0, c0 = time.perf_counter(), time.thread_time()
     widget = HistoClusterWidget(viewer)
@@ -293,6 +326,11 @@ def drive(args: argparse.Namespace, tmp: Path) -> StallMeter:
     if hasattr(widget, "layers_ready"):  # its layers made in later event-loop passes
         wait_until(lambda: widget.layers_ready, 120, "the widget's layers")
         passes = ", ".join(f"{name} {1000 * sec:.0f}" for name, sec in widget.start_passes)
+        if trace is not None:  # each start pass as a timed call
+            trace.calls += [
+                (t, sec, 0.0, f"pass {name}")
+                for t, (name, sec) in zip(widget.start_pass_began, widget.start_passes, strict=True)
+            ]
         warm = getattr(widget, "warm_up_s", None)  # the passes wait for it, the GUI thread free
         if warm is not None:
             passes += f" (background warm-up: {1000 * warm:.0f} ms wall before the layer passes)"
@@ -311,7 +349,6 @@ def drive(args: argparse.Namespace, tmp: Path) -> StallMeter:
     pump(500)
     if trace is not None:
         trace.attach(widget)
-        meter.trace = trace
     idle = lambda: not widget.busy and not getattr(widget, "drawing", False)  # noqa: E731
 
     def act(name: str, func, until=idle, settle_ms: int = 500) -> None:

@@ -190,7 +190,9 @@ class HistoClusterWidget(Container):
                 ("image", self._draw_image),
                 ("image shown", self._draw_image_shown),
                 ("labels", self._draw_overlays),
+                ("colours", self._refresh_colors),
                 ("labels shown", self._draw_labels_shown),
+                ("labels active", self._draw_labels_active),
                 ("mark", self._draw_mark),
             ]
         )
@@ -432,6 +434,7 @@ class HistoClusterWidget(Container):
         happened to trigger it (a widget's creation: 290-400 ms with one, 80-130 without).
         """
         self.start_passes: list[tuple[str, float]] = []
+        self.start_pass_began: list[float] = []  # perf_counter() when each of them began
         self._warming: dict[int, tuple[Any, float]] = {}  # shown for the first draw: opacity
         slide = lambda w: w._cohort_layer if w._cohort is None else None  # noqa: E731
         clusters = lambda w: w._labels_layer if w._view is None else None  # noqa: E731
@@ -495,6 +498,7 @@ class HistoClusterWidget(Container):
             except RuntimeError:  # the widget or the viewer was closed meanwhile
                 return
             widget.start_passes.append((name, time.perf_counter() - t0))
+            widget.start_pass_began.append(t0)
             del widget
             if i + 1 < len(steps):  # a gap: the event loop paints and ticks between passes
                 QTimer.singleShot(gap_ms, lambda: run(i + 1))
@@ -838,8 +842,12 @@ class HistoClusterWidget(Container):
         return self._redraw.pending
 
     def _draw_image(self) -> None:
-        if self._cohort is not None and self._current is not None:
-            self._swap_image(self._current)
+        if self._cohort is None or self._current is None:
+            return
+        self._swap_image(self._current)
+        labels, image = self.clusters_layer, self._image_layer()
+        if labels is not None and image is not None and labels.units != image.units[-2:]:
+            self._redraw.want("labels")  # in the image layer's units
 
     def _draw_overlays(self) -> None:
         """The shown slide's clusters (corrections, unreadable tiles) and classes predicted."""
@@ -959,10 +967,7 @@ class HistoClusterWidget(Container):
             return
         if self._cohort is None or self._current is None or self._slide_key(self._current) != key:
             return
-        self._swap_image(self._current)
-        labels, image = self.clusters_layer, self._image_layer()
-        if labels is not None and image is not None and labels.units != image.units[-2:]:
-            self._draw_labels()  # in the image layer's units
+        self._redraw.want("image")  # in a pass of its own, not after another part's
 
     def _on_tiles_arrived(self, pid: int) -> None:
         """Pixels of a slide were read in the background: show them soon if it is the one shown."""
@@ -1377,19 +1382,26 @@ class HistoClusterWidget(Container):
             **layer.metadata,
             "histocluster": {"store": str(view.store_path), "run": view.run, "slide_id": sid},
         }
-        self._refresh_colors()
         self._draw_failed()
-        self._redraw.want("labels shown")
+        self._redraw.want("colours", "labels shown")  # a new colormap: 20-30 ms of its own
 
     def _draw_labels_shown(self) -> None:
-        """Show the clusters layer ``_draw_labels`` filled (in the next pass: showing it re-slices
-        it and renews the viewer's dims, 30-50 ms after the data's own 30-60 ms), and put its
-        class names in its features (for napari's status bar)."""
+        """Show the clusters layer ``_draw_labels`` filled (in a later pass: showing it re-slices
+        it and renews the viewer's dims, 20-50 ms after the data's own 10-30 ms)."""
         layer = self.clusters_layer
         if layer is None or self._geometry() is None:
             return  # forgotten, or a slide without clusters shown, meanwhile
         if self.classifier.prediction is None and not layer.visible:
             layer.visible = True  # (setting it when shown re-slices the layer)
+        self._redraw.want("labels active")
+
+    def _draw_labels_active(self) -> None:
+        """Make the shown clusters layer the active one when nothing the user sees is (napari
+        swaps its controls panel in: 20-40 ms), and put its class names in its features (for
+        napari's status bar)."""
+        layer = self.clusters_layer
+        if layer is None or self._geometry() is None:
+            return
         active = self._viewer.layers.selection.active
         if active is None or not active.visible:  # nothing the user sees is selected: the
             self._activate(layer)  # clusters' controls (opacity, colours) in napari's panel
