@@ -214,8 +214,11 @@ class SlotTrace:
 
         class Note(QObject):
             def eventFilter(self, obj, event):  # noqa: N802 (Qt's name)
-                kind = QEvent.Type(event.type()).name
-                events.append((time.perf_counter(), f"{kind} {type(obj).__name__}"))
+                kind, who = QEvent.Type(event.type()).name, type(obj).__name__
+                if who in ("QWidget", "QObject") and hasattr(obj, "parent"):
+                    parent = obj.parent()  # a plain one: named by its parent
+                    who += f"<{type(parent).__name__}" if parent is not None else ""
+                events.append((time.perf_counter(), f"{kind} {who}"))
                 return False
 
         self._filter = Note()
