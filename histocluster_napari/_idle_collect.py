@@ -1,11 +1,10 @@
 """The garbage collector's full pass, run when the widget is idle rather than inside a frame.
 
-A job (extract, cluster, gallery) leaves tens of thousands of new long-lived objects behind
-(napari events, zarr metadata, torch modules). The collector's next full pass scans them all:
-82 ms on the GUI thread, seen landing in the middle of a gallery click's redraw (47 ms of
-slot, a frame) and making a 197 ms freeze of it. Run here, in an event-loop pass of its own
-once the widget has nothing left to draw, the same pass costs the same but meets no other
-work; and after it, CPython's next automatic full pass waits until a quarter as many objects
+A job (extract, cluster, train) leaves new long-lived objects behind (napari events, zarr
+metadata, torch modules), which the collector's next full pass scans: 82 ms on the GUI thread,
+seen landing in the middle of a gallery click's redraw (47 ms of slot, a frame) and making a
+197 ms freeze of it. Run here, in an event-loop pass of its own once the widget has nothing
+left to draw, the same pass (53-72 ms measured, 2 slow cores) meets no other work; after it, CPython's next automatic full pass waits until a quarter as many objects
 again have survived (``gc`` docs: ``long_lived_pending > long_lived_total / 4``).
 """
 

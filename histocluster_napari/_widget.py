@@ -1790,7 +1790,6 @@ class HistoClusterWidget(Container):
             self.gallery.add_tile(payload, error)
         else:
             self._gallery_loading = False
-            self._collector.soon()
             if error is not None and not isinstance(error, Cancelled):
                 self._fail(f"gallery: {error}")
 
