@@ -4,8 +4,9 @@ A job (extract, cluster, train) leaves new long-lived objects behind (napari eve
 metadata, torch modules), which the collector's next full pass scans: 82 ms on the GUI thread,
 seen landing in the middle of a gallery click's redraw (47 ms of slot, a frame) and making a
 197 ms freeze of it. Run here, in an event-loop pass of its own once the widget has nothing
-left to draw, the same pass (53-72 ms measured, 2 slow cores) meets no other work; after it, CPython's next automatic full pass waits until a quarter as many objects
-again have survived (``gc`` docs: ``long_lived_pending > long_lived_total / 4``).
+left to draw, the same pass (53-72 ms measured, 2 slow cores) meets no other work; after it,
+CPython's next automatic full pass waits until a quarter as many objects again have survived
+(``gc`` docs: ``long_lived_pending > long_lived_total / 4``).
 """
 
 from __future__ import annotations
