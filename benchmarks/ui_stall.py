@@ -11,6 +11,10 @@ Extract all, Cluster, name a cluster, correct tiles, switch slides, change k, op
 gallery, click a gallery tile, export. A 10 ms ``QTimer`` records when the event loop runs;
 the longest interval between two of its ticks is the longest stall (the goal: under 100 ms).
 
+Mesa's shader cache (software GL, as under Xvfb) is empty by default (``--gl-cache cold``: each
+shader compiled on the GUI thread as at a first launch); ``--gl-cache warm`` first fills it with
+a run of its own, as every later launch finds it.
+
 Per action it prints the longest stall, the widget's stage then running, the GUI thread's CPU
 within it, the process CPU and the load average. Two opt-in ways to see where the time goes:
 
@@ -40,6 +44,7 @@ import functools
 import io
 import os
 import pstats
+import subprocess
 import sys
 import tempfile
 import threading
@@ -184,7 +189,8 @@ class SlotTrace:
     SLOTS = (
         "_on_event", "_on_slide_loaded", "_show_arrived_tiles", "_show_rows", "_apply_progress",
         "_on_gallery_event", "_recluster", "save_curation", "jump_to_tile", "show_slide",
-        "open_folder", "extract_all", "run_cluster", "export_selected",
+        "open_folder", "extract_all", "run_cluster", "export_selected", "find_similar",
+        "_draw_outlines",
     )  # fmt: skip
 
     def __init__(self, widget_class, min_ms: float) -> None:
@@ -407,6 +413,8 @@ def drive(args: argparse.Namespace, tmp: Path) -> StallMeter:
         widget.gallery.click(i)
 
     act("click a gallery tile", click_other)
+    found = lambda: getattr(widget, "similar_hits", ()) is not None  # noqa: E731 (older: at once)
+    act("find similar", lambda: widget.find_similar(), found)  # the clicked tile's, as Shift-F
     widget.curation.select(cluster, True)
     widget.curation.name_cluster(cluster, "tumour")
     widget.export_dir.value = str(tmp / "export")
@@ -549,6 +557,29 @@ def report(meter: StallMeter, load_before: tuple, load_after: tuple, top: int) -
         )
 
 
+def use_gl_cache(args: argparse.Namespace, tmp: Path) -> str:
+    """Point Mesa's shader cache where ``--gl-cache`` says (before any GL context exists) and,
+    for ``warm``, fill it with a first run of the benchmark in a child process. With Mesa's
+    llvmpipe, a shader's first compile costs the GUI thread up to hundreds of ms; cached, a
+    few. Returns what the run used, for the report."""
+    if args.gl_cache == "user":
+        return "the user's own (as it is)"
+    folder = tmp / "mesa_shader_cache"
+    os.environ["MESA_SHADER_CACHE_DIR"] = str(folder)
+    os.environ.pop("MESA_SHADER_CACHE_DISABLE", None)
+    if args.gl_cache == "cold":
+        return f"cold (empty: {folder})"
+    argv = ["--gl-cache", "user", "--slides", str(args.slides), "--encoder", args.encoder]
+    argv += ["--tile-px", str(args.tile_px), "--mpp", str(args.mpp), "--k", str(args.k)]
+    t0 = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, __file__, *argv], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"ui_stall: the run that fills the shader cache failed:\n{done.stderr}")
+    return f"warm (filled by a first run, {time.perf_counter() - t0:.0f} s: {folder})"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--slides", type=int, default=20)
@@ -574,6 +605,14 @@ def main() -> int:
     )
     parser.add_argument("--trace-ms", type=float, default=70.0, help="stalls --trace lists")
     parser.add_argument(
+        "--gl-cache",
+        choices=("cold", "warm", "user"),
+        default="cold",
+        help="Mesa's shader cache (software GL): cold, an empty one, as at a first launch (the "
+        "default); warm, one a first run of this benchmark (in a child process) filled, as at "
+        "every later launch; user, the user's own (~/.cache/mesa_shader_cache), as it is",
+    )
+    parser.add_argument(
         "--recluster-tiles",
         type=int,
         default=0,
@@ -585,8 +624,12 @@ def main() -> int:
         if args.recluster_tiles:
             recluster_in_widget(args, Path(tmp))
             return 0
+        gl_cache = use_gl_cache(args, Path(tmp))
         load_before = os.getloadavg()
-        print(f"{args.slides} slides, tile {args.tile_px} px at {args.mpp} um/px, k={args.k}")
+        print(
+            f"{args.slides} slides, tile {args.tile_px} px at {args.mpp} um/px, k={args.k}; "
+            f"GL shader cache: {gl_cache}"
+        )
         meter = drive(args, Path(tmp))
         report(meter, load_before, os.getloadavg(), args.top)
         if meter.trace is not None:

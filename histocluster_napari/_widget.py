@@ -44,8 +44,7 @@ from magicgui.widgets import (
     PushButton,
     SpinBox,
 )
-from napari.layers import Image, Labels, Points
-from napari.utils.colormaps.standardize_color import transform_color
+from napari.layers import Image, Labels
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QObject, Qt, QTimer, Signal
 from qtpy.QtWidgets import QFileDialog, QSizePolicy
@@ -88,7 +87,15 @@ from histocluster_napari._slide_list import SlideList, set_bar
 from histocluster_napari._slide_loader import SlideLoader
 from histocluster_napari._slide_progress import SlideProgress
 from histocluster_napari._store_layers import CLUSTERS_SUFFIX
-from histocluster_napari._text_glyphs import METRIC_GLYPHS, load_glyphs, text_font
+from histocluster_napari._tile_outlines import (
+    HIT,
+    MARK,
+    QUERY,
+    blank_outline_levels,
+    outline_colormap,
+    outline_levels,
+    outline_placement,
+)
 
 if TYPE_CHECKING:
     import napari
@@ -115,8 +122,6 @@ NOTICE_DELAY_MS = 60
 """A run's warnings go to napari's notification toast this long after the run is shown: the
 status line says them at once, the toast waits for the table's frame."""
 OVERLAY_OPACITY = 0.6
-OUTLINE_WIDTH = 0.08
-"""Width of a tile's outline (similar tiles, the gallery tile), as a share of the tile's side."""
 KEYS = {"Shift-F": "find similar", "Shift-M": "move", "Shift-X": "exclude", "Shift-U": "restore"}
 """Viewer keys: tile under the cursor -> similar tiles / to the correction class / excluded / back."""
 
@@ -217,6 +222,10 @@ class HistoClusterWidget(Container):
         self._gallery_next = 0
         self._gallery_loading = False
         self._gallery_stop = threading.Event()
+        self._similar_bridge = _Bridge()  # (generation, slide, tile, hits, error) of a query
+        self._similar_bridge.event.connect(self._on_similar_found)
+        self._similar_generation = 0
+        self.similar_hits: list[tuple[int, int, float]] | None = None  # the last query's
 
         # ---- inputs
         self.slide = ComboBox(label="slide", choices=self._slide_choices, nullable=True)
@@ -329,7 +338,8 @@ class HistoClusterWidget(Container):
         for event in (viewer.layers.events.inserted, viewer.layers.events.removed):
             event.connect(self._on_layers_changed)
         self._viewer_hooks = _ViewerHooks(self, viewer)
-        self._rect_layers: dict[str, Points] = {}  # tile outlines: square markers
+        self._rect_layers: dict[str, Labels] = {}  # tile outlines (see _tile_outlines)
+        self._outlined: set[str] = set()  # the kinds of outline drawn once at least
         self._prepare_layers()  # in the next event-loop passes
         self._on_layers_changed()
         self._update_store_hint()
@@ -459,7 +469,6 @@ class HistoClusterWidget(Container):
             make_controls = (f"{name}: controls", lambda _w: controls.make(), START_PASS_GAP_MS)
             return [(name, make, START_PASS_GAP_MS), make_controls]  # (a frame between them)
 
-        glyphs = lambda chars: lambda w: load_glyphs(w._outline_font(), chars)  # noqa: E731
         steps: list[tuple[str, Any, int]] = [  # (name, called with the widget, ms to the next)
             *[
                 (f"dock: {builder}", HistoClusterWidget._build_results, START_PASS_GAP_MS)
@@ -471,14 +480,6 @@ class HistoClusterWidget(Container):
             *held("clusters layer", HistoClusterWidget._make_clusters_layer),
             *held("similar tiles layer", lambda w: w._make_rect_layer("similar")),
             *held("gallery tile layer", lambda w: w._make_rect_layer("mark")),
-            *[  # a few glyphs a pass: 15-25 ms each on a slow machine
-                (
-                    f"text glyphs {i + 1}/3",
-                    glyphs(METRIC_GLYPHS[3 * i : 3 * i + 3]),
-                    START_PASS_GAP_MS,
-                )
-                for i in range(3)
-            ],
             ("first draw: slide", lambda w: w._draw_once(slide(w)), FIRST_DRAW_MS),
             ("first draw: clusters", lambda w: w._draw_once(clusters(w)), FIRST_DRAW_MS),
             ("first draw: similar", lambda w: w._draw_once(outline("similar")(w)), FIRST_DRAW_MS),
@@ -560,30 +561,21 @@ class HistoClusterWidget(Container):
         with _not_activated(self._viewer):
             self._rect_layers[kind] = _outline_layer(self._viewer, name, units=("um", "um"))
 
-    def _outline_font(self) -> Any | None:
-        """The font of an outline layer's (napari's, shared) text visual; see _text_glyphs."""
-        layer = self._rect_layers.get("similar") or self._rect_layers.get("mark")
-        return None if layer is None else text_font(self._viewer, layer)
-
-    def _unused_rect_layer(self, kind: str) -> Points | None:
+    def _unused_rect_layer(self, kind: str) -> Labels | None:
         layer = self._rect_layers.get(kind)
-        return layer if layer is not None and not layer.visible and len(layer.data) == 0 else None
+        unused = layer is not None and not layer.visible and kind not in self._outlined
+        return layer if unused else None
 
     def _draw_once(self, layer: Any) -> None:
         """Hide the layers shown for their first draw; show ``layer`` (if not None: still unused)
         for one frame, fully transparent (vispy compiles its shaders in that draw). One layer a
         pass: drawing all at once for the first time took 300-400 ms on the GUI thread."""
         for shown, opacity in list(self._warming.values()):
-            shown.opacity = opacity  # before emptying: a Points layer's opacity redraws its
-            # thumbnail from its last slice, which indexes the old data (IndexError once emptied)
-            if isinstance(shown, Points):  # emptied while shown: napari slices it
-                shown.data = np.zeros((0, 2))  # (a hidden one keeps its old slice)
+            shown.opacity = opacity
             shown.visible = False
         self._warming.clear()
         if layer is None or layer.visible:
             return
-        if isinstance(layer, Points):
-            layer.data = np.zeros((1, 2))
         self._warming[id(layer)] = (layer, layer.opacity)
         layer.opacity = 0.0
         layer.visible = True
@@ -1646,30 +1638,62 @@ class HistoClusterWidget(Container):
             return
         self.find_similar(tile)
 
-    def find_similar(self, tile: tuple[int, int] | None = None) -> list[tuple[int, int, float]]:
-        """Mark the tiles of the shown slide most similar to ``tile`` (default: the last clicked)."""
+    def find_similar(self, tile: tuple[int, int] | None = None) -> Any | None:
+        """Find, in a worker, the tiles of the shown slide most similar to ``tile`` (default: the
+        last clicked), then mark them and keep them in ``similar_hits`` (row, col, cosine
+        similarity). Returns the worker, or None when there is nothing to query.
+
+        The query reads the slide's features from the store (100-200 ms): off the GUI thread.
+        A newer query, or another slide shown meanwhile, drops an older one's hits."""
         if self._view is None or self._current is None:
             self._fail("Find similar: cluster a slide first")
-            return []
+            return None
         tile = tile or self._query_tile
         if tile is None:
             self._fail("Find similar: click a tile first, or press Shift-F over one")
-            return []
-        try:
-            hits = _session.similar_tiles(
-                self._view, self._current, tile, int(self.n_similar.value)
-            )
-        except HistoclusterError as e:
-            self._fail(str(e))
-            return []
+            return None
+        self._similar_generation += 1
+        self.similar_hits = None
+        gen, view, sid, bridge = (
+            self._similar_generation,
+            self._view,
+            self._current,
+            self._similar_bridge,
+        )
+        top = int(self.n_similar.value)
+
+        def work() -> None:
+            try:
+                hits = _session.similar_tiles(view, sid, tile, top)
+            except BaseException as e:  # shown in the GUI thread
+                bridge.event.emit((gen, sid, tile, None, e))
+            else:
+                bridge.event.emit((gen, sid, tile, hits, None))
+
+        self.status.value = f"Finding the tiles most similar to tile {tile}…"
+        worker = create_worker(in_background(work), _start_thread=False, _ignore_errors=True)
+        worker.start()
+        return worker
+
+    def _on_similar_found(self, event: tuple) -> None:
+        gen, sid, tile, hits, error = event
+        if gen != self._similar_generation or sid != self._current or self._view is None:
+            return  # superseded, or another slide is shown now
+        if not _viewer_open(self._viewer):
+            return  # closed while the worker ran
+        if error is not None:
+            self._fail(f"Find similar: {error}")
+            return
+        if self._geometry() is None:
+            return
         image = self._image_layer()
-        name = (image.name if image is not None else self._current) + SIMILAR_SUFFIX
+        name = (image.name if image is not None else sid) + SIMILAR_SUFFIX
         tiles = [tile] + [(r, c) for r, c, _ in hits]
-        self._draw_outlines("similar", name, tiles, ["cyan"] + ["yellow"] * len(hits))
+        self._draw_outlines("similar", name, tiles, [QUERY] + [HIT] * len(hits))
+        self.similar_hits = hits
         self.status.value = (
             f"{len(hits)} tiles most similar to tile {tile} marked (yellow; the query in cyan)."
         )
-        return hits
 
     def _tile_rect(self, row: int, col: int) -> np.ndarray:
         geom = self._geometry()
@@ -1682,11 +1706,10 @@ class HistoClusterWidget(Container):
         return np.array([[ys[0], xs[0]], [ys[0], xs[1]], [ys[1], xs[1]], [ys[1], xs[0]]])
 
     def _draw_outlines(
-        self, kind: str, name: str, tiles: list[tuple[int, int]], colors: list[str]
-    ) -> Points:
+        self, kind: str, name: str, tiles: list[tuple[int, int]], values: list[int]
+    ) -> Labels:
         """Outline the shown slide's ``tiles`` (row, col) in the widget's layer of ``kind``
-        (renamed ``name``): a square marker of the tile's side on each (a Shapes rectangle would
-        be triangulated on the GUI thread at every change)."""
+        (renamed ``name``), each in the colour of its value (``_tile_outlines``)."""
         geom = self._geometry()
         assert geom is not None
         image = self._image_layer()
@@ -1694,21 +1717,23 @@ class HistoClusterWidget(Container):
         if layer is None or layer not in self._viewer.layers:  # the user deleted it
             layer = self._rect_layers[kind] = _outline_layer(self._viewer, name)
         self._use_layer(layer)
+        self._outlined.add(kind)
         # Redrawn in place: removing a layer and adding another while a Labels layer is
         # drawn can crash vispy on Mesa's llvmpipe (see _swap_image).
         if image is not None and tuple(layer.units) != tuple(image.units[-2:]):
             layer.units = image.units[-2:]
-        if not layer.visible:
-            layer.visible = True  # before the data: napari keeps a hidden layer's extent
-        rects = np.array([self._tile_rect(r, c) for r, c in tiles]).reshape(-1, 4, 2)
-        centres = rects.mean(axis=1)
-        side = float(np.ptp(rects[0, :, 0])) if len(rects) else 1.0
-        same = len(layer.data) == len(centres)  # napari keeps each point's size and colour
-        layer.data = centres
-        if not same or not np.allclose(layer.size, side):
-            layer.size = side
-        if not same or not np.allclose(layer.border_color, transform_color(colors)):
-            layer.border_color = colors
+        levels, origin = outline_levels(tiles, values)
+        scale, translate = outline_placement(geom, origin)
+        oy, ox = self._offset()
+        translate = (translate[0] + oy, translate[1] + ox)
+        with _refresh_once(layer):  # (each setter would slice and redraw the layer)
+            if not layer.visible:
+                layer.visible = True  # before the data: napari keeps a hidden layer's extent
+            layer.data = levels
+            if not np.allclose(layer.scale[-2:], scale):
+                layer.scale = scale
+            if not np.allclose(layer.translate[-2:], translate):
+                layer.translate = translate
         if layer.name != name:
             layer.name = name
         self._keep_above(layer, self.clusters_layer or image)
@@ -1838,7 +1863,7 @@ class HistoClusterWidget(Container):
         if mark is None or self._view is None or mark[0] != self._current:
             return
         if self._geometry() is not None:
-            self._draw_outlines("mark", MARK_LAYER, [mark[1:]], ["magenta"])
+            self._draw_outlines("mark", MARK_LAYER, [mark[1:]], [MARK])
 
     def _tile_camera(self, rect: np.ndarray) -> tuple[tuple[float, float], float]:
         """(centre, zoom) of the camera on a tile's outline ``rect`` (4, 2): a quarter of the canvas."""
@@ -1964,23 +1989,19 @@ def _not_activated(viewer: Any) -> Iterator[None]:
         layers._activate_on_insert = before
 
 
-def _outline_layer(viewer: Any, name: str, **kwargs: Any) -> Points:
-    """A hidden Points layer whose points are drawn as tile outlines (hollow squares)."""
-    _wait_for_warm_up()
-    layer = viewer.add_points(
-        np.zeros((0, 2)), name=name, symbol="square", face_color="transparent",
-        border_color="magenta", border_width=OUTLINE_WIDTH, border_width_is_relative=True,
-        visible=False, **kwargs,
+def _outline_layer(viewer: Any, name: str, **kwargs: Any) -> Labels:
+    """A hidden multiscale Labels layer that draws tile outlines (see ``_tile_outlines``)."""
+    return _view_labels(
+        viewer, blank_outline_levels(), multiscale=True, colormap=outline_colormap(),
+        opacity=1.0, name=name, visible=False, **kwargs,
     )  # fmt: skip
-    layer.editable = False
-    return layer
 
 
 #: A Labels layer's overlays used only while painting or drawing a polygon on it.
 LABELS_EDIT_OVERLAYS = ("polygon", "brush_stroke")
 
 
-def _view_labels(viewer: Any, data: np.ndarray, **kwargs: Any) -> Labels:
+def _view_labels(viewer: Any, data: Any, **kwargs: Any) -> Labels:
     """Add a Labels layer that is only viewed (not editable), without the visuals of its edit
     overlays: napari builds a visual of each visible overlay when the layer is added (the
     polygon's and the brush stroke's: ~200 ms of shader parsing on the GUI thread); a layer
@@ -1995,6 +2016,19 @@ def _view_labels(viewer: Any, data: np.ndarray, **kwargs: Any) -> Labels:
             overlay.visible = False
     viewer.add_layer(layer)
     return layer
+
+
+@contextmanager
+def _refresh_once(layer: Any) -> Iterator[None]:
+    """Inside, the layer's setters do not slice it (napari's ``_block_refresh``); it is sliced
+    and redrawn once at the end. Where this napari lacks it, each setter refreshes as usual."""
+    block = getattr(layer, "_block_refresh", None)
+    if block is None:
+        yield
+        return
+    with block():
+        yield
+    layer.refresh()
 
 
 def _hide(layer: Any) -> None:

@@ -15,6 +15,7 @@ from engine.tiling import Tiling
 from histocluster_napari._cluster_table import COL_COUNT, COL_SLIDE
 from histocluster_napari._gallery import gallery_order
 from histocluster_napari._session import ClusterJob, cluster
+from histocluster_napari._tile_outlines import MARK, OUTLINE_SUBS
 from histocluster_napari._widget import MARK_LAYER, HistoClusterWidget
 from tests.napari.conftest import FAST
 from tests.napari.test_widget import TIMEOUT_MS, wait_idle
@@ -144,12 +145,15 @@ def test_gallery_shows_a_cluster_across_slides_and_a_click_jumps_to_the_tile(
     assert viewer.layers[0].name == sid
     labels = viewer.layers[f"{sid} clusters"]
     assert widget.tile_at(tuple(widget.camera.center[-2:])) == (row, col)
-    mark = viewer.layers[MARK_LAYER]  # a square marker of the tile's side on the tile
-    assert mark.visible and len(mark.data) == 1
-    centre = labels.data_to_world((row, col))
+    mark = viewer.layers[MARK_LAYER]  # the tile's outline: its border, 12 label pixels a side
+    sub = OUTLINE_SUBS[0]
+    outline = np.asarray(mark.data[0])
+    assert mark.visible and outline.shape == (sub, sub) and (outline == MARK).sum() == 4 * sub - 4
+    centre = np.asarray(labels.data_to_world((row, col))[-2:])
     side = labels.scale[-1]  # (the grid's scale rounds the tile's level-0 side: ~1e-6)
-    np.testing.assert_allclose(mark.data[0], centre[-2:], atol=1e-3 * side)
-    np.testing.assert_allclose(mark.size, side, rtol=1e-3)
+    for corner, edge in ((-0.5, -0.5), (sub - 0.5, 0.5)):  # its edges: the tile's
+        world = np.asarray(mark.data_to_world((corner, corner))[-2:])
+        np.testing.assert_allclose(world, centre + edge * side, atol=1e-3 * side)
 
 
 def test_a_multi_slide_store_opens_one_slide_in_the_reader(make_napari_viewer, clustered_cohort):

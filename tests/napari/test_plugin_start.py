@@ -3,11 +3,9 @@ in event-loop passes of their own, and end up as napari and the user expect."""
 
 from __future__ import annotations
 
-from napari.layers import Points
 from qtpy.QtWidgets import QApplication
 
 from histocluster_napari._held_controls import HeldControls
-from histocluster_napari._text_glyphs import METRIC_GLYPHS, text_font
 from histocluster_napari._widget import HistoClusterWidget, _not_activated
 from tests.napari.test_widget import TIMEOUT_MS
 
@@ -82,21 +80,3 @@ def test_a_panel_asked_for_early_is_made_then_with_those_above_it(make_napari_vi
     assert order.index(widget.classifier.native) < order.index(widget.map_panel.native)
     assert widget.gallery not in order  # laid out in its own pass, below the map
     widget.native.close()
-
-
-def test_the_text_glyphs_are_loaded_before_the_outline_layers_first_draw(make_napari_viewer, qtbot):
-    viewer = make_napari_viewer()
-    widget = HistoClusterWidget(viewer)
-    viewer.window.add_dock_widget(widget, name="HistoCluster")
-    loaded_at_first_draw = []
-    draw_once = widget._draw_once
-
-    def spy(layer):
-        if isinstance(layer, Points) and not loaded_at_first_draw:
-            font = text_font(viewer, layer)
-            loaded_at_first_draw.append(set(METRIC_GLYPHS) <= set(font._glyphs))
-        draw_once(layer)
-
-    widget._draw_once = spy
-    qtbot.waitUntil(lambda: widget.layers_ready, timeout=TIMEOUT_MS)
-    assert loaded_at_first_draw == [True]

@@ -11,6 +11,7 @@ import pytest
 from qtpy.QtCore import Qt, QTimer
 
 from histocluster_napari._cluster_table import COL_COUNT
+from histocluster_napari._tile_outlines import HIT, OUTLINE_SUBS, QUERY
 from histocluster_napari._widget import HistoClusterWidget
 from tests.conftest import SAMPLE_DATA
 from tests.napari.conftest import ARTIFACTS, FAST
@@ -201,17 +202,39 @@ def test_clicking_tiles_selects_clusters_and_show_selected_only_hides_the_rest(
     assert np.all(layer.colormap.map(np.arange(1, FAST["k"] + 1))[:, 3] == 1)
     # Find similar marks the requested number of tiles, not the query itself.
     widget.n_similar.value = 4
-    hits = widget.find_similar()
+    widget.find_similar()  # the hits are found in a worker, then marked
+    qtbot.waitUntil(lambda: widget.similar_hits is not None, timeout=TIMEOUT_MS)
+    hits = widget.similar_hits
     assert len(hits) == 4 and all((r, c) != (row, col) for r, c, _ in hits)
     marks = viewer.layers[f"{widget.slide.value.name} similar"]
-    assert len(marks.data) == 5
-    # The query's outline (a square marker) covers exactly the tile's level-0 pixels (world
-    # edges at -0.5 px): centred on them, their side wide.
+    outline = np.asarray(marks.data[0])  # level 0: 12 label pixels per tile, the border set
+    border = 4 * (OUTLINE_SUBS[0] - 1)
+    assert (outline == QUERY).sum() == border and (outline == HIT).sum() == 4 * border
+    # The query's outline covers exactly the tile's level-0 pixels (world edges at -0.5 px).
     mpp, side = 0.5, 1024
-    np.testing.assert_allclose(
-        marks.data[0], [(row * side + side / 2 - 0.5) * mpp, (col * side + side / 2 - 0.5) * mpp]
-    )
-    np.testing.assert_allclose(marks.size, side * mpp)
+    y0, x0, y1, x1 = (np.array([row, col, row + 1, col + 1]) * side - 0.5) * mpp
+    inset = side * mpp / OUTLINE_SUBS[0] / 4  # a quarter of an outline's width
+
+    def outline_at(y: float, x: float) -> int:
+        outline = np.asarray(marks.data[0])
+        i, j = np.floor(np.asarray(marks.world_to_data((y, x))[-2:]) + 0.5).astype(int)
+        inside = 0 <= i < outline.shape[0] and 0 <= j < outline.shape[1]
+        return int(outline[i, j]) if inside else 0
+
+    assert outline_at(y0 + inset, x0 + inset) == QUERY == outline_at(y1 - inset, x1 - inset)
+    assert outline_at((y0 + y1) / 2, x0 + 5 * inset) == 0  # hollow
+    assert QUERY not in (outline_at(y0 - inset, x0 + inset), outline_at(y1 + inset, x1 - inset))
+    left_edge = lambda r, c: (((r + 0.5) * side - 0.5) * mpp, (c * side - 0.5) * mpp + inset)  # noqa: E731
+    for r, c, _ in hits:  # each hit outlined, at its own tile
+        assert outline_at(*left_edge(r, c)) == HIT
+    # Of two queries in a row, only the last one's hits are kept and marked.
+    other = hits[0][:2]
+    widget.find_similar((row, col))
+    widget.find_similar(other)
+    qtbot.waitUntil(lambda: widget.similar_hits is not None, timeout=TIMEOUT_MS)
+    qtbot.wait(300)  # the first query's result, arriving after, is dropped
+    assert all((r, c) != other for r, c, _ in widget.similar_hits)
+    assert outline_at(*left_edge(*other)) == QUERY
 
 
 def test_k_change_reclusters_from_stored_features(
