@@ -537,7 +537,10 @@ class HistoClusterWidget(Container):
         if self._cohort_layer is not None:
             return
         _wait_for_warm_up()
-        blank = [np.zeros((2, 2, 3), np.uint8), np.zeros((1, 1, 3), np.uint8)]
+        # Sides that are not powers of two, as a slide's view is not: Mesa's llvmpipe compiles
+        # a shader variant per kind of texture, at its first draw (open folder: 83-111 ms with
+        # a 2 x 2 blank, 54-74 with this one; cold shader cache, benchmarks/ui_stall.py).
+        blank = [np.zeros((61, 93, 3), np.uint8), np.zeros((30, 46, 3), np.uint8)]
         self._cohort_layer = Image(
             blank, multiscale=True, rgb=True, contrast_limits=(0, 255), units=("um", "um"),
             name="HistoCluster slide", visible=False,
@@ -548,10 +551,11 @@ class HistoClusterWidget(Container):
     def _make_clusters_layer(self) -> None:
         if self._labels_layer is not None:
             return
+        blank = np.zeros((37, 53), np.uint8)  # as the slide layer's: not powers of two
         with _not_activated(self._viewer):
             self._labels_layer = _view_labels(
-                self._viewer, np.zeros((1, 1), np.uint8), name="HistoCluster clusters",
-                opacity=OVERLAY_OPACITY, units=("um", "um"), visible=False,
+                self._viewer, blank, name="HistoCluster clusters", opacity=OVERLAY_OPACITY,
+                units=("um", "um"), visible=False,
             )  # fmt: skip
 
     def _make_rect_layer(self, kind: str) -> None:
