@@ -64,10 +64,15 @@ _GRID_KEYS = ("fingerprint", "rows", "cols", "tile_l0", "stride_l0", "dimensions
 
 
 class CarryOver(NamedTuple):
-    """The curation of the new run and the report, one line per name (``"'ink' → cluster 5"``)."""
+    """The curation of the new run and the report, one line per name (``"'ink' → cluster 5"``).
+
+    ``lost``: the lines of ``report`` that say what the user made and the new run lost (a name
+    cleared, per-tile overrides dropped): what a caller should show as a warning.
+    """
 
     curation: Curation
     report: list[str]
+    lost: list[str]
 
 
 def overlap(
@@ -203,21 +208,15 @@ def carry_over(
             same_encoder,
         )
     ]
+    lost: list[str] = []
     for x in classes:
-        report.append(
-            _name_line(
-                x,
-                new_names,
-                per_class[x],
-                known_tiles,
-                evidence,
-                beaten,
-                cos,
-                names,
-                min_share,
-                min_cosine,
-            )
-        )
+        line = _name_line(
+            x, new_names, per_class[x], known_tiles, evidence, beaten, cos, names, min_share,
+            min_cosine,
+        )  # fmt: skip
+        report.append(line)
+        if x not in new_names:  # cleared
+            lost.append(line)
 
     overrides: dict[TileKey, str | None] = {}
     keep = set(shared_slides(old_store, store, old.override_slides()))
@@ -230,6 +229,7 @@ def carry_over(
                 f"{len(tiles)} per-tile override(s) on slide {sid!r} dropped: {store.path} "
                 "does not hold that slide on the same grid"
             )
+            lost.append(report[-1])
     if overrides:
         report.append(f"{len(overrides)} per-tile override(s) stay on their tiles")
 
@@ -243,7 +243,7 @@ def carry_over(
         overrides=overrides,
         history=history[-_HISTORY:],
     )
-    return CarryOver(new, report)
+    return CarryOver(new, report, lost)
 
 
 def _same_store(a: FeatureStore, b: FeatureStore) -> bool:

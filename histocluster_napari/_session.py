@@ -26,7 +26,7 @@ from engine import export as engine_export
 from engine import extract as engine_extract
 from engine.cluster_features import ClusterFeatures
 from engine.curation import Curation
-from engine.curation_match import carry_over
+from engine.curation_match import CarryOver, carry_over
 from engine.encoder_id import EncoderId
 from engine.errors import HistoclusterError, StoreError
 from engine.files import cache_dir
@@ -267,6 +267,7 @@ class ClusterView:
     exemplars: list[list[np.ndarray]]  # per cluster, up to 3 (tile_px, tile_px, 3) uint8 tiles
     curation: Curation
     carried: list[str] = field(default_factory=list)  # what carry_over moved and cleared
+    carried_lost: list[str] = field(default_factory=list)  # of those, what was lost (warnings)
     job: ClusterJob | None = None
     encoded: int = 0
     warnings: list[str] = field(default_factory=list)
@@ -425,9 +426,9 @@ def cluster_store(
     views: list[ClusterView] = []
 
     def shown(result: engine_cluster.ClusterResult) -> None:
-        curation, carried = _carried(store, result, previous, previous_store, previous_run)
-        view = _result_view(store, result, curation)
-        view.carried = carried
+        moved = _carried(store, result, previous, previous_store, previous_run)
+        view = _result_view(store, result, moved.curation)
+        view.carried, view.carried_lost = moved.report, moved.lost
         views.append(view)
         if on_view is not None:
             on_view(view)
@@ -449,11 +450,11 @@ def _carried(
     previous: Curation | None,
     previous_store: Path | None,
     previous_run: ClusterRun | None,
-) -> tuple[Curation, list[str]]:
+) -> CarryOver:
     """The new run's curation carried over from ``previous`` (before the run is written)."""
     k = len(result.centroids)
     if previous is None:
-        return Curation(result.run, k), []
+        return CarryOver(Curation(result.run, k), [], [])
     same = previous_store is None or Path(previous_store).resolve() == Path(store.path).resolve()
     old_store = store if same else FeatureStore.open(previous_store)  # type: ignore[arg-type]
     try:
@@ -466,8 +467,9 @@ def _carried(
             new_data=ClusterRun({}, result.centroids, result.labels),
         )
     except (HistoclusterError, KeyError, ValueError) as e:
-        return Curation(result.run, k), [f"names of run {previous.run!r} not carried over: {e}"]
-    return moved.curation, list(moved.report)
+        line = f"names of run {previous.run!r} not carried over: {e}"
+        return CarryOver(Curation(result.run, k), [line], [line])
+    return moved
 
 
 def _slide_fields(sids: Sequence[str], attrs: dict[str, dict]) -> dict[str, dict]:

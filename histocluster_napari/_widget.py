@@ -1336,10 +1336,9 @@ class HistoClusterWidget(Container):
         )
         # The names carried over are said in the status line and its tooltip only: napari's
         # toast slides in over several frames, each recomposing the window (131 ms measured on
-        # llvmpipe). A name cleared (curation_match's lines say "cleared") and the run's
+        # llvmpipe). What the carry-over lost (a name cleared, overrides dropped) and the run's
         # warnings are toasts too, once the table is drawn.
-        cleared = [line for line in moved if "cleared" in line]
-        for text in cleared + view.warnings:
+        for text in view.carried_lost + view.warnings:
             QTimer.singleShot(NOTICE_DELAY_MS, lambda text=text: show_warning(text))
 
     def _image_layer(self) -> Image | None:

@@ -263,7 +263,7 @@ def test_names_follow_the_ink_cluster_when_k_changes(sample_store: Path, ink_cur
     assert len(before) >= 10
     figures = {}
     for run in ("k9", "k10", "k8s1"):
-        new, report = carry_over(cur, store, run)
+        new, report, lost = carry_over(cur, store, run)
         after = tiles_of(new, store, "green ink", selected_only=True)
         figures[run] = iou(before, after)
         truth_iou = len({(sid, r, c) for r, c in np.argwhere(truth)} & after) / max(
@@ -274,6 +274,7 @@ def test_names_follow_the_ink_cluster_when_k_changes(sample_store: Path, ink_cur
             f"IoU with the green-ink ground truth {truth_iou:.3f}; report: {report}"
         )
         assert any(line.startswith("'green ink' → cluster") for line in report), report
+        assert lost == [], lost  # nothing the user made was lost
         assert new.run == run and new.k == int(run[1:3].rstrip("s"))
         assert all(new.is_selected(c) for c in new.clusters_of("green ink"))
         assert len(new.clusters_of("green ink")) >= 1
@@ -297,9 +298,10 @@ def test_overrides_survive_carry_over_and_export_honours_them(
     bubble = tuple(int(v) for v in other[1])
     cur.override_tile(sid, *bubble, "bubble")  # a class of its own
     for run in ("k9", "k10"):
-        new, report = carry_over(cur, store, run)
+        new, report, lost = carry_over(cur, store, run)
         assert new.overrides() == cur.overrides()
         assert any("4 per-tile override(s) stay" in line for line in report), report
+        assert not any("override" in line for line in lost), lost
         ink_now = tiles_of(new, store, "green ink", selected_only=True)
         assert (sid, int(r0), int(c0)) not in ink_now and (sid, int(r1), int(c1)) not in ink_now
         assert (sid, *moved) in ink_now
@@ -316,7 +318,7 @@ def test_assignments_never_yield_a_tile_of_an_unnamed_or_unselected_cluster(
 ) -> None:
     cur, sid, ink = ink_curation
     store = FeatureStore.open(sample_store)
-    new, _ = carry_over(cur, store, "k10")
+    new, _, _ = carry_over(cur, store, "k10")
     named = [c for c in range(new.k) if new.name_of(c) is None][0]
     new.name_cluster(named, "tissue")  # named but not selected
     new.override_tile(sid, 0, 0, "tissue")  # an override to a class that is not exported
@@ -352,12 +354,13 @@ def test_a_name_whose_tiles_scatter_is_cleared_with_a_line(sample_store: Path) -
     share = (m / np.maximum(1, m.sum(0))).max(0)  # best old share of each new cluster
     moved = int(np.argmin(m.max(1) / m.sum(1)))  # the old cluster that scattered most
     cur.name_cluster(moved, "scattered")
-    new, report = carry_over(cur, store, "k8s1")
+    new, report, lost = carry_over(cur, store, "k8s1")
     line = next(line for line in report if line.startswith("'scattered'"))
     if new.clusters_of("scattered"):  # it still has a cluster made >= 90 % of its tiles
         assert share[new.clusters_of("scattered")].min() >= MIN_SHARE
+        assert line not in lost
     else:
-        assert "cleared" in line, line
+        assert "cleared" in line and lost == [line], (line, lost)
     print(report)
 
 
@@ -400,7 +403,7 @@ def test_names_follow_their_cluster_onto_added_slides(
     cluster(path, 9, "both")
     store = FeatureStore.open(path)
     assert store.slide_ids() == [sid, "sample_slide_2"]
-    new, report = carry_over(cur, store, "both")
+    new, report, _ = carry_over(cur, store, "both")
     print(report)
     before = tiles_of(cur, store, "green ink")
     after = tiles_of(new, store, "green ink")
@@ -438,7 +441,7 @@ def test_across_stores_names_match_by_centroid(
     cluster(other, 8, "k8")
     store2 = FeatureStore.open(other)
     (sid2,) = store2.slide_ids()
-    new, report = carry_over(cur, store2, "k8", old_store=old_store)
+    new, report, lost = carry_over(cur, store2, "k8", old_store=old_store)
     print(report)
     truth2 = tile_truth(store2, sid2, slide2.parent / "sample_slide_mask.png") == GREEN_INK
     ink2, _ = best_cluster(store2.read_cluster_labels("k8", sid2), truth2)
@@ -447,16 +450,17 @@ def test_across_stores_names_match_by_centroid(
     assert "no tile in common" in report[0] and "centroid" in report[0]
     assert store2.slide_ids() == [sid] and new.n_overrides() == 0
     assert any("dropped" in line for line in report)
+    assert lost == [line for line in report if "dropped" in line]  # the name was not lost
 
     cmu = copy_store(
         real_store(cmu_svs, tmp_path_factory, encoder=str(SAMPLE_ENCODER)),
         tmp_path_factory.mktemp("cmu"),
     )
     cluster(cmu, 8, "k8")
-    new, report = carry_over(cur, FeatureStore.open(cmu), "k8", old_store=old_store)
+    new, report, lost = carry_over(cur, FeatureStore.open(cmu), "k8", old_store=old_store)
     print(report)
     assert new.names == (None,) * 8
-    assert any(line.startswith("'green ink' had no match") for line in report), report
+    assert any(line.startswith("'green ink' had no match") for line in lost), lost
 
 
 @needs_sample

@@ -138,7 +138,7 @@ def test_recluster_paints_before_writing_and_equals_the_stored_run(two_slide_sto
     # the names were carried in memory as carry_over carries them from the stored runs
     stored = carry_over(first.curation, store, new.run)
     assert new.curation.names == stored.curation.names and "tumour" in new.curation.names
-    assert new.carried == list(stored.report)
+    assert new.carried == list(stored.report) and new.carried_lost == list(stored.lost)
 
 
 def test_a_recluster_cancelled_before_the_repaint_leaves_no_run(two_slide_store):
