@@ -235,6 +235,12 @@ def test_clicking_tiles_selects_clusters_and_show_selected_only_hides_the_rest(
     qtbot.wait(300)  # the first query's result, arriving after, is dropped
     assert all((r, c) != other for r, c, _ in widget.similar_hits)
     assert outline_at(*left_edge(*other)) == QUERY
+    # The outlines' layer deleted by the user: the next query makes another.
+    viewer.layers.remove(marks)
+    widget.find_similar((row, col))
+    qtbot.waitUntil(lambda: widget.similar_hits is not None, timeout=TIMEOUT_MS)
+    marks = viewer.layers[f"{widget.slide.value.name} similar"]
+    assert outline_at(y0 + inset, x0 + inset) == QUERY
 
 
 def test_k_change_reclusters_from_stored_features(
