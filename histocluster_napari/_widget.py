@@ -340,6 +340,7 @@ class HistoClusterWidget(Container):
         self._viewer_hooks = _ViewerHooks(self, viewer)
         self._rect_layers: dict[str, Labels] = {}  # tile outlines (see _tile_outlines)
         self._outlined: set[str] = set()  # the kinds of outline drawn once at least
+        self._outlined_on: dict[str, str] = {}  # kind -> the slide its outlines are drawn on
         self._prepare_layers()  # in the next event-loop passes
         self._on_layers_changed()
         self._update_store_hint()
@@ -840,7 +841,7 @@ class HistoClusterWidget(Container):
         if self._cohort is not None:
             self.slide_list.highlight(sid)
             self._redraw.want("image")
-        self._redraw.want("labels")
+        self._redraw.want("labels", "mark")  # (the outlines of another slide hidden)
         if self._view is not None and sid in self._view.counts:
             self.table.set_slide_counts(self._view.counts[sid])
         else:
@@ -1721,6 +1722,7 @@ class HistoClusterWidget(Container):
             layer = self._rect_layers[kind] = _outline_layer(self._viewer, name)
         self._use_layer(layer)
         self._outlined.add(kind)
+        self._outlined_on[kind] = self._current  # type: ignore[assignment]
         # Redrawn in place: removing a layer and adding another while a Labels layer is
         # drawn can crash vispy on Mesa's llvmpipe (see _swap_image).
         if image is not None and tuple(layer.units) != tuple(image.units[-2:]):
@@ -1861,7 +1863,14 @@ class HistoClusterWidget(Container):
         self.status.value = f"{sid}, tile ({row}, {col}): cluster {cluster}"
 
     def _draw_mark(self) -> None:
-        """Outline the gallery tile last clicked, when its slide is the one shown."""
+        """Outline the gallery tile last clicked, when its slide is the one shown; hide the
+        outlines drawn on another slide (shown before this one)."""
+        for kind, sid in list(self._outlined_on.items()):
+            if sid != self._current:
+                del self._outlined_on[kind]
+                layer = self._rect_layers.get(kind)
+                if layer is not None and layer in self._viewer.layers:
+                    _hide(layer)
         mark = self._mark
         if mark is None or self._view is None or mark[0] != self._current:
             return

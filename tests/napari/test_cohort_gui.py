@@ -154,6 +154,17 @@ def test_gallery_shows_a_cluster_across_slides_and_a_click_jumps_to_the_tile(
     for corner, edge in ((-0.5, -0.5), (sub - 0.5, 0.5)):  # its edges: the tile's
         world = np.asarray(mark.data_to_world((corner, corner))[-2:])
         np.testing.assert_allclose(world, centre + edge * side, atol=1e-3 * side)
+    # Another slide chosen in the list: no outline of this slide's tile over it; and back.
+    other = next(s for s in SLIDES if s != sid)
+    widget.slide_list.slide_chosen.emit(other)
+    shown(qtbot, widget)
+    assert widget._current == other and not mark.visible
+    widget.slide_list.slide_chosen.emit(sid)
+    shown(qtbot, widget)
+    assert mark.visible
+    np.testing.assert_allclose(
+        mark.data_to_world((-0.5, -0.5))[-2:], centre - side / 2, atol=1e-3 * side
+    )
 
 
 def test_a_multi_slide_store_opens_one_slide_in_the_reader(make_napari_viewer, clustered_cohort):
