@@ -934,7 +934,8 @@ class HistoClusterWidget(Container):
         if layer is None:
             _wait_for_warm_up()
             self._cohort_layer = layer = Image(data, **kwargs, visible=False)
-            self._viewer.layers.insert(0, layer)
+            with _not_activated(self._viewer):  # (see _view_labels)
+                self._viewer.layers.insert(0, layer)
         else:
             layer.visible = False  # sliced once, at the new camera, when shown again
             layer.data = data
@@ -2018,7 +2019,10 @@ def _view_labels(viewer: Any, data: Any, **kwargs: Any) -> Labels:
     overlays: napari builds a visual of each visible overlay when the layer is added (the
     polygon's and the brush stroke's: ~200 ms of shader parsing on the GUI thread); a layer
     that cannot be edited never shows them (``Labels`` enables them in its paint and polygon
-    modes only, which a non-editable layer refuses)."""
+    modes only, which a non-editable layer refuses). It is added without becoming the active
+    layer (the widget activates the clusters layer itself): a layer made again while napari
+    closes the viewer (a redraw pass after its layers were cleared) would otherwise be activated
+    after napari's layer controls were torn down (a KeyError in napari's controls stack)."""
     _wait_for_warm_up()
     layer = Labels(data, **kwargs)
     layer.editable = False
@@ -2026,7 +2030,8 @@ def _view_labels(viewer: Any, data: Any, **kwargs: Any) -> Labels:
         overlay = layer._overlays.get(name)
         if overlay is not None:
             overlay.visible = False
-    viewer.add_layer(layer)
+    with _not_activated(viewer):
+        viewer.add_layer(layer)
     return layer
 
 
