@@ -1278,6 +1278,14 @@ class HistoClusterWidget(Container):
         self.table.setRowCount(0)
         if self._labels_layer is not None and self._labels_layer in self._viewer.layers:
             _hide(self._labels_layer)  # kept, to draw the next run in
+        # the gallery tile and a similar-tiles query belong to this run's cohort: forgotten,
+        # their outlines hidden (a slide of the same name in the next cohort is another slide)
+        self._mark = self._query_tile = None
+        self._similar_generation += 1  # a query still running is dropped
+        self._outlined_on.clear()
+        for layer in self._rect_layers.values():
+            if layer in self._viewer.layers:
+                _hide(layer)
 
     def _show_view(self, view: _session.ClusterView, complete: bool = True) -> None:
         """Show a cluster run: table, labels, status. ``complete=False``: its run is not in the

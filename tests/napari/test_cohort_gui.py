@@ -162,6 +162,12 @@ def test_gallery_shows_a_cluster_across_slides_and_a_click_jumps_to_the_tile(
     widget.slide_list.slide_chosen.emit(sid)
     shown(qtbot, widget)
     assert mark.visible
+    # The store opened again (a new cohort): its slide of that name is not outlined.
+    widget.open_store(store)
+    qtbot.waitUntil(lambda: widget.view is not None and not widget.busy, timeout=TIMEOUT_MS)
+    widget.slide_list.slide_chosen.emit(sid)
+    shown(qtbot, widget)
+    assert widget._current == sid and not mark.visible
     np.testing.assert_allclose(
         mark.data_to_world((-0.5, -0.5))[-2:], centre - side / 2, atol=1e-3 * side
     )
