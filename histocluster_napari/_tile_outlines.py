@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 from napari.utils.colormaps import DirectLabelColormap
 
-from histocluster_napari._overlay import TRANSPARENT, GridGeometry
+from histocluster_napari._overlay import TRANSPARENT, GridGeometry, hatch_placement
 
 OUTLINE_SUBS = (12, 6, 3, 1)
 """Label pixels per grid step of each level; the outline is one pixel of level 0 wide (1/12)."""
@@ -61,14 +61,11 @@ def outline_placement(
     geom: GridGeometry, origin: tuple[int, int], sub: int = OUTLINE_SUBS[0]
 ) -> tuple[tuple[float, float], tuple[float, float]]:
     """(scale, translate) of level 0 of :func:`outline_levels` boxed at ``origin`` (row, col):
-    ``sub`` label pixels per grid step, the first one's centre ``scale / 2`` in from the
-    top-left edge of tile ``origin``."""
-    (sy, sx), (ty, tx) = geom.scale, geom.translate
-    scale = (sy / sub, sx / sub)
-    return scale, (
-        ty - sy / 2 + scale[0] / 2 + origin[0] * sy,
-        tx - sx / 2 + scale[1] / 2 + origin[1] * sx,
-    )
+    the placement of a hatching of ``sub`` label pixels per grid step (``hatch_placement``),
+    moved to tile ``origin``."""
+    scale, (ty, tx) = hatch_placement(geom, sub)
+    (sy, sx) = geom.scale
+    return scale, (ty + origin[0] * sy, tx + origin[1] * sx)
 
 
 def outline_colormap() -> DirectLabelColormap:
