@@ -553,18 +553,16 @@ class HistoClusterWidget(Container):
         if self._labels_layer is not None:
             return
         blank = np.zeros((37, 53), np.uint8)  # as the slide layer's: not powers of two
-        with _not_activated(self._viewer):
-            self._labels_layer = _view_labels(
-                self._viewer, blank, name="HistoCluster clusters", opacity=OVERLAY_OPACITY,
-                units=("um", "um"), visible=False,
-            )  # fmt: skip
+        self._labels_layer = _view_labels(  # (not activated: see _view_labels)
+            self._viewer, blank, name="HistoCluster clusters", opacity=OVERLAY_OPACITY,
+            units=("um", "um"), visible=False,
+        )  # fmt: skip
 
     def _make_rect_layer(self, kind: str) -> None:
         if kind in self._rect_layers:
             return
         name = MARK_LAYER if kind == "mark" else "HistoCluster similar"
-        with _not_activated(self._viewer):
-            self._rect_layers[kind] = _outline_layer(self._viewer, name, units=("um", "um"))
+        self._rect_layers[kind] = _outline_layer(self._viewer, name, units=("um", "um"))
 
     def _unused_rect_layer(self, kind: str) -> Labels | None:
         layer = self._rect_layers.get(kind)
@@ -1282,10 +1280,7 @@ class HistoClusterWidget(Container):
         # their outlines hidden (a slide of the same name in the next cohort is another slide)
         self._mark = self._query_tile = None
         self._similar_generation += 1  # a query still running is dropped
-        self._outlined_on.clear()
-        for layer in self._rect_layers.values():
-            if layer in self._viewer.layers:
-                _hide(layer)
+        self._hide_outlines()
 
     def _show_view(self, view: _session.ClusterView, complete: bool = True) -> None:
         """Show a cluster run: table, labels, status. ``complete=False``: its run is not in the
@@ -1874,17 +1869,21 @@ class HistoClusterWidget(Container):
     def _draw_mark(self) -> None:
         """Outline the gallery tile last clicked, when its slide is the one shown; hide the
         outlines drawn on another slide (shown before this one)."""
-        for kind, sid in list(self._outlined_on.items()):
-            if sid != self._current:
-                del self._outlined_on[kind]
-                layer = self._rect_layers.get(kind)
-                if layer is not None and layer in self._viewer.layers:
-                    _hide(layer)
+        self._hide_outlines(but_on=self._current)
         mark = self._mark
         if mark is None or self._view is None or mark[0] != self._current:
             return
         if self._geometry() is not None:
             self._draw_outlines("mark", MARK_LAYER, [mark[1:]], [MARK])
+
+    def _hide_outlines(self, but_on: str | None = None) -> None:
+        """Hide the outlines drawn on a slide other than ``but_on`` (all of them when None)."""
+        for kind, sid in list(self._outlined_on.items()):
+            if but_on is None or sid != but_on:
+                del self._outlined_on[kind]
+                layer = self._rect_layers.get(kind)
+                if layer is not None and layer in self._viewer.layers:
+                    _hide(layer)
 
     def _tile_camera(self, rect: np.ndarray) -> tuple[tuple[float, float], float]:
         """(centre, zoom) of the camera on a tile's outline ``rect`` (4, 2): a quarter of the canvas."""
