@@ -41,6 +41,7 @@ class HeldControls:
         inserted = viewer.layers.events.inserted
         if not self._watching:
             viewer.layers.selection.events.active.connect(self._on_active, position="first")
+            viewer.layers.events.removing.connect(self._on_removing)
             self._watching = True
         inserted.connect(self._record)
         try:
@@ -55,6 +56,15 @@ class HeldControls:
     def _on_active(self, event: Any) -> None:
         if any(layer is event.value for layer in self._held):
             self.make()
+
+    def _on_removing(self, event: Any) -> None:
+        """A held layer about to be removed (by the user, or by napari closing the viewer before
+        the next pass) gets its controls first: napari's controls stack removes them with the
+        layer, and has none to remove otherwise (a KeyError in its ``_remove``)."""
+        viewer = self._viewer()
+        if viewer is None or not any(held is viewer.layers[event.index] for held in self._held):
+            return
+        self.make()
 
     @property
     def pending(self) -> int:
