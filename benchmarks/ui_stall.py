@@ -2,7 +2,10 @@
 
 Run under a display (Xvfb)::
 
-    QT_QPA_PLATFORM=xcb xvfb-run -a .venv/bin/python benchmarks/ui_stall.py [--profile] [--cprofile]
+    QT_QPA_PLATFORM=xcb xvfb-run -a -s "-screen 0 1920x1080x24" .venv/bin/python benchmarks/ui_stall.py
+
+napari's window is sized to ``--window`` (1920x1080: maximized on a common screen), not to the
+size napari saved last; in software GL each repaint costs more the larger the window is.
 
 A cohort of ``--slides`` slides (links to the shared CMU-1-Small-Region.svs and the project's
 sample slide under distinct names) is opened in a real napari viewer with the HistoCluster
@@ -306,6 +309,22 @@ def wait_until(cond, timeout_s: float = 900.0, what: str = "") -> None:
         pump(20)
 
 
+def size_window(viewer, size: str) -> None:
+    """napari's window resized to ``size`` (WxH, as a maximized window on that screen), not to
+    the size napari saved last time: each frame's cost in software GL grows with the window."""
+    from qtpy.QtWidgets import QApplication
+
+    width, height = (int(v) for v in size.lower().split("x"))
+    screen = QApplication.primaryScreen().geometry()
+    if screen.width() < width or screen.height() < height:
+        print(
+            f"  (the screen is {screen.width()}x{screen.height()}, smaller than the window: "
+            f'run xvfb-run -s "-screen 0 {width}x{height}x24")',
+            flush=True,
+        )
+    viewer.window._qt_window.resize(width, height)
+
+
 def drive(args: argparse.Namespace, tmp: Path) -> StallMeter:
     import napari
     import numpy as np
@@ -315,6 +334,7 @@ def drive(args: argparse.Namespace, tmp: Path) -> StallMeter:
     folder = tmp / "slides"
     slides = make_cohort(folder, args.slides)
     viewer = napari.Viewer(show=True)
+    size_window(viewer, args.window)
     pump(500)
     trace = SlotTrace(HistoClusterWidget, args.trace_ms) if args.trace else None
     if trace is not None:
@@ -330,6 +350,12 @@ def drive(args: argparse.Namespace, tmp: Path) -> StallMeter:
     print(
         f"  plugin start: widget created and docked in {1000 * (time.perf_counter() - t0):.0f} "
         f"ms, GUI-thread CPU {1000 * (time.thread_time() - c0):.0f} ms",
+        flush=True,
+    )
+    canvas, window = viewer.window._qt_viewer.canvas.native.size(), viewer.window._qt_window.size()
+    print(
+        f"  window {window.width()}x{window.height()} px, canvas {canvas.width()}x"
+        f"{canvas.height()} px",
         flush=True,
     )
     if hasattr(widget, "layers_ready"):  # its layers made in later event-loop passes
@@ -600,6 +626,11 @@ def main() -> int:
         "--cprofile", action="store_true", help="cProfile the widget's GUI-thread slots"
     )
     parser.add_argument("--top", type=int, default=6)
+    parser.add_argument(
+        "--window",
+        default="1920x1080",
+        help="napari's window, WxH (default: a maximized window on a 1920x1080 screen)",
+    )
     parser.add_argument(
         "--trace", action="store_true", help="time the widget's slots and GC passes in each stall"
     )

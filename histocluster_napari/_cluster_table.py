@@ -6,11 +6,13 @@ from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
-from qtpy.QtCore import Qt, Signal
+from qtpy.QtCore import QSize, Qt, Signal
 from qtpy.QtGui import QColor, QImage, QPixmap
 from qtpy.QtWidgets import QAbstractItemView, QHeaderView, QLabel, QTableWidget, QTableWidgetItem
 
 THUMB_PX = 44
+NAME_PX = 140
+"""The class-name column's width in the table's size hint."""
 """Side of an exemplar thumbnail in the table, in screen pixels."""
 
 COL_SELECT, COL_NAME, COL_COUNT, COL_SLIDE, COL_SHARE, COL_EXEMPLARS = range(6)
@@ -59,6 +61,19 @@ class ClusterTable(QTableWidget):
         self.setMinimumHeight(3 * (THUMB_PX + 6) + 30)
         self._updating = False
         self.itemChanged.connect(self._on_item_changed)
+
+    def sizeHint(self) -> QSize:  # noqa: N802 (Qt's name)
+        """Wide enough for every column and a class name of ``NAME_PX``; rows of six clusters
+        (the dock scrolls): the dock takes its width from this."""
+        header = self.horizontalHeader()
+        widths = [
+            max(header.sectionSizeHint(c), self.sizeHintForColumn(c))
+            for c in range(self.columnCount())
+            if c != COL_NAME
+        ]
+        width = sum(widths) + NAME_PX + self.verticalScrollBar().sizeHint().width()
+        height = header.sizeHint().height() + 6 * (THUMB_PX + 6)
+        return QSize(width + 2 * self.frameWidth(), height + 2 * self.frameWidth())
 
     # ------------------------------------------------------------------ filling
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from magicgui.widgets import ComboBox
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QFileDialog
+from qtpy.QtWidgets import QComboBox, QFileDialog
 
 from engine.encoders import REGISTRY, EncoderEntry, weights_path
 
@@ -61,7 +61,14 @@ class EncoderChoice(ComboBox):
     def __init__(self, value: str, **kwargs: Any) -> None:
         self._extra: list[str] = []
         super().__init__(choices=self._choices, **kwargs)
+        # as wide as the dock gives it (its longest label, ~530 px, made the dock that wide);
+        # the open list is as wide as its longest label
+        self.native.setSizeAdjustPolicy(
+            QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon
+        )
+        self.native.setMinimumContentsLength(24)
         self.value = value
+        self._widen_list()
         self.changed.connect(self._on_changed)
 
     def _choices(self, _widget: Any = None) -> list[tuple[str, str]]:
@@ -87,6 +94,16 @@ class EncoderChoice(ComboBox):
         if spec != FILE:
             self._last = spec
         self._update_tooltip()
+
+    def reset_choices(self, *args: Any) -> None:
+        super().reset_choices(*args)
+        self._widen_list()
+
+    def _widen_list(self) -> None:
+        view = self.native.view()
+        view.setMinimumWidth(
+            view.sizeHintForColumn(0) + view.verticalScrollBar().sizeHint().width()
+        )
 
     def choices_with_labels(self) -> list[tuple[str, str]]:
         """(text shown, spec) of every item, "file…" last."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from qtpy.QtCore import Qt, Signal
+from qtpy.QtCore import QSize, Qt, Signal
 from qtpy.QtWidgets import (
     QAbstractItemView,
     QHeaderView,
@@ -18,6 +18,8 @@ from histocluster_napari._cohort import SlideRow
 HEADERS = ("slide", "tissue tiles", "encoded", "status")
 FIT_ROWS = 200
 """Rows measured to fit a column to its contents (Qt's default: 1,000; the visible rows always)."""
+SHOWN_ROWS = 8
+"""Rows the list's size hint makes room for (more scroll)."""
 
 
 class SlideList(QTableWidget):
@@ -45,6 +47,14 @@ class SlideList(QTableWidget):
         self._bars: dict[str, QProgressBar] = {}
         self.cellClicked.connect(lambda row, _col: self.slide_chosen.emit(self._ids[row]))
 
+    def sizeHint(self) -> QSize:  # noqa: N802 (Qt's name)
+        """As tall as its rows, up to ``SHOWN_ROWS`` (more scroll), so the dock's sections
+        below it are not pushed down by empty rows."""
+        rows = min(max(self.rowCount(), 1), SHOWN_ROWS)
+        height = self.horizontalHeader().sizeHint().height()
+        height += rows * self.verticalHeader().defaultSectionSize() + 2 * self.frameWidth()
+        return QSize(super().sizeHint().width(), max(height, self.minimumHeight()))
+
     def _fit_columns(self, on: bool) -> None:
         """Columns 1-3 sized to their contents (on), or left as they are while rows are filled:
         a column fitted to its contents measures every row again on each cell changed, so
@@ -61,7 +71,9 @@ class SlideList(QTableWidget):
         self._fit_columns(False)
         self.setUpdatesEnabled(False)
         try:
-            self.setRowCount(len(rows))
+            if len(rows) != self.rowCount():
+                self.setRowCount(len(rows))
+                self.updateGeometry()  # (its size hint follows its rows)
             for i, r in enumerate(rows):
                 cells = (
                     r.slide_id,

@@ -96,6 +96,7 @@ from histocluster_napari._tile_outlines import (
     outline_levels,
     outline_placement,
 )
+from histocluster_napari._vertical_scroll import VerticalScroll
 
 if TYPE_CHECKING:
     import napari
@@ -298,8 +299,11 @@ class HistoClusterWidget(Container):
             labels=False,
         )
         self.extend([self.slide])
-        self.native.layout().addWidget(open_box.native)
-        self.native.layout().addWidget(self.slide_list)
+        scroll = VerticalScroll()  # the sections scroll (taller than a laptop's screen)
+        self.native.layout().addWidget(scroll)
+        self.body = scroll.body
+        self.body.layout().addWidget(open_box.native)
+        self.body.layout().addWidget(self.slide_list)
         feature_inputs = (  # what the store's features depend on
             self.slide_mpp,
             self.encoder,
@@ -309,8 +313,8 @@ class HistoClusterWidget(Container):
             self.min_tissue,
         )
         inputs = Container(widgets=[*feature_inputs, self.k, self.store], labels=True)
-        self.native.layout().addWidget(inputs.native)
-        self.native.layout().addWidget(run_box.native)
+        self.body.layout().addWidget(inputs.native)
+        self.body.layout().addWidget(run_box.native)
         self._run_box, self._inputs = run_box, inputs
         for box in (inputs, open_box):
             box.native.setContentsMargins(0, 0, 0, 0)
@@ -374,7 +378,7 @@ class HistoClusterWidget(Container):
         if built >= len(self.RESULTS):
             return False
         self._results_built = built + 1
-        getattr(self, self.RESULTS[built][1])(self.native.layout())
+        getattr(self, self.RESULTS[built][1])(self.body.layout())
         return True
 
     def _build_classifier(self, layout: Any) -> None:

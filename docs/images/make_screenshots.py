@@ -78,7 +78,7 @@ def single_slide() -> int:
     _spin(3)
     shot = viewer.export_figure(scale_factor=1200 / 5376, flash=False)  # the slide, no margins
     Image.fromarray(shot).save(OUT / "clusters.png")
-    widget.native.grab().save(str(OUT / "widget.png"))
+    widget.body.grab().save(str(OUT / "widget.png"))
     viewer.close()
     print(f"wrote {OUT / 'clusters.png'} and {OUT / 'widget.png'}")
     return 0

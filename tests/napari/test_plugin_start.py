@@ -80,7 +80,7 @@ def test_the_panels_below_the_run_box_come_in_later_passes_in_order(make_napari_
     assert "classifier" not in widget.__dict__  # made after the dock's first paint
     viewer.window.add_dock_widget(widget, name="HistoCluster")
     qtbot.waitUntil(lambda: widget.layers_ready, timeout=TIMEOUT_MS)
-    layout = widget.native.layout()
+    layout = widget.body.layout()
     order = [layout.itemAt(i).widget() for i in range(layout.count())]
     expected = [widget.table, widget._actions.native, widget.classifier.native]
     expected += [widget.map_panel.native, widget.gallery]
@@ -93,8 +93,29 @@ def test_a_panel_asked_for_early_is_made_then_with_those_above_it(make_napari_vi
     widget = HistoClusterWidget(viewer)
     assert widget.map_panel is not None  # asked for before its pass
     assert {"table", "classifier", "map_panel", "gallery"} <= set(widget.__dict__)
-    layout = widget.native.layout()
+    layout = widget.body.layout()
     order = [layout.itemAt(i).widget() for i in range(layout.count())]
     assert order.index(widget.classifier.native) < order.index(widget.map_panel.native)
     assert widget.gallery not in order  # laid out in its own pass, below the map
     widget.native.close()
+
+
+def test_the_dock_fits_a_laptop_screen_and_scrolls(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer(show=True)
+    widget = HistoClusterWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="HistoCluster")
+    qtbot.waitUntil(lambda: widget.layers_ready, timeout=TIMEOUT_MS)
+    window = viewer.window._qt_window
+    window.resize(1366, 768)
+    qtbot.wait(200)
+    # the sections stacked are taller than the screen: they scroll, the window is not taller
+    assert widget.body.sizeHint().height() > 768
+    assert window.height() <= 768
+    assert viewer.window._qt_viewer.canvas.native.width() >= 400  # the slide stays in view
+    assert widget.body.width() >= widget.body.minimumSizeHint().width()  # no section cut
+    scroll = widget.body.parentWidget().parentWidget()
+    assert scroll.verticalScrollBar().maximum() > 0
+    scroll.ensureWidgetVisible(widget.gallery)  # the last section, reached by scrolling
+    qtbot.wait(50)
+    top = widget.gallery.mapTo(scroll.viewport(), widget.gallery.rect().topLeft()).y()
+    assert 0 <= top < scroll.viewport().height()
