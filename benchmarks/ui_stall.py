@@ -196,7 +196,7 @@ class SlotTrace:
         "_draw_outlines",
     )  # fmt: skip
 
-    def __init__(self, widget_class, min_ms: float) -> None:
+    def __init__(self, widget_class, min_ms: float, top_events: int = 3) -> None:
         """Wraps the slots on ``widget_class`` before a widget is made (its signals connect the
         wrapped methods); ``attach`` then wraps that widget's redraw parts."""
         import gc
@@ -204,6 +204,7 @@ class SlotTrace:
         self.calls: list[tuple[float, float, float, str]] = []  # (start, wall s, cpu s, name)
         self.stalls: dict[str, list[tuple[float, float, list]]] = collections.defaultdict(list)
         self.min_ms = min_ms
+        self.top_events = top_events  # the longest events listed in each stall
         for name in self.SLOTS:
             if hasattr(widget_class, name):
                 setattr(widget_class, name, self._timed(getattr(widget_class, name), name))
@@ -267,13 +268,15 @@ class SlotTrace:
             self.stalls[action].append((start, end))
 
     def _inside(self, start: float, end: float) -> list[tuple[float, float, float, str]]:
-        """The timed calls that began in a stall, then its three longest events."""
+        """The timed calls that began in a stall, then its longest events."""
         inside = [c for c in self.calls if start <= c[0] < end]
         events = [e for e in self.events if start <= e[0] < end]
         spans = collections.Counter()
         for (t0, what), nxt in zip(events, [e[0] for e in events[1:]] + [end], strict=True):
             spans[what] += nxt - t0
-        return inside + [(0.0, sec, 0.0, f"event {what}") for what, sec in spans.most_common(3)]
+        return inside + [
+            (0.0, sec, 0.0, f"event {what}") for what, sec in spans.most_common(self.top_events)
+        ]
 
     def report(self) -> None:
         print(
@@ -336,7 +339,7 @@ def drive(args: argparse.Namespace, tmp: Path) -> StallMeter:
     viewer = napari.Viewer(show=True)
     size_window(viewer, args.window)
     pump(500)
-    trace = SlotTrace(HistoClusterWidget, args.trace_ms) if args.trace else None
+    trace = SlotTrace(HistoClusterWidget, args.trace_ms, args.trace_events) if args.trace else None
     if trace is not None:
         trace.watch_events()
     meter = StallMeter(None, args.sample_after_ms, args.profile and not args.no_profile)
@@ -635,6 +638,9 @@ def main() -> int:
         "--trace", action="store_true", help="time the widget's slots and GC passes in each stall"
     )
     parser.add_argument("--trace-ms", type=float, default=70.0, help="stalls --trace lists")
+    parser.add_argument(
+        "--trace-events", type=int, default=3, help="the longest events --trace lists per stall"
+    )
     parser.add_argument(
         "--gl-cache",
         choices=("cold", "warm", "user"),
