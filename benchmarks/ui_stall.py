@@ -90,6 +90,7 @@ class StallMeter:
         self.worst: dict[str, tuple[float, str]] = {}
         self.worst_cpu: dict[str, float] = {}  # GUI-thread CPU ms within the longest stall
         self.worst_at: dict[str, float] = {}  # ms from the action's start to that stall's start
+        self.over: collections.Counter = collections.Counter()  # stalls over the goal, per action
         self._action_t0 = self.last
         self.trace: SlotTrace | None = None
         self.cpu: dict[str, float] = {}  # process CPU seconds (all threads) during the action
@@ -145,6 +146,8 @@ class StallMeter:
         self.last, self.last_cpu = now, cpu
         if self.trace is not None:
             self.trace.gap(self.action, started, now)
+        if gap_ms > GOAL_MS:
+            self.over[self.action] += 1
         if gap_ms > self.worst.get(self.action, (0.0, ""))[0]:
             self.worst_cpu[self.action] = cpu_ms
             self.worst_at[self.action] = 1000.0 * max(0.0, started - self._action_t0)
@@ -533,11 +536,11 @@ def report(meter: StallMeter, load_before: tuple, load_after: tuple, top: int) -
         "longest stall: wall ms between two ticks of the GUI thread's timer; of which GUI-thread "
         "CPU ms (the rest: waiting for a core, GL in Mesa's threads, I/O); at: when it began, ms "
         "after the action's start; process CPU s of the whole action (all threads); 1-min load "
-        "average at its end."
+        f"average at its end; over: how many stalls of the action were over {GOAL_MS:.0f} ms."
     )
     print(
-        f"{'action':<34} {'stall':>8} {'gui cpu':>8} {'at':>8} {'proc cpu':>9} {'load':>5}  "
-        "stage running"
+        f"{'action':<34} {'stall':>8} {'gui cpu':>8} {'at':>8} {'proc cpu':>9} {'load':>5} "
+        f"{'over':>4}  stage running"
     )
     worst_all = (0.0, "", "")
     for action in meter.order:
@@ -548,7 +551,7 @@ def report(meter: StallMeter, load_before: tuple, load_after: tuple, top: int) -
         at = meter.worst_at.get(action, 0.0)
         print(
             f"{action:<34} {ms:>5.0f} ms {cpu_ms:>5.0f} ms {at:>5.0f} ms {proc:>7.1f} s "
-            f"{load:>5.2f}  {stage}{flag}"
+            f"{load:>5.2f} {meter.over[action]:>4}  {stage}{flag}"
         )
         if ms > worst_all[0]:
             worst_all = (ms, action, stage)

@@ -108,7 +108,10 @@ RECLUSTER_DELAY_MS = 400
 PROGRESS_INTERVAL_MS = 150
 """Progress bars are redrawn at most this often (each redraw repaints the window)."""
 TILES_INTERVAL_MS = 100
-"""Slide pixels read in the background are shown at most this often (each is a new texture)."""
+"""The slide's pixels are shown this long after the last chunk the view wants is read."""
+TILES_STREAMING_MS = 400
+"""While chunks are still being read, what was read is shown at most this often: each showing
+is a new texture of the whole view (on software GL at 1920x1080, ~100 ms of the GUI thread)."""
 SAVE_DELAY_MS = 300
 FIRST_DRAW_MS = 150
 """Plugin start: how long each unused layer stays shown (transparent) for its first draw."""
@@ -994,9 +997,14 @@ class HistoClusterWidget(Container):
         self._redraw.want("image")  # in a pass of its own, not after another part's
 
     def _on_tiles_arrived(self, pid: int) -> None:
-        """Pixels of a slide were read in the background: show them soon if it is the one shown."""
-        if pid == self._shown_pyramid and not self._tiles_timer.isActive():
-            self._tiles_timer.start(TILES_INTERVAL_MS)
+        """Pixels of a slide were read in the background: show them soon if it is the one shown
+        (shortly after the last chunk wanted, every ``TILES_STREAMING_MS`` until then)."""
+        if pid != self._shown_pyramid:
+            return
+        timer = self._tiles_timer
+        delay = TILES_INTERVAL_MS if self._tiles.idle() else TILES_STREAMING_MS
+        if not timer.isActive() or delay < timer.remainingTime():
+            timer.start(delay)
 
     def _show_arrived_tiles(self) -> None:
         try:
