@@ -1697,14 +1697,18 @@ class HistoClusterWidget(Container):
 
     def _on_similar_found(self, event: tuple) -> None:
         gen, sid, tile, hits, error = event
-        if gen != self._similar_generation or sid != self._current or self._view is None:
-            return  # superseded, or another slide is shown now
+        if gen != self._similar_generation or self._view is None:
+            return  # superseded by a newer query or a new cohort (each says so itself)
         if not _viewer_open(self._viewer):
             return  # closed while the worker ran
         if error is not None:
             self._fail(f"Find similar: {error}")
             return
-        if self._geometry() is None:
+        if sid != self._current or self._geometry() is None:
+            self.status.value = (
+                f"Find similar: {sid} is no longer shown, its hits were dropped; show it and "
+                "press Shift-F over the tile again."
+            )
             return
         image = self._image_layer()
         name = (image.name if image is not None else sid) + SIMILAR_SUFFIX

@@ -235,6 +235,12 @@ def test_clicking_tiles_selects_clusters_and_show_selected_only_hides_the_rest(
     qtbot.wait(300)  # the first query's result, arriving after, is dropped
     assert all((r, c) != other for r, c, _ in widget.similar_hits)
     assert outline_at(*left_edge(*other)) == QUERY
+    # The hits of a slide no longer shown are dropped, and the status says so (not "Finding…").
+    widget.find_similar((row, col))
+    assert widget.status.value.startswith("Finding")
+    widget._on_similar_found((widget._similar_generation, "another_slide", (row, col), [], None))
+    assert "no longer shown" in widget.status.value and widget.similar_hits is None
+    qtbot.waitUntil(lambda: widget.similar_hits is not None, timeout=TIMEOUT_MS)  # its own
     # The outlines' layer deleted by the user: the next query makes another.
     viewer.layers.remove(marks)
     widget.find_similar((row, col))
