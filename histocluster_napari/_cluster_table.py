@@ -11,9 +11,9 @@ from qtpy.QtGui import QColor, QImage, QPixmap
 from qtpy.QtWidgets import QAbstractItemView, QHeaderView, QLabel, QTableWidget, QTableWidgetItem
 
 THUMB_PX = 44
+"""Side of an exemplar thumbnail in the table, in screen pixels."""
 NAME_PX = 140
 """The class-name column's width in the table's size hint."""
-"""Side of an exemplar thumbnail in the table, in screen pixels."""
 
 COL_SELECT, COL_NAME, COL_COUNT, COL_SLIDE, COL_SHARE, COL_EXEMPLARS = range(6)
 HEADERS = ("cluster", "class name", "tiles", "this slide", "share", "nearest the centre")
