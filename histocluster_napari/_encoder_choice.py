@@ -62,13 +62,12 @@ class EncoderChoice(ComboBox):
         self._extra: list[str] = []
         super().__init__(choices=self._choices, **kwargs)
         # as wide as the dock gives it (its longest label, ~530 px, made the dock that wide);
-        # the open list is as wide as its longest label
+        # Qt's open list is as wide as its longest label still
         self.native.setSizeAdjustPolicy(
             QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon
         )
         self.native.setMinimumContentsLength(24)
         self.value = value
-        self._widen_list()
         self.changed.connect(self._on_changed)
 
     def _choices(self, _widget: Any = None) -> list[tuple[str, str]]:
@@ -94,16 +93,6 @@ class EncoderChoice(ComboBox):
         if spec != FILE:
             self._last = spec
         self._update_tooltip()
-
-    def reset_choices(self, *args: Any) -> None:
-        super().reset_choices(*args)
-        self._widen_list()
-
-    def _widen_list(self) -> None:
-        view = self.native.view()
-        view.setMinimumWidth(
-            view.sizeHintForColumn(0) + view.verticalScrollBar().sizeHint().width()
-        )
 
     def choices_with_labels(self) -> list[tuple[str, str]]:
         """(text shown, spec) of every item, "file…" last."""

@@ -54,3 +54,19 @@ def test_encoder_combo_lists_the_registry_and_takes_a_file(
     assert "lunit-dino-vits16 — 384-d, weights from encoder.pt" in [
         t for t, _ in combo.choices_with_labels()
     ]
+
+
+def test_the_encoder_list_is_narrow_closed_and_shows_whole_labels_open(qtbot):
+    combo = _encoder_choice.EncoderChoice(label="encoder", value="resnet18-random")
+    box = combo.native
+    qtbot.addWidget(box)
+    metrics = box.view().fontMetrics()
+    texts = [box.itemText(i) for i in range(box.count())]
+    widest = max(metrics.horizontalAdvance(t) for t in texts)
+    assert box.minimumSizeHint().width() < widest  # it does not make the dock that wide
+    box.resize(300, box.sizeHint().height())
+    box.show()
+    box.showPopup()
+    qtbot.wait(50)
+    assert box.view().viewport().width() >= widest  # each label whole in the open list
+    box.hidePopup()
